@@ -1,0 +1,1 @@
+../../scripts/preprocess_GLUE_tasks.sh

@@ -1,0 +1,2 @@
+"""Fairseq criterion registrations."""
+from . import distill  # noqa: F401  (registers ternary_distill)

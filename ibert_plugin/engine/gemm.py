@@ -1,0 +1,163 @@
+"""Integer GEMMs with int32 accumulators through ONNX Runtime ``MatMulInteger``.
+
+One tiny ONNX graph per weight (the weight is an initializer, so ORT/MLAS pre-packs it once); activations and outputs
+are torch tensors bound zero-copy through ``IOBinding``. Routes (see docs/integer_spec.md and the CPU kernel reference):
+
+* ``u8u8`` (exact for any 8-bit weight): A = x_s8 + 128 as u8 (zp 128), B = w_s8 + 128 as u8 (zp 128). MLAS widens both
+  to 16 bits (``vpmaddwd``), so ``Y = x_s8 @ w_s8`` exactly.
+* ``u8s8`` (fast): A = x_s8 + 128 as u8 (zp 128), B = w_s8 (zp 0). On AVX2 without VNNI ``vpmaddubsw`` saturates pairs
+  at int16, so this is exact only when ``|w| <= 64`` (7-bit or ternary weights); the start-up self-test checks it.
+* attention: batched ``[B,H,M,K] x [B,H,K,N]`` with both operands dynamic u8: QK^T with both zero points 128 (s8 q, k),
+  P.V with P in [0, 255] (zp 0) and V = v_s8 + 128 (zp 128): the u8u8 kernels, exact.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+ROUTES = ("u8u8", "u8s8")
+# |w| bound for which the u8s8 route cannot saturate: 255 * 64 * 2 = 32640 <= 32767.
+FAST_MAX_ABS = 64
+
+_DEFAULT_THREADS: Optional[int] = None
+
+
+def default_threads() -> int:
+    if _DEFAULT_THREADS is not None:
+        return _DEFAULT_THREADS
+    env = os.environ.get("IBERT_ENGINE_THREADS")
+    return int(env) if env else max(1, torch.get_num_threads())
+
+
+def set_default_threads(n: int) -> None:
+    global _DEFAULT_THREADS
+    _DEFAULT_THREADS = int(n)
+
+
+def session_options(threads: Optional[int] = None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads or default_threads())
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Two pools (ORT's and torch's OpenMP) share the cores: ORT workers must sleep, not spin, between calls.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return so
+
+
+def _session(model: onnx.ModelProto, threads: Optional[int]) -> ort.InferenceSession:
+    blob = model.SerializeToString()
+    del model
+    return ort.InferenceSession(blob, sess_options=session_options(threads), providers=["CPUExecutionProvider"])
+
+
+def malloc_trim() -> None:
+    """Give freed heap memory (model-building temporaries) back to the OS (glibc only; no-op elsewhere)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except Exception:
+        pass
+
+
+def _model(nodes, inputs, outputs, inits) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def route_for(w_int: torch.Tensor, allow_fast: bool = True) -> str:
+    """Fastest exact route for an integer weight: u8s8 when ``max|w| <= 64`` (and the CPU passed the self-test)."""
+    return "u8s8" if allow_fast and int(w_int.abs().max()) <= FAST_MAX_ABS else "u8u8"
+
+
+class LinearGemm:
+    """``Y[M, N] = x_s8[M, K] @ W_int[N, K]^T`` (int32) for one weight, A passed as u8 (x + 128)."""
+
+    def __init__(self, w_int: torch.Tensor, route: str, threads: Optional[int] = None):
+        if route not in ROUTES:
+            raise ValueError(f"unknown GEMM route {route!r}")
+        w = w_int.detach()
+        if w.dim() != 2:
+            raise ValueError("weight must be [N, K]")
+        lim = FAST_MAX_ABS if route == "u8s8" else 128
+        w_min, w_max = int(w.min()), int(w.max())
+        if max(-w_min, w_max) > lim or w_min < -128 or w_max > 127:
+            raise ValueError(f"weight range {w_min}..{w_max} not allowed on route {route}")
+        self.N, self.K = w.shape
+        self.route = route
+        wt = w.to(torch.int8).t().contiguous()  # [K, N], one byte per weight (no wide temporaries)
+        if route == "u8u8":
+            b = numpy_helper.from_array(wt.numpy().view(np.uint8) ^ np.uint8(0x80), "B")  # w + 128
+            b_zp = numpy_helper.from_array(np.array(128, dtype=np.uint8), "b_zp")
+        else:
+            b = numpy_helper.from_array(wt.numpy(), "B")
+            b_zp = numpy_helper.from_array(np.array(0, dtype=np.int8), "b_zp")
+        del wt
+        a_zp = numpy_helper.from_array(np.array(128, dtype=np.uint8), "a_zp")
+        node = helper.make_node("MatMulInteger", ["A", "B", "a_zp", "b_zp"], ["Y"])
+        model = _model([node], [helper.make_tensor_value_info("A", TensorProto.UINT8, ["M", self.K])],
+                       [helper.make_tensor_value_info("Y", TensorProto.INT32, ["M", self.N])], [b, a_zp, b_zp])
+        self.sess = _session(model, threads)
+        self.weight_bytes = self.N * self.K  # one byte per weight
+
+    def __call__(self, a_u8: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        assert a_u8.dtype == torch.uint8 and a_u8.is_contiguous() and a_u8.shape[-1] == self.K
+        M = a_u8.numel() // self.K
+        if out is None:
+            out = torch.empty((M, self.N), dtype=torch.int32)
+        io = self.sess.io_binding()
+        io.bind_input("A", "cpu", 0, np.uint8, (M, self.K), _ptr(a_u8))
+        io.bind_output("Y", "cpu", 0, np.int32, (M, self.N), _ptr(out))
+        self.sess.run_with_iobinding(io)
+        return out
+
+
+class BatchedGemm:
+    """Batched ``Y[..., M, N] = (A - a_zp)[..., M, K] @ (B - 128)[..., K, N]`` with u8 A and B (int32, exact)."""
+
+    def __init__(self, a_zero_point: int, threads: Optional[int] = None):
+        inits = [numpy_helper.from_array(np.array(128, dtype=np.uint8), "b_zp")]
+        ins = ["A", "B", "", "b_zp"]
+        if a_zero_point:
+            inits.append(numpy_helper.from_array(np.array(a_zero_point, dtype=np.uint8), "a_zp"))
+            ins[2] = "a_zp"
+        node = helper.make_node("MatMulInteger", ins, ["Y"])
+        model = _model(
+            [node],
+            [helper.make_tensor_value_info("A", TensorProto.UINT8, ["b", "h", "m", "k"]),
+             helper.make_tensor_value_info("B", TensorProto.UINT8, ["b", "h", "k", "n"])],
+            [helper.make_tensor_value_info("Y", TensorProto.INT32, ["b", "h", "m", "n"])], inits)
+        self.sess = _session(model, threads)
+
+    def __call__(self, a_u8: torch.Tensor, b_u8: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        assert a_u8.dtype == torch.uint8 and b_u8.dtype == torch.uint8
+        assert a_u8.is_contiguous() and b_u8.is_contiguous()
+        shp = tuple(a_u8.shape[:-1]) + (b_u8.shape[-1],)
+        if out is None:
+            out = torch.empty(shp, dtype=torch.int32)
+        io = self.sess.io_binding()
+        io.bind_input("A", "cpu", 0, np.uint8, tuple(a_u8.shape), _ptr(a_u8))
+        io.bind_input("B", "cpu", 0, np.uint8, tuple(b_u8.shape), _ptr(b_u8))
+        io.bind_output("Y", "cpu", 0, np.int32, shp, _ptr(out))
+        self.sess.run_with_iobinding(io)
+        return out
+
+
+def s8_to_u8(x: torch.Tensor) -> torch.Tensor:
+    """int-valued tensor in [-128, 127] -> u8 holding x + 128."""
+    return (x.to(torch.int16) + 128).to(torch.uint8).contiguous()

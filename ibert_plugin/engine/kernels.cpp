@@ -1,0 +1,402 @@
+// Fused integer kernels of the I-BERT / TernaryBERT inference engine.
+//
+// Every kernel implements a formula of docs/integer_spec.md on integers (int32 / int64, int128 only where a product can
+// exceed 63 bits) and is bit-exact against the pure-PyTorch spec reference (tests/test_engine_kernels.py).
+// Activations that feed the next ORT MatMulInteger are written as u8 with zero point 128 (s8 value + 128).
+// Parallelism: OpenMP over rows, in torch's OpenMP pool (the extension resolves libgomp.so.1 to the copy torch loaded),
+// sized by at::get_num_threads().
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <vector>
+
+namespace {
+
+using i64 = int64_t;
+using i32 = int32_t;
+using u8 = uint8_t;
+
+inline int nthreads() { return std::max(1, at::get_num_threads()); }
+
+// floor((z * m + 2^(e-1)) / 2^e), exact; int128 only when the product may exceed 63 bits.
+inline i64 requant_wide(i64 z, i64 m, int e) {
+  const i64 az = z < 0 ? -z : z;
+  if (e <= 62 && az < (i64(1) << 41)) return (z * m + (i64(1) << (e - 1))) >> e;  // |m| <= 2^21: product < 2^62
+  if (e > 120) return 0;  // |z * m| < 2^85 < 2^(e-1): (z*m + 2^(e-1)) / 2^e is in (0, 1)
+  __int128 p = (__int128)z * (__int128)m + ((__int128)1 << (e - 1));
+  return (i64)(p >> e);
+}
+
+inline i64 clampi(i64 v, i64 lo, i64 hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+inline i64 floordiv(i64 a, i64 b) {  // b > 0
+  i64 q = a / b;
+  if ((a % b != 0) && (a < 0)) --q;
+  return q;
+}
+
+inline i64 isqrt_floor(i64 n) {
+  if (n <= 0) return 0;
+  i64 r = (i64)std::sqrt((double)n);
+  while (r > 0 && r * r > n) --r;
+  while ((r + 1) * (r + 1) <= n) ++r;
+  return r;
+}
+
+void check(bool ok, const char* msg) { TORCH_CHECK(ok, msg); }
+
+// ---------------------------------------------------------------------------------------------------------------
+// requant (+bias, per-channel dyadic, clamp) int32 accumulator -> u8 (value + 128), row-major [M, N].
+// Per-column (m, e); requires |acc + bias| * |m| < 2^63 (true for |z| < 2^42, |m| <= 2^21).
+void requant_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& m, const at::Tensor& e, int64_t qmax,
+                at::Tensor& out) {
+  check(acc.scalar_type() == at::kInt && acc.is_contiguous() && acc.dim() == 2, "acc: contiguous int32 [M, N]");
+  const i64 M = acc.size(0), N = acc.size(1);
+  check(out.scalar_type() == at::kByte && out.is_contiguous() && out.numel() == M * N, "out: u8 [M, N]");
+  const i32* A = acc.data_ptr<i32>();
+  const i64* B = bias.data_ptr<i64>();
+  const i64* Mm = m.data_ptr<i64>();
+  const i64* E = e.data_ptr<i64>();
+  u8* O = out.data_ptr<u8>();
+  std::vector<i64> rnd(N);
+  for (i64 j = 0; j < N; ++j) rnd[j] = i64(1) << (E[j] - 1);
+  const i64* R = rnd.data();
+#pragma omp parallel for schedule(static) num_threads(nthreads())
+  for (i64 i = 0; i < M; ++i) {
+    const i32* a = A + i * N;
+    u8* o = O + i * N;
+    for (i64 j = 0; j < N; ++j) {
+      i64 v = ((i64(a[j]) + B[j]) * Mm[j] + R[j]) >> E[j];
+      o[j] = (u8)(clampi(v, -qmax, qmax) + 128);
+    }
+  }
+}
+
+// QKV: acc [B*T, 3D] (q | k | v columns), per-column constants -> q [B,H,T,dh], kT [B,H,dh,T], v [B,H,T,dh], u8 +128.
+void requant_qkv(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& m, const at::Tensor& e, int64_t qmax,
+                 int64_t Bsz, int64_t T, int64_t H, at::Tensor& q, at::Tensor& kT, at::Tensor& v) {
+  check(acc.scalar_type() == at::kInt && acc.is_contiguous(), "acc: contiguous int32");
+  const i64 N = acc.size(1), D = N / 3, dh = D / H;
+  check(acc.size(0) == Bsz * T && D * 3 == N && dh * H == D, "qkv shapes");
+  const i32* A = acc.data_ptr<i32>();
+  const i64* Bi = bias.data_ptr<i64>();
+  const i64* Mm = m.data_ptr<i64>();
+  const i64* E = e.data_ptr<i64>();
+  u8* Q = q.data_ptr<u8>();
+  u8* K = kT.data_ptr<u8>();
+  u8* V = v.data_ptr<u8>();
+  std::vector<i64> rnd(N);
+  for (i64 j = 0; j < N; ++j) rnd[j] = i64(1) << (E[j] - 1);
+  const i64* R = rnd.data();
+#pragma omp parallel num_threads(nthreads())
+  {
+    std::vector<u8> row(N);
+#pragma omp for schedule(static)
+    for (i64 r = 0; r < Bsz * T; ++r) {
+      const i64 b = r / T, t = r % T;
+      const i32* a = A + r * N;
+      for (i64 j = 0; j < N; ++j) {
+        i64 val = ((i64(a[j]) + Bi[j]) * Mm[j] + R[j]) >> E[j];
+        row[j] = (u8)(clampi(val, -qmax, qmax) + 128);
+      }
+      for (i64 h = 0; h < H; ++h) {
+        const i64 bh = b * H + h;
+        std::copy(row.data() + h * dh, row.data() + (h + 1) * dh, Q + (bh * T + t) * dh);
+        std::copy(row.data() + 2 * D + h * dh, row.data() + 2 * D + (h + 1) * dh, V + (bh * T + t) * dh);
+        u8* kb = K + bh * dh * T + t;
+        const u8* kr = row.data() + D + h * dh;
+        for (i64 i = 0; i < dh; ++i) kb[i * T] = kr[i];
+      }
+    }
+  }
+}
+
+// i-softmax via LUT: scores int32 [B,H,T,T]; key_pad u8 [B,T] (1 = padding) or empty; lut int32 [L] with
+// lut[i] = e(d = -i), i in [0, L-1] (index clamped at L-1 == 30|x0|). Output p u8 [B,H,T,T] in [0, 255].
+void softmax_u8(const at::Tensor& scores, const at::Tensor& key_pad, const at::Tensor& lut, at::Tensor& out) {
+  check(scores.scalar_type() == at::kInt && scores.is_contiguous() && scores.dim() == 4, "scores: int32 [B,H,T,T]");
+  const i64 Bsz = scores.size(0), H = scores.size(1), Tq = scores.size(2), Tk = scores.size(3);
+  const bool has_mask = key_pad.defined() && key_pad.numel() > 0;
+  const u8* KP = has_mask ? key_pad.data_ptr<u8>() : nullptr;
+  const i32* S = scores.data_ptr<i32>();
+  const i32* LUT = lut.data_ptr<i32>();
+  const i64 Lm1 = lut.numel() - 1;
+  u8* O = out.data_ptr<u8>();
+  const i64 rows = Bsz * H * Tq;
+#pragma omp parallel num_threads(nthreads())
+  {
+    std::vector<i32> ev(Tk);
+#pragma omp for schedule(static)
+    for (i64 r = 0; r < rows; ++r) {
+      const i64 b = r / (H * Tq);
+      const i32* s = S + r * Tk;
+      const u8* kp = has_mask ? KP + b * Tk : nullptr;
+      u8* o = O + r * Tk;
+      i32 mx = INT32_MIN;
+      if (kp) {
+        for (i64 j = 0; j < Tk; ++j)
+          if (!kp[j]) mx = std::max(mx, s[j]);
+      } else {
+        for (i64 j = 0; j < Tk; ++j) mx = std::max(mx, s[j]);
+      }
+      i64 sum = 0;
+      for (i64 j = 0; j < Tk; ++j) {
+        i64 idx = i64(mx) - i64(s[j]);
+        idx = idx < Lm1 ? idx : Lm1;
+        i32 ej = (kp && kp[j]) ? 0 : LUT[idx < 0 ? 0 : idx];
+        ev[j] = ej;
+        sum += ej;
+      }
+      if (sum < 1) sum = 1;
+      const i64 f = (i64(1) << 40) / sum;
+      const i64 half = i64(1) << 39;
+      for (i64 j = 0; j < Tk; ++j) {
+        i64 p = (i64(ev[j]) * f * 255 + half) >> 40;
+        o[j] = (u8)(p > 255 ? 255 : p);
+      }
+    }
+  }
+}
+
+// attention context: ctx int32 [B,H,T,dh], per-tensor (m, e) -> u8 [B,T,H*dh] (+128).
+void requant_ctx(const at::Tensor& ctx, int64_t m, int64_t e, int64_t qmax, at::Tensor& out) {
+  check(ctx.scalar_type() == at::kInt && ctx.is_contiguous() && ctx.dim() == 4, "ctx: int32 [B,H,T,dh]");
+  const i64 Bsz = ctx.size(0), H = ctx.size(1), T = ctx.size(2), dh = ctx.size(3);
+  const i32* C = ctx.data_ptr<i32>();
+  u8* O = out.data_ptr<u8>();
+  const i64 rnd = i64(1) << (e - 1);
+#pragma omp parallel for schedule(static) num_threads(nthreads())
+  for (i64 r = 0; r < Bsz * T; ++r) {
+    const i64 b = r / T, t = r % T;
+    u8* o = O + r * H * dh;
+    for (i64 h = 0; h < H; ++h) {
+      const i32* c = C + ((b * H + h) * T + t) * dh;
+      for (i64 i = 0; i < dh; ++i) {
+        i64 v = (i64(c[i]) * m + rnd) >> e;
+        o[h * dh + i] = (u8)(clampi(v, -qmax, qmax) + 128);
+      }
+    }
+  }
+}
+
+// One IntLayerNorm row on q (int64, length C), then optional requant to the next QuantAct(8) (u8 +128) and/or
+// the raw LN output (int64).
+struct LNParams {
+  i64 C;
+  i64 shift;
+  const i64* bint;     // [C]
+  const i64* nm;       // next requant m [C] or null
+  const i64* ne;       // next requant e [C]
+  i64 nqmax;
+};
+
+inline void ln_row(i64* q, const LNParams& P, bool zero_row, u8* out_u8, i64* out_q) {
+  const i64 C = P.C;
+  if (zero_row) {
+    if (out_q) std::fill(out_q, out_q + C, 0);
+    if (out_u8) std::fill(out_u8, out_u8 + C, (u8)128);
+    return;
+  }
+  i64 sum = 0;
+  for (i64 c = 0; c < C; ++c) sum += q[c];
+  const i64 mean = floordiv(2 * sum + C, 2 * C);
+  i64 var = 0;
+  const int sh = (int)P.shift;
+  for (i64 c = 0; c < C; ++c) {
+    q[c] -= mean;
+    const i64 ys = q[c] >> sh;
+    var += ys * ys;
+  }
+  i64 sd = isqrt_floor(var);
+  if (sd < 1) sd = 1;
+  sd <<= sh;
+  const i64 f = (i64(1) << 45) / sd;  // |y f| <= 2^45 sqrt(C)-ish: int64
+  for (i64 c = 0; c < C; ++c) {
+    const i64 yn = ((q[c] * f) >> 15) + P.bint[c];
+    if (out_q) out_q[c] = yn;
+    if (out_u8) {
+      const i64 v = requant_wide(yn, P.nm[c], (int)P.ne[c]);
+      out_u8[c] = (u8)(clampi(v, -P.nqmax, P.nqmax) + 128);
+    }
+  }
+}
+
+// residual QuantAct(22) + IntLayerNorm (+ next QuantAct(8)):
+//   q22 = clamp(requant(acc + bias, m_a[c], e_a[c]) + requant(resid_u8 - 128, m_r, e_r), -qmax22, qmax22)
+void resid_ln(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& m_a, const at::Tensor& e_a,
+              const at::Tensor& resid_u8, int64_t m_r, int64_t e_r, int64_t qmax22, int64_t shift,
+              const at::Tensor& ln_bint, const at::Tensor& next_m, const at::Tensor& next_e, int64_t next_qmax,
+              at::Tensor& out_u8, at::Tensor& out_q, at::Tensor& out_q22) {
+  check(acc.scalar_type() == at::kInt && acc.is_contiguous() && acc.dim() == 2, "acc: int32 [M, C]");
+  const i64 M = acc.size(0), C = acc.size(1);
+  const i32* A = acc.data_ptr<i32>();
+  const i64* Bi = bias.data_ptr<i64>();
+  const i64* Ma = m_a.data_ptr<i64>();
+  const i64* Ea = e_a.data_ptr<i64>();
+  const u8* Rz = resid_u8.data_ptr<u8>();
+  const bool want_u8 = out_u8.defined() && out_u8.numel() > 0;
+  const bool want_q = out_q.defined() && out_q.numel() > 0;
+  const bool want_q22 = out_q22.defined() && out_q22.numel() > 0;
+  LNParams P{C, shift, ln_bint.data_ptr<i64>(), want_u8 ? next_m.data_ptr<i64>() : nullptr,
+             want_u8 ? next_e.data_ptr<i64>() : nullptr, next_qmax};
+  u8* OU = want_u8 ? out_u8.data_ptr<u8>() : nullptr;
+  i64* OQ = want_q ? out_q.data_ptr<i64>() : nullptr;
+  i64* OQ22 = want_q22 ? out_q22.data_ptr<i64>() : nullptr;
+  std::vector<i64> rnd(C);
+  for (i64 c = 0; c < C; ++c) rnd[c] = i64(1) << (Ea[c] - 1);
+  const i64* R = rnd.data();
+  const i64 rr = i64(1) << (e_r - 1);
+#pragma omp parallel num_threads(nthreads())
+  {
+    std::vector<i64> q(C);
+#pragma omp for schedule(static)
+    for (i64 i = 0; i < M; ++i) {
+      const i32* a = A + i * C;
+      const u8* rz = Rz + i * C;
+      for (i64 c = 0; c < C; ++c) {
+        const i64 v1 = ((i64(a[c]) + Bi[c]) * Ma[c] + R[c]) >> Ea[c];
+        const i64 v2 = ((i64(rz[c]) - 128) * m_r + rr) >> e_r;
+        q[c] = clampi(v1 + v2, -qmax22, qmax22);
+      }
+      if (OQ22) std::copy(q.begin(), q.end(), OQ22 + i * C);
+      ln_row(q.data(), P, false, OU ? OU + i * C : nullptr, OQ ? OQ + i * C : nullptr);
+    }
+  }
+}
+
+// Embeddings: q16 = clamp(requant(tok_w[id], m_t, e_t) + requant(pos_w[pos], m_p, e_p), -qmax16, qmax16), then
+// IntLayerNorm, padding rows zeroed, then the first layer's input QuantAct(8).
+void embed_ln(const at::Tensor& tokens, const at::Tensor& positions, const at::Tensor& pad_rows, const at::Tensor& tok_w,
+              const at::Tensor& pos_w, int64_t m_t, int64_t e_t, int64_t m_p, int64_t e_p, int64_t qmax16, int64_t shift,
+              const at::Tensor& ln_bint, const at::Tensor& next_m, const at::Tensor& next_e, int64_t next_qmax,
+              at::Tensor& out_u8, at::Tensor& out_q, at::Tensor& out_q16) {
+  const i64 M = tokens.numel(), C = tok_w.size(1);
+  const i64* TK = tokens.data_ptr<i64>();
+  const i64* PS = positions.data_ptr<i64>();
+  const u8* PR = pad_rows.data_ptr<u8>();
+  const int8_t* TW = tok_w.data_ptr<int8_t>();
+  const int8_t* PW = pos_w.data_ptr<int8_t>();
+  const bool want_u8 = out_u8.defined() && out_u8.numel() > 0;
+  const bool want_q = out_q.defined() && out_q.numel() > 0;
+  const bool want_q16 = out_q16.defined() && out_q16.numel() > 0;
+  LNParams P{C, shift, ln_bint.data_ptr<i64>(), want_u8 ? next_m.data_ptr<i64>() : nullptr,
+             want_u8 ? next_e.data_ptr<i64>() : nullptr, next_qmax};
+  u8* OU = want_u8 ? out_u8.data_ptr<u8>() : nullptr;
+  i64* OQ = want_q ? out_q.data_ptr<i64>() : nullptr;
+  i64* OQ16 = want_q16 ? out_q16.data_ptr<i64>() : nullptr;
+  const i64 rt = i64(1) << (e_t - 1), rp = i64(1) << (e_p - 1);
+#pragma omp parallel num_threads(nthreads())
+  {
+    std::vector<i64> q(C);
+#pragma omp for schedule(static)
+    for (i64 i = 0; i < M; ++i) {
+      const int8_t* tw = TW + TK[i] * C;
+      const int8_t* pw = PW + PS[i] * C;
+      for (i64 c = 0; c < C; ++c) {
+        const i64 v1 = (i64(tw[c]) * m_t + rt) >> e_t;
+        const i64 v2 = (i64(pw[c]) * m_p + rp) >> e_p;
+        q[c] = clampi(v1 + v2, -qmax16, qmax16);
+      }
+      if (OQ16) std::copy(q.begin(), q.end(), OQ16 + i * C);
+      ln_row(q.data(), P, PR[i] != 0, OU ? OU + i * C : nullptr, OQ ? OQ + i * C : nullptr);
+    }
+  }
+}
+
+// i-GELU on the FC1 accumulator (+bias), then the fc2_act QuantAct(8) requant -> u8 (+128).
+// The requant of g = q * (y + one) needs up to ~75-bit products; it stays in int64 exactly:
+//  * |g| >= 2^(e-11) saturates the 8-bit output (|g m| / 2^e >= 2^8 since |m| >= 2^19), so g is clamped there first;
+//  * with s = max(0, e - 53): floor((g m + 2^(e-1)) / 2^e) = floor((floor(g m / 2^s) + 2^(e-s-1)) / 2^(e-s)),
+//    floor(g m / 2^s) = (g >> s) m + ((g mod 2^s) m >> s), every term below 2^63.
+void gelu_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& b_int, const at::Tensor& c_int,
+             const at::Tensor& one, const at::Tensor& m, const at::Tensor& e, int64_t qmax, at::Tensor& out,
+             at::Tensor& out_g) {
+  check(acc.scalar_type() == at::kInt && acc.is_contiguous() && acc.dim() == 2, "acc: int32 [M, N]");
+  const i64 M = acc.size(0), N = acc.size(1);
+  const i32* A = acc.data_ptr<i32>();
+  const i64* Bi = bias.data_ptr<i64>();
+  const i64* BI = b_int.data_ptr<i64>();
+  const i64* CI = c_int.data_ptr<i64>();
+  const i64* ON = one.data_ptr<i64>();
+  const i64* Mm = m.data_ptr<i64>();
+  const i64* E = e.data_ptr<i64>();
+  u8* O = out.data_ptr<u8>();
+  const bool want_g = out_g.defined() && out_g.numel() > 0;
+  i64* G = want_g ? out_g.data_ptr<i64>() : nullptr;
+  std::vector<i64> SH(N), EP(N), RND(N), BND(N), MM(N), NB(N);
+  for (i64 j = 0; j < N; ++j) {
+    const i64 ej = E[j];
+    check(std::llabs(Mm[j]) <= (i64(1) << 21), "gelu requant multiplier above 2^21");
+    if (ej > 95) {  // |g m| < 2^84 < 2^(e-1): the result is 0
+      SH[j] = 0; EP[j] = 1; RND[j] = 0; BND[j] = 0; MM[j] = 0;
+    } else {
+      SH[j] = ej > 53 ? ej - 53 : 0;
+      EP[j] = ej - SH[j];
+      RND[j] = i64(1) << (EP[j] - 1);
+      BND[j] = ej - 11 >= 62 ? (i64(1) << 62) : (ej > 11 ? (i64(1) << (ej - 11)) : i64(1));
+      MM[j] = Mm[j];
+    }
+    NB[j] = -BI[j];
+  }
+  const i64 *pSH = SH.data(), *pEP = EP.data(), *pR = RND.data(), *pBD = BND.data(), *pM = MM.data(), *pNB = NB.data();
+#pragma omp parallel num_threads(nthreads())
+  {
+    std::vector<i64> gbuf(N);
+    i64* gb = gbuf.data();
+#pragma omp for schedule(static)
+    for (i64 i = 0; i < M; ++i) {
+      const i32* a = A + i * N;
+      u8* o = O + i * N;
+      for (i64 j = 0; j < N; ++j) {
+        const i64 q = i64(a[j]) + Bi[j];
+        const i64 aq = q < 0 ? -q : q;
+        const i64 t = (aq < pNB[j] ? aq : pNB[j]) - pNB[j];
+        const i64 y0 = t * t + CI[j];
+        const i64 y = ((q > 0 ? y0 : (q < 0 ? -y0 : 0)) + 8192) >> 14;  // round half up
+        gb[j] = q * (y + ON[j]);
+      }
+      if (G) std::copy(gb, gb + N, G + i * N);
+      for (i64 j = 0; j < N; ++j) {
+        i64 g = gb[j];
+        const i64 bd = pBD[j];
+        g = g < -bd ? -bd : (g > bd ? bd : g);
+        const i64 sh = pSH[j];
+        const i64 gh = g >> sh;
+        const i64 gl = g - (gh << sh);
+        const i64 tt = gh * pM[j] + ((gl * pM[j]) >> sh);
+        const i64 v = (tt + pR[j]) >> pEP[j];
+        o[j] = (u8)(clampi(v, -qmax, qmax) + 128);
+      }
+    }
+  }
+}
+
+// u8 (+128) <-> s8 helpers (used by tests / debug outputs and by the self-test).
+at::Tensor s8_to_u8(const at::Tensor& x) {
+  auto xc = x.contiguous();
+  auto out = at::empty(xc.sizes(), xc.options().dtype(at::kByte));
+  const int8_t* s = xc.data_ptr<int8_t>();
+  u8* o = out.data_ptr<u8>();
+  const i64 n = xc.numel();
+#pragma omp parallel for schedule(static) num_threads(nthreads()) if (n > (1 << 16))
+  for (i64 i = 0; i < n; ++i) o[i] = (u8)(s[i] ^ 0x80);
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("requant_u8", &requant_u8);
+  mod.def("requant_qkv", &requant_qkv);
+  mod.def("softmax_u8", &softmax_u8);
+  mod.def("requant_ctx", &requant_ctx);
+  mod.def("resid_ln", &resid_ln);
+  mod.def("embed_ln", &embed_ln);
+  mod.def("gelu_u8", &gelu_u8);
+  mod.def("s8_to_u8", &s8_to_u8);
+}

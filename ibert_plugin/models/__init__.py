@@ -1,0 +1,2 @@
+"""Fairseq model registrations."""
+from . import ibert_roberta  # noqa: F401

@@ -1,0 +1,178 @@
+"""The single quantization configuration object shared by every quantized module.
+
+``QuantConfig`` carries every bit-width, scheme and clipping constant of the two supported dataflows, so that no
+module constructor holds a magic number:
+
+* ``quant_mode="symmetric"``: the I-BERT integer-only dataflow (Kim et al., ICML 2021, arXiv 2101.01321) as pinned
+  down in ``docs/integer_spec.md`` (8-bit activations and weights, 32-bit biases, 16-bit embedding sum, 22-bit
+  residual sums, unsigned 8-bit softmax output, i-GELU / i-exp / i-sqrt).
+* ``quant_mode="ternarybert"``: TernaryBERT fake quantization (Zhang et al., EMNLP 2020): quantized (ternary or
+  k-bit) weights, 8-bit dynamic activations clipped to ``clip_val``, float nonlinearities.
+* ``quant_mode="none"``: full precision; every module is numerically its ``torch.nn`` twin.
+
+No fairseq import: ``from_namespace`` only reads attributes of whatever namespace it is given.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["QuantConfig", "QUANT_MODES", "FORCE_DEQUANT", "WEIGHT_METHODS", "ACT_RANGES", "EMBEDDING_GRANULARITIES"]
+
+QUANT_MODES = ("none", "symmetric", "ternarybert")
+FORCE_DEQUANT = ("none", "gelu", "softmax", "layernorm", "nonlinear")
+WEIGHT_METHODS = ("sym", "twn", "lat")
+ACT_RANGES = ("symmetric", "minmax")
+EMBEDDING_GRANULARITIES = ("row", "tensor")
+
+
+def _check_bits(name: str, value: Any, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be between {lo} and {hi}, got {value!r}")
+
+
+def _check_choice(name: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Every bit-width and quantization scheme of the model, validated at construction.
+
+    Args:
+        quant_mode: ``"none"`` (float), ``"symmetric"`` (I-BERT integer-only) or ``"ternarybert"`` (fake quant).
+        force_dequant: in symmetric mode, keep these nonlinear ops in float: ``"none"``, ``"gelu"``,
+            ``"softmax"``, ``"layernorm"`` or ``"nonlinear"`` (all three).
+        weight_bits: weight bit-width, 2..8; 2 means ternary (``{-1, 0, 1}``).
+        weight_method: ``"sym"`` (symmetric max scaling, per output channel when ``weight_per_channel``),
+            ``"twn"`` or ``"lat"`` (ternary methods, only with ``weight_bits=2``; registered by ``ternary.py``).
+        weight_per_channel: one weight scale per output channel (I-BERT) instead of one per tensor (``sym`` only).
+        act_bits: signed activation bit-width into every linear layer (I-BERT QuantAct(8); TernaryBERT inputs).
+        bias_bits: signed bias / accumulator bit-width (32).
+        embed_bits: signed bit-width of the per-tensor embedding tables in symmetric mode (8).
+        embed_act_bits: signed bit-width of the token + position embedding sum (16).
+        residual_bits: signed bit-width of the residual sums feeding the integer LayerNorms (22).
+        softmax_out_bits: unsigned bit-width of the integer softmax output (8: values ``0..255``, scale 1/255).
+        act_momentum: EMA momentum of the activation ranges (0.95); ``-1`` keeps a running min/max instead.
+        clip_val: TernaryBERT activation clipping range ``[-clip_val, clip_val]`` (2.5).
+        act_range: TernaryBERT activation quantizer: ``"symmetric"`` (clip, max-abs scale) or ``"minmax"``
+            (asymmetric min-max over the tensor, no clip).
+        ternary_embedding: TernaryBERT word-embedding granularity: ``"row"`` (one scale per token row) or
+            ``"tensor"``.
+
+    Raises:
+        ValueError: on any out-of-range or inconsistent field, with one sentence naming it.
+    """
+
+    quant_mode: str = "none"
+    force_dequant: str = "none"
+    weight_bits: int = 8
+    weight_method: str = "sym"
+    weight_per_channel: bool = True
+    act_bits: int = 8
+    bias_bits: int = 32
+    embed_bits: int = 8
+    embed_act_bits: int = 16
+    residual_bits: int = 22
+    softmax_out_bits: int = 8
+    act_momentum: float = 0.95
+    clip_val: float = 2.5
+    act_range: str = "symmetric"
+    ternary_embedding: str = "row"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check every field; raises ``ValueError`` with one clear sentence on the first problem found."""
+        _check_choice("quant_mode", self.quant_mode, QUANT_MODES)
+        _check_choice("force_dequant", self.force_dequant, FORCE_DEQUANT)
+        _check_bits("weight_bits", self.weight_bits, 2, 8)
+        _check_choice("weight_method", self.weight_method, WEIGHT_METHODS)
+        if self.weight_method in ("twn", "lat") and self.weight_bits != 2:
+            raise ValueError(
+                f"weight_method {self.weight_method!r} is a ternary method and needs weight_bits=2, "
+                f"got {self.weight_bits}"
+            )
+        if not isinstance(self.weight_per_channel, bool):
+            raise ValueError(f"weight_per_channel must be a bool, got {self.weight_per_channel!r}")
+        # float32 carriers hold activations exactly up to 2^24, so no activation may exceed 24 bits.
+        _check_bits("act_bits", self.act_bits, 2, 16)
+        _check_bits("bias_bits", self.bias_bits, 8, 32)
+        _check_bits("embed_bits", self.embed_bits, 2, 8)
+        _check_bits("embed_act_bits", self.embed_act_bits, 2, 24)
+        _check_bits("residual_bits", self.residual_bits, 2, 24)
+        _check_bits("softmax_out_bits", self.softmax_out_bits, 2, 16)
+        m = self.act_momentum
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not (m == -1 or 0.0 <= m < 1.0):
+            raise ValueError(f"act_momentum must be in [0, 1) or -1 (running min/max), got {m!r}")
+        c = self.clip_val
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 0:
+            raise ValueError(f"clip_val must be a positive number, got {c!r}")
+        _check_choice("act_range", self.act_range, ACT_RANGES)
+        _check_choice("ternary_embedding", self.ternary_embedding, EMBEDDING_GRANULARITIES)
+
+    # ------------------------------------------------------------------------------------------------------------
+    @property
+    def symmetric(self) -> bool:
+        """True in the I-BERT integer-only mode."""
+        return self.quant_mode == "symmetric"
+
+    @property
+    def integer_gelu(self) -> bool:
+        """i-GELU is integer (symmetric mode and GELU not force-dequantized)."""
+        return self.symmetric and self.force_dequant not in ("gelu", "nonlinear")
+
+    @property
+    def integer_softmax(self) -> bool:
+        """Softmax is integer (symmetric mode and softmax not force-dequantized)."""
+        return self.symmetric and self.force_dequant not in ("softmax", "nonlinear")
+
+    @property
+    def integer_layernorm(self) -> bool:
+        """LayerNorm is integer (symmetric mode and LayerNorm not force-dequantized)."""
+        return self.symmetric and self.force_dequant not in ("layernorm", "nonlinear")
+
+    @property
+    def ternary(self) -> bool:
+        """Weights are ternary (``weight_bits == 2``)."""
+        return self.weight_bits == 2
+
+    def replace(self, **changes: Any) -> "QuantConfig":
+        """A validated copy with ``changes`` applied (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_namespace(cls, args: Any) -> "QuantConfig":
+        """Build from fairseq-style arguments (``argparse.Namespace``, omegaconf node or any object).
+
+        Reads ``quant_mode``, ``force_dequant``, ``weight_bits``, ``weight_quant_method`` (``None`` means ``"twn"``
+        for ``weight_bits=2`` and ``"sym"`` otherwise), ``input_bits`` (-> ``act_bits``), ``clip_val`` and
+        ``act_range`` when present; every other field keeps its default.
+
+        Raises:
+            ValueError: if the resulting configuration is invalid.
+        """
+        defaults = cls()
+
+        def get(name: str, default: Any) -> Any:
+            value = getattr(args, name, None)
+            return default if value is None else value
+
+        weight_bits = int(get("weight_bits", defaults.weight_bits))
+        method = getattr(args, "weight_quant_method", None)
+        if method is None:
+            method = "twn" if weight_bits == 2 else "sym"
+        return cls(
+            quant_mode=str(get("quant_mode", defaults.quant_mode)),
+            force_dequant=str(get("force_dequant", defaults.force_dequant)),
+            weight_bits=weight_bits,
+            weight_method=str(method),
+            act_bits=int(get("input_bits", defaults.act_bits)),
+            clip_val=float(get("clip_val", defaults.clip_val)),
+            act_range=str(get("act_range", defaults.act_range)),
+        )

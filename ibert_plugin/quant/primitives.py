@@ -1,0 +1,431 @@
+"""Stateless numeric primitives of the integer dataflow (``docs/integer_spec.md``, "Primitives").
+
+Symmetric uniform quantization with a straight-through estimator (I-BERT §3.1, App. A), dyadic requantization
+(I-BERT §3.1: a real ratio ``S_in / S_out`` is replaced by ``m / 2^e`` so that requantization is an integer multiply
+and shift; HAWQ-V3 dyadic arithmetic), the integer square root of I-BERT Algorithm 4 and an exact integer GEMM.
+
+Carrier convention: a quantized tensor is a float tensor ``q`` holding exact integers plus a float32 scale ``S`` of
+shape ``(1,)`` (per tensor) or ``(C,)`` (per channel over the last dim); its real value is ``q * S``. Scales never
+carry gradient: gradients travel through ``q`` (``dL/dq = S * dL/dreal``).
+
+Every function is vectorised, device-agnostic (CPU and CUDA; dtypes and devices come from the inputs) and free of
+host synchronisation: no ``.item()``, numpy, ``decimal`` or Python loops over elements.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "DYADIC_BITS",
+    "ISQRT_ITERS",
+    "SCALE_EPS",
+    "qmax",
+    "symmetric_scale",
+    "quantize",
+    "dequantize",
+    "floor_ste",
+    "round_ste",
+    "clamp_ste",
+    "dyadic",
+    "requant",
+    "requant_clamp",
+    "isqrt",
+    "isqrt_ste",
+    "exact_int_matmul",
+    "attach_scale_grad",
+]
+
+#: Bits of the dyadic multiplier ``m`` (``|m|`` in ``[2^(B-1), 2^B]``).
+DYADIC_BITS = 20
+#: Newton iterations of :func:`isqrt`; 6 are proven sufficient for ``n < 2^53``, 7 for every ``n < 2^62``.
+ISQRT_ITERS = 7
+#: Lower clamp of ``max(|x_min|, |x_max|)`` in :func:`symmetric_scale` (no zero scales).
+SCALE_EPS = 1e-8
+#: Largest chunk of the reduction dimension of :func:`exact_int_matmul` (1024 * 127 * 127 < 2^24).
+MATMUL_CHUNK = 1024
+_F32_EXACT = 2**24
+
+
+def qmax(bits: int) -> int:
+    """``n(b) = 2^(b-1) - 1``, the largest magnitude of a signed symmetric ``b``-bit integer."""
+    return 2 ** (bits - 1) - 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# scales, quantize, STE helpers
+# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def symmetric_scale(x_min: torch.Tensor, x_max: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric scale ``max(|x_min|, |x_max|).clamp(min=1e-8) / n(bits)`` in float32 (no gradient).
+
+    Args:
+        x_min: range minimum, any shape (``(1,)`` per tensor, ``(C,)`` per channel).
+        x_max: range maximum, same shape.
+        bits: signed bit-width ``b``; the integer grid is ``[-n(b), n(b)]``.
+
+    Returns:
+        float32 scale with the shape of ``x_min``.
+    """
+    m = torch.maximum(x_min.detach().abs(), x_max.detach().abs()).float().clamp(min=SCALE_EPS)
+    return m / qmax(bits)
+
+
+class _Quantize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, bits):
+        n = qmax(bits)
+        ctx.save_for_backward(scale)
+        return torch.round(x / scale).clamp_(-n, n)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (scale,) = ctx.saved_tensors
+        return grad / scale.to(grad.dtype), None, None
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """``clamp(round_half_even(x / S), -n(b), n(b))`` with a straight-through gradient ``dq/dx = 1/S``.
+
+    The division runs in the promoted dtype of ``x`` and ``scale`` (float32 for activations and weights; pass
+    float64 operands for 32-bit biases, whose integers do not fit float32). No gradient flows to ``scale``, and the
+    gradient passes through the clamp unchanged (I-BERT ``SymmetricQuantFunction``).
+
+    Args:
+        x: real values, any shape.
+        scale: scale broadcastable to ``x`` (``(1,)`` or ``(C, 1)`` for per-row weights, ``(C,)`` per channel).
+        bits: signed bit-width.
+
+    Returns:
+        exact integers in ``[-n(b), n(b)]``, dtype of ``x / scale``.
+    """
+    return _Quantize.apply(x, scale.detach(), bits)
+
+
+def dequantize(q: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """Real value of a carrier: ``q * S`` in float32 (or ``q`` unchanged when ``scale is None``).
+
+    Args:
+        q: integer-valued tensor (any float dtype) or a real tensor when ``scale is None``.
+        scale: float32 ``(1,)`` / ``(C,)`` scale over the last dim, or None.
+    """
+    if scale is None:
+        return q
+    return (q * scale).float()
+
+
+class _FloorSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.floor(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _ClampSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lo, hi):
+        return x.clamp(lo, hi)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
+def floor_ste(x: torch.Tensor) -> torch.Tensor:
+    """``floor(x)`` with identity gradient (straight-through estimator)."""
+    return _FloorSTE.apply(x)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``round_half_even(x)`` with identity gradient (straight-through estimator)."""
+    return _RoundSTE.apply(x)
+
+
+def clamp_ste(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """``clamp(x, lo, hi)`` with identity gradient (saturation is straight-through, as upstream I-BERT)."""
+    return _ClampSTE.apply(x, lo, hi)
+
+
+class _AttachScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, scale):
+        ctx.save_for_backward(q, scale)
+        return q.view_as(q)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, scale = ctx.saved_tensors
+        gq = grad * q
+        if scale.numel() == 1:
+            gs = gq.sum().reshape(scale.shape)
+        else:
+            gs = gq.reshape(-1, scale.shape[-1]).sum(0).reshape(scale.shape)
+        return grad, (gs / scale.to(gs.dtype)).to(scale.dtype)
+
+
+def attach_scale_grad(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Identity on ``q`` whose backward also sends ``dL/dS = sum(dL/dq * q / S)`` to a differentiable ``scale``.
+
+    Scales travel detached, so a scale that depends on a parameter (IntLayerNorm: ``S_out = S_n * gamma``) routes
+    its gradient through the integer tensor instead: moving ``S`` by ``dS`` moves the real value ``q*S`` exactly as
+    moving ``q`` by ``q*dS/S`` would.
+
+    Args:
+        q: integer carrier ``(..., C)``.
+        scale: differentiable scale, ``(1,)`` or ``(C,)``.
+    """
+    return _AttachScaleGrad.apply(q, scale)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dyadic requantization
+# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def dyadic(ratio: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dyadic approximation ``ratio ~= m / 2^e`` (vectorised ``torch.frexp``, exact float64 arithmetic).
+
+    ``mant, ex = frexp(ratio)``; ``m = sign(mant) * floor(|mant| * 2^B + 0.5)`` (round half away from zero, the
+    ``Decimal.ROUND_HALF_UP`` of upstream ``batch_frexp``), ``e = B - ex`` with ``B = DYADIC_BITS = 20``, so ``|m|``
+    lies in ``[2^19, 2^20]``. Ratios of ``2^19`` or more would give ``e < 1``; they are normalised to ``e = 1``,
+    ``m * 2^(1 - e)`` (the same value).
+
+    Args:
+        ratio: any shape, converted to float64 (typically ``double(S_in) / double(S_out)``, ``(1,)`` or ``(C,)``).
+
+    Returns:
+        ``(m, e)``: float64 tensors of exact integers with the shape of ``ratio``; ``e >= 1``.
+    """
+    r = ratio.to(torch.float64)
+    mant, ex = torch.frexp(r)
+    m = torch.sign(mant) * torch.floor(mant.abs() * float(2**DYADIC_BITS) + 0.5)
+    e = DYADIC_BITS - ex.to(torch.float64)
+    lift = (1.0 - e).clamp(min=0.0)
+    return m * torch.exp2(lift), e + lift
+
+
+def _requant_forward(z: torch.Tensor, m: torch.Tensor, e: torch.Tensor, round_input: bool) -> torch.Tensor:
+    """Exact ``floor((z*m + 2^(e-1)) / 2^e)``: float64 for float32 ``z`` (``|z*m| < 2^44``), int64 otherwise.
+
+    Returns float64 (float32 input) or int64 (float64 input).
+    """
+    if round_input:
+        z = torch.round(z)
+    if z.dtype == torch.float32 or z.dtype == torch.float16 or z.dtype == torch.bfloat16:
+        # |z| < 2^24 and |m| <= 2^20: every intermediate is an exact float64 integer (see spec for e >= 53).
+        out = z.to(torch.float64) * m
+        out += torch.exp2(e - 1.0)
+        out *= torch.exp2(-e)
+        return out.floor_()
+    zi = z.to(torch.int64)
+    ei = e.to(torch.int64).clamp(max=63)
+    out = zi * m.to(torch.int64)
+    out += torch.bitwise_left_shift(torch.ones_like(ei), ei - 1)
+    return out.bitwise_right_shift_(ei)
+
+
+class _Requant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, m, e):
+        ctx.save_for_backward(m, e)
+        out = _requant_forward(z, m, e, round_input=False)
+        return out.to(torch.float64)
+
+    @staticmethod
+    def backward(ctx, grad):
+        m, e = ctx.saved_tensors
+        ratio = (m * torch.exp2(-e)).to(grad.dtype)
+        return grad * ratio, None, None
+
+
+def requant(z: torch.Tensor, m: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """Dyadic requantization ``floor((z * m + 2^(e-1)) / 2^e)`` (round half up), exact.
+
+    Computed in float64 for float32 ``z`` and in int64 (``(z*m + (1 << (e-1))) >> e`` with ``e`` capped at 63,
+    like the engine) for float64 ``z``. Domain: ``|z * m| < 2^62`` (e.g. ``|z| < 2^42``).
+    Backward (STE): ``grad * m / 2^e``; no gradient to ``m``/``e``.
+
+    Args:
+        z: integer-valued tensor ``(..., C)``.
+        m: multiplier from :func:`dyadic`, ``(1,)`` or ``(C,)`` (per channel over the last dim).
+        e: shift from :func:`dyadic`, same shape as ``m``, ``e >= 1``.
+
+    Returns:
+        float64 integers (exact below 2^53).
+    """
+    return _Requant.apply(z, m, e)
+
+
+class _RequantClamp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, m, e, z_id, m_id, e_id, n, round_input):
+        ctx.save_for_backward(m, e, m_id, e_id)
+        ctx.has_id = z_id is not None
+        out = _requant_forward(z, m, e, round_input)
+        if z_id is not None:
+            other = _requant_forward(z_id, m_id, e_id, round_input)
+            if out.dtype != other.dtype:
+                out, other = out.to(torch.int64), other.to(torch.int64)
+            out = out + other
+        return out.clamp_(-n, n).to(torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        m, e, m_id, e_id = ctx.saved_tensors
+        g = grad * (m * torch.exp2(-e)).to(grad.dtype)
+        g_id = grad * (m_id * torch.exp2(-e_id)).to(grad.dtype) if ctx.has_id else None
+        return g, None, None, g_id, None, None, None, None
+
+
+def requant_clamp(
+    z: torch.Tensor,
+    m: torch.Tensor,
+    e: torch.Tensor,
+    bits: int,
+    z_id: Optional[torch.Tensor] = None,
+    m_id: Optional[torch.Tensor] = None,
+    e_id: Optional[torch.Tensor] = None,
+    round_input: bool = False,
+) -> torch.Tensor:
+    """QuantAct's integer path: ``clamp(requant(z, m, e) [+ requant(z_id, m_id, e_id)], -n(b), n(b))``.
+
+    Both requantizations and their sum are exact (int64 when an operand is float64). Gradients: ``grad * m/2^e`` to
+    ``z`` and ``grad * m_id/2^e_id`` to ``z_id`` (straight through the clamp).
+
+    Args:
+        z: integer-valued input ``(..., C)``; ``m``, ``e``: its dyadic ratio ``(1,)`` or ``(C,)``.
+        bits: signed output bit-width ``b``.
+        z_id, m_id, e_id: optional residual (identity) operand and its dyadic ratio.
+        round_input: round ``z``/``z_id`` to the nearest integer first (training with dropout leaves fractions;
+            a no-op on integer inputs).
+
+    Returns:
+        float32 integers in ``[-n(b), n(b)]`` (``b <= 24``).
+    """
+    return _RequantClamp.apply(z, m, e, z_id, m_id, e_id, qmax(bits), round_input)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# integer square root (I-BERT Algorithm 4)
+# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def isqrt(n: torch.Tensor) -> torch.Tensor:
+    """Exact ``floor(sqrt(n))`` by I-BERT Algorithm 4 (integer Newton), vectorised with a fixed iteration count.
+
+    Starts at ``x0 = 2^ceil(bits(n)/2) >= sqrt(n)`` (so ``x0 / sqrt(n) <= 2``) and iterates
+    ``x <- min(x, floor((x + floor(n / x)) / 2))`` (Alg. 4 stops once the iterate stops decreasing; the ``min``
+    freezes it there). The integer iterate never exceeds the real Newton iterate, whose relative error obeys
+    ``eps' = eps^2 / (2 (1 + eps))`` from ``eps0 <= 1``: after 6 steps ``eps < 2^-100``, below the ``1/(2n)`` needed
+    for ``n < 2^53``; the 7 steps used here also cover int64 inputs below 2^62 (``eps0 <= 3``). ``isqrt(0) = 0``.
+    Runs in int64.
+
+    Args:
+        n: non-negative integers (float64 exact below 2^53, or int64), any shape.
+
+    Returns:
+        ``floor(sqrt(n))`` with the dtype and shape of ``n``.
+    """
+    ni = n if not n.is_floating_point() else n.to(torch.int64)
+    _, bits = torch.frexp(ni.to(torch.float64))
+    x = torch.bitwise_left_shift(torch.ones_like(ni), ((bits.to(torch.int64) + 1) // 2).clamp(min=0))
+    for _ in range(ISQRT_ITERS):
+        y = (x + torch.div(ni, x.clamp(min=1), rounding_mode="floor")) >> 1
+        x = torch.minimum(x, y)
+    return x.to(n.dtype)
+
+
+class _IsqrtSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, n):
+        out = isqrt(n)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (root,) = ctx.saved_tensors
+        return grad * 0.5 / root.clamp(min=1).to(grad.dtype)
+
+
+def isqrt_ste(n: torch.Tensor) -> torch.Tensor:
+    """:func:`isqrt` forward; backward as ``sqrt`` (``grad / (2 * max(isqrt(n), 1))``), for the LayerNorm QAT."""
+    return _IsqrtSTE.apply(n)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# exact integer GEMM
+# ----------------------------------------------------------------------------------------------------------------
+def _mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    if b_t.dim() == 2:
+        return F.linear(a, b_t)
+    return torch.matmul(a, b_t.transpose(-1, -2))
+
+
+class _ExactIntMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b_t, chunk):
+        a32 = a.to(torch.float32)
+        b32 = b_t.to(torch.float32)
+        ctx.save_for_backward(a32, b32)
+        ctx.dtypes = (a.dtype, b_t.dtype)
+        k = a32.shape[-1]
+        if k <= chunk:
+            return _mm(a32, b32)
+        acc = None
+        for k0 in range(0, k, chunk):  # loop over K-chunks (a handful), not over elements
+            part = _mm(a32[..., k0 : k0 + chunk], b32[..., k0 : k0 + chunk]).to(torch.float64)
+            acc = part if acc is None else acc.add_(part)
+        return acc
+
+    @staticmethod
+    def backward(ctx, grad):
+        a32, b32 = ctx.saved_tensors
+        g = grad.to(torch.float32)
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_a = torch.matmul(g, b32).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            if b32.dim() == 2:
+                grad_b = g.reshape(-1, g.shape[-1]).t().matmul(a32.reshape(-1, a32.shape[-1]))
+            else:
+                grad_b = torch.matmul(g.transpose(-1, -2), a32)
+            grad_b = grad_b.to(ctx.dtypes[1])
+        return grad_a, grad_b, None
+
+
+def exact_int_matmul(a: torch.Tensor, b_t: torch.Tensor, a_bits: int = 8, b_bits: int = 8) -> torch.Tensor:
+    """Exact ``a @ b_t^T`` of integer-valued operands with float32 GEMMs over K-chunks summed in float64.
+
+    Every chunk's partial sums stay below ``2^24`` (``chunk * n(a_bits) * n(b_bits) <= 2^24``, at most 1024), so
+    each float32 GEMM is exact whatever its summation order (and with TF32/bf16 inputs for operands of <= 8 bits);
+    the chunks are added in float64. Differentiable (float32 GEMMs in backward, as ``F.linear``).
+
+    Args:
+        a: ``(..., K)`` integers with ``|a| <= n(a_bits)`` (pass ``a_bits=9`` for unsigned 8-bit).
+        b_t: ``(N, K)`` (a weight, as ``F.linear``) or ``(..., N, K)`` with the batch dims of ``a``.
+        a_bits, b_bits: signed bit-widths bounding the operands.
+
+    Returns:
+        ``(..., N)``: float32 when ``K`` fits one chunk (values below 2^24), else float64.
+    """
+    if b_t.dim() != 2 and b_t.shape[:-2] != a.shape[:-2]:
+        raise ValueError(
+            f"exact_int_matmul needs b_t of shape (N, K) or with the batch dims of a, got {tuple(a.shape)} and "
+            f"{tuple(b_t.shape)}"
+        )
+    chunk = max(1, min(MATMUL_CHUNK, _F32_EXACT // (qmax(a_bits) * qmax(b_bits))))
+    return _ExactIntMatmul.apply(a, b_t, chunk)

@@ -1,0 +1,135 @@
+"""End to end: FP teacher -> TernaryBERT student (``--criterion ternary_distill``) -> packed export, exact reload.
+
+Training goes through ``fairseq_cli.train`` *in process* (the same parser, ``--user-dir`` import and ``main`` as the
+``fairseq-train`` script; subprocesses would re-import fairseq each time, ~10 s apiece on the shared CPU) and the
+data through ``fairseq_cli.preprocess`` with ``--srcdict`` over whitespace tokens.
+"""
+import logging
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from model_helpers import PLUGIN_DIR, random_batch
+
+HEAD = "sentence_classification_head"
+
+
+def _tiny_data(root: Path) -> Path:
+    from fairseq import options
+    from fairseq_cli import preprocess
+
+    rng = random.Random(0)
+    raw = root / "raw"
+    raw.mkdir(parents=True)
+    words = [f"w{i}" for i in range(40)]
+    (raw / "dict.txt").write_text("".join(f"{w} 1\n" for w in words))
+    for split, n in (("train", 48), ("valid", 16)):
+        sents, labels = [], []
+        for _ in range(n):
+            label = rng.randint(0, 1)
+            pool = words[:20] if label else words[20:]
+            sents.append(" ".join(rng.choice(pool) for _ in range(rng.randint(3, 10))))
+            labels.append(str(label))
+        (raw / f"{split}.input0").write_text("\n".join(sents) + "\n")
+        (raw / f"{split}.label").write_text("\n".join(labels) + "\n")
+    for name, extra in (("input0", ["--srcdict", str(raw / "dict.txt")]), ("label", [])):
+        parser = options.get_preprocessing_parser()
+        args = parser.parse_args(["--only-source", "--trainpref", str(raw / f"train.{name}"), "--validpref",
+                                  str(raw / f"valid.{name}"), "--destdir", str(root / "bin" / name),
+                                  "--workers", "1", *extra])
+        preprocess.main(args)
+    return root / "bin"
+
+
+def _fairseq_train(data: Path, save_dir: Path, extra, max_update=3):
+    from fairseq import checkpoint_utils, distributed_utils, options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.logging import metrics
+    from fairseq_cli import train
+
+    argv = [
+        str(data), "--user-dir", str(PLUGIN_DIR), "--cpu", "--task", "sentence_prediction", "--num-classes", "2",
+        "--init-token", "0", "--separator-token", "2", "--max-positions", "64", "--arch", "ibert_roberta_tiny",
+        "--criterion", "sentence_prediction", "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", "1e-3",
+        "--lr-scheduler", "polynomial_decay", "--warmup-updates", "0", "--total-num-update", str(max_update),
+        "--max-update", str(max_update), "--batch-size", "16", "--save-dir", str(save_dir),
+        "--no-epoch-checkpoints", "--log-format", "simple", "--log-interval", "1", "--num-workers", "0",
+        "--seed", "1", "--best-checkpoint-metric", "accuracy", "--maximize-best-checkpoint-metric",
+        "--dropout", "0.1", "--attention-dropout", "0.1", *extra,
+    ]
+    if hasattr(checkpoint_utils.save_checkpoint, "best"):  # module-level state left by a previous in-process run
+        del checkpoint_utils.save_checkpoint.best
+    metrics.reset()
+    args = options.parse_args_and_arch(options.get_training_parser(), argv)
+    distributed_utils.call_main(convert_namespace_to_omegaconf(args), train.main)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tb_e2e")
+    data = _tiny_data(root)
+    _fairseq_train(data, root / "ck_fp", ["--quant-mode", "none"])
+    teacher = root / "ck_fp" / "checkpoint_best.pt"
+    records = []
+
+    class Grab(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Grab(level=logging.INFO)
+    root_logger = logging.getLogger()
+    old_level = root_logger.level
+    root_logger.setLevel(logging.INFO)
+    root_logger.addHandler(handler)
+    try:
+        _fairseq_train(
+            data, root / "ck_tb",
+            ["--quant-mode", "ternarybert", "--weight-bits", "2", "--criterion", "ternary_distill",
+             "--teacher-path", str(teacher), "--pred-distill", "--intermediate-distill",
+             "--finetune-from-model", str(teacher)],
+        )
+    finally:
+        root_logger.removeHandler(handler)
+        root_logger.setLevel(old_level)
+    return root, teacher, root / "ck_tb" / "checkpoint_last.pt", "\n".join(records)
+
+
+def test_student_trains_with_all_distillation_losses_logged(trained):
+    _, _, student, log = trained
+    for key in ("pred_loss", "att_loss", "rep_loss", "accuracy"):
+        assert key in log, key
+    state = torch.load(student, map_location="cpu", weights_only=False)
+    assert not any("teacher" in k for k in state["model"])
+    assert state.get("criterion") is None or not state["criterion"]
+
+
+def test_export_packs_and_reloads_exactly(trained, capsys):
+    from ibert_plugin.export import main
+    from ibert_plugin.quant.packing import load_checkpoint_model, load_packed_model
+
+    root, _, student, _ = trained
+    out = root / "student.packed.pt"
+    rc = main(["--checkpoint", str(student), "--output", str(out), "--verify"])
+    stdout, stderr = capsys.readouterr()
+    assert rc == 0, stderr
+    assert "ratio vs fp32" in stdout and "max |dlogit| = 0" in stdout
+    packed = torch.load(out, map_location="cpu", weights_only=True)
+    assert packed["quantized"]["encoder.sentence_encoder.layers.0.fc1.weight"]["encoding"] == "ternary2"
+    model, _ = load_checkpoint_model(str(student))
+    reloaded = load_packed_model(str(out))
+    tokens = random_batch(model.encoder.dictionary, bsz=3, tgt_len=10)
+    with torch.no_grad():
+        assert torch.equal(model(tokens, classification_head_name=HEAD)[0],
+                           reloaded(tokens, classification_head_name=HEAD)[0])
+
+
+def test_export_rejects_fp_checkpoint(trained, capsys):
+    from ibert_plugin.export import main
+
+    root, teacher, _, _ = trained
+    rc = main(["--checkpoint", str(teacher), "--output", str(root / "x.pt")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "not a quantized checkpoint" in err and err.strip().count("\n") == 0
