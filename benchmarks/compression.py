@@ -15,7 +15,9 @@ once). Quantized variants are packed with :func:`ibert_plugin.quant.packing.pack
   positions, LayerNorms, biases, classification head (and MLM head) float32;
 * then the format options that reach TernaryBERT's 14.9x: ``+fp16-pos`` (positions float16), ``-lm-head`` (omit
   the MLM head, unused by sentence classification), ``base3`` (5 trits per byte), ``+fp16-float`` (all floats),
-  and ``+cls-dense`` (the head's dense ternary, as ``ibert_roberta --quant-mode ternarybert`` does: BERT's pooler).
+  and ``+cls-dense`` (the head's dense ternary, as ``ibert_roberta --quant-mode ternarybert`` does: BERT's pooler);
+* ``export:*``: :func:`pack_model` on a random ``ibert_roberta --quant-mode ternarybert --weight-bits 2`` model,
+  i.e. whatever that model quantizes (what ``python -m ibert_plugin.export`` writes).
 
 Why plain 2-bit RoBERTa-base misses 14.9x: 2 bits on the 123.5 M ternary weights is 30.9 MB (16.2x at best), and the
 float32 leftovers add ~7 MB (classification-head dense 2.4, MLM head 2.6, positions 1.6, LN/bias 0.5); TernaryBERT's
@@ -33,7 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ibert_plugin.quant.packing import _StubTask, pack_state, saved_bytes  # noqa: E402
+from ibert_plugin.quant.packing import _StubTask, pack_model, pack_state, saved_bytes  # noqa: E402
 from ibert_plugin.quant.ternary import twn_ternarize  # noqa: E402
 
 SHAPES = {
@@ -46,19 +48,20 @@ POS = "encoder.sentence_encoder.embed_positions.weight"
 LM_HEAD = "encoder.lm_head."
 
 
-def build_fp_model(shape):
-    """fairseq ``roberta`` with random weights and a 2-class head (float32)."""
+def build_fp_model(shape, arch="roberta", extra=()):
+    """fairseq ``roberta`` (or ``ibert_roberta`` with ``extra`` flags) with random weights and a 2-class head."""
+    import ibert_plugin  # noqa: F401  (registers ibert_roberta)
     from fairseq import options
     from fairseq.models import ARCH_MODEL_REGISTRY
 
     parser = options.get_training_parser()
-    argv = ["unused", "--task", "sentence_prediction", "--num-classes", "2", "--arch", "roberta",
+    argv = ["unused", "--task", "sentence_prediction", "--num-classes", "2", "--arch", arch, *extra,
             "--encoder-layers", str(shape["layers"]), "--encoder-embed-dim", str(shape["dim"]),
             "--encoder-ffn-embed-dim", str(shape["ffn"]), "--encoder-attention-heads", str(shape["heads"]),
             "--max-positions", str(shape["max_positions"])]
     args = options.parse_args_and_arch(parser, argv)
     torch.manual_seed(0)
-    model = ARCH_MODEL_REGISTRY["roberta"].build_model(args, _StubTask(shape["vocab"], shape["max_positions"]))
+    model = ARCH_MODEL_REGISTRY[arch].build_model(args, _StubTask(shape["vocab"], shape["max_positions"]))
     model.register_classification_head("sentence_classification_head", num_classes=2)
     return model.eval(), args
 
@@ -120,6 +123,15 @@ def measure(model_name):
         "ternary+cls-dense-lm-head": size(tern_cls, omit_prefixes=(LM_HEAD,)),
         "ternary+cls-dense+fp16-pos-lm-head": size(tern_cls, float16_positions=True, omit_prefixes=(LM_HEAD,)),
     }
+    # what `python -m ibert_plugin.export` writes for `ibert_roberta --quant-mode ternarybert --weight-bits 2`
+    # (whatever that model quantizes: today also the head dense and the position embeddings)
+    del int8, tern_cls
+    qmodel, _ = build_fp_model(SHAPES[model_name], "ibert_roberta",
+                               ["--quant-mode", "ternarybert", "--weight-bits", "2"])
+    variants["export:ibert_roberta-ternarybert"] = saved_bytes(pack_model(qmodel, cfg))
+    variants["export:ibert_roberta-ternarybert-lm-head"] = saved_bytes(
+        pack_model(qmodel, cfg, omit_prefixes=(LM_HEAD,)))
+    del qmodel
     # where the float bytes of the default ternary file go
     fbreak = {}
     for name, t in sd.items():
@@ -149,10 +161,10 @@ def main(argv=None):
         r = measure(name)
         results[name] = r
         print(f"\n{name}: {r['params'] / 1e6:.1f} M params, FP32 state dict {r['fp32_bytes'] / 1e6:.2f} MB")
-        print(f"  {'variant':34s} {'MB':>9s} {'ratio':>7s}")
-        print(f"  {'fp32':34s} {r['fp32_bytes'] / 1e6:9.2f} {1.0:7.2f}")
+        print(f"  {'variant':42s} {'MB':>9s} {'ratio':>7s}")
+        print(f"  {'fp32':42s} {r['fp32_bytes'] / 1e6:9.2f} {1.0:7.2f}")
         for k, v in r["bytes"].items():
-            print(f"  {k:34s} {v / 1e6:9.2f} {r['ratio'][k]:7.2f}")
+            print(f"  {k:42s} {v / 1e6:9.2f} {r['ratio'][k]:7.2f}")
         print("  float32 tensors in 'ternary' (MB): "
               + ", ".join(f"{k} {v / 1e6:.2f}" for k, v in sorted(r["ternary_float_bytes"].items())))
     print(json.dumps({"benchmark": "compression", "unit": "bytes", "results": results}, sort_keys=True))

@@ -108,3 +108,77 @@ class EncoderStack(nn.Module):
         for layer in self.layers:
             x, scale = layer(x, scale, mask)
         return dequantize(x, scale)
+
+
+def _train_step(model, opt, x, mask, target) -> float:
+    t0 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    out = model(x, mask)
+    loss = (out * target).mean()
+    loss.backward()
+    opt.step()
+    return time.perf_counter() - t0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--ffn", type=int, default=3072)
+    ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per mode (after 1 warm-up step each)")
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one symmetric step")
+    args = ap.parse_args(argv)
+    threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+
+    models, opts = {}, {}
+    for mode in ("none", "symmetric"):
+        cfg = QuantConfig(quant_mode=mode)
+        models[mode] = EncoderStack(cfg, args.layers, args.dim, args.heads, args.ffn, args.dropout).train()
+    models["symmetric"].load_state_dict(models["none"].state_dict(), strict=False)
+    for mode, m in models.items():
+        opts[mode] = torch.optim.Adam(m.parameters(), lr=1e-6, betas=(0.9, 0.98), eps=1e-6)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch, args.seq, args.dim, generator=g)
+    mask = torch.zeros(args.batch, args.seq, dtype=torch.bool)
+    mask[-1, args.seq * 3 // 4:] = True
+    target = torch.randn(args.batch, args.seq, args.dim, generator=g)
+
+    times = {mode: [] for mode in models}
+    for mode in models:  # warm-up (allocator, first-call overheads, range initialisation)
+        _train_step(models[mode], opts[mode], x, mask, target)
+    for _ in range(args.steps):  # interleaved
+        for mode in models:
+            times[mode].append(_train_step(models[mode], opts[mode], x, mask, target))
+    med = {mode: statistics.median(t) for mode, t in times.items()}
+    ratio = med["symmetric"] / med["none"]
+
+    shape = (f"{args.layers} post-LN layers, hidden {args.dim}, {args.heads} heads, FFN {args.ffn}, "
+             f"batch {args.batch} x seq {args.seq}, dropout {args.dropout}, Adam, {threads} thread(s)")
+    print(f"QAT overhead: {shape}")
+    print(f"{'mode':<12}{'median s/step':>15}{'min':>10}{'max':>10}")
+    for mode, t in times.items():
+        print(f"{mode:<12}{med[mode]:>15.3f}{min(t):>10.3f}{max(t):>10.3f}")
+    print(f"ratio symmetric / float = {ratio:.3f} (target <= 1.5)")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            _train_step(models["symmetric"], opts["symmetric"], x, mask, target)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+    print(json.dumps({
+        "benchmark": "qat_overhead", "ratio": round(ratio, 4),
+        "float_step_s": round(med["none"], 4), "symmetric_step_s": round(med["symmetric"], 4),
+        "layers": args.layers, "hidden": args.dim, "heads": args.heads, "ffn": args.ffn,
+        "batch": args.batch, "seq": args.seq, "steps": args.steps, "threads": threads,
+        "device": "cpu",
+    }))
+
+
+if __name__ == "__main__":
+    main()

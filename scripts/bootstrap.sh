@@ -6,8 +6,7 @@
 #
 # Steps, each skipped when already satisfied:
 #   1. create .venv with python3.11 (override: PYTHON=/path/to/python3.11)
-#   2. torch==2.13.0 first when it is missing: CPU wheel preferred on machines without nvidia-smi
-#      (IBERT_TORCH_INDEX_URL overrides the extra index; set it empty to use only pip's configured indexes)
+#   2. torch==2.13.0 first when it is missing (IBERT_TORCH_INDEX_URL adds an extra package index)
 #   3. pip install -r requirements.txt            (only when the stamp differs)
 #   4. fairseq-fixed==0.12.3.1 --no-build-isolation --no-deps   (only when `import fairseq` fails)
 #   5. pip install --no-deps -e .                 (setup.py: ibert_plugin, no install_requires)
@@ -54,12 +53,11 @@ PIP=("$VPY" -m pip --disable-pip-version-check)
 
 # 2. torch first, so that requirements.txt never makes pip pick a CUDA build on a CPU-only machine.
 if ! "$VPY" -c 'import torch, sys; sys.exit(0 if torch.__version__.split("+")[0] == "2.13.0" else 1)' 2>/dev/null; then
+    # pip's configured sources decide which build arrives (on the project's machines: the local CPU wheel).
+    # IBERT_TORCH_INDEX_URL adds an extra index, e.g. a CPU-only wheel index on other machines.
     extra=()
-    if [[ -n "${IBERT_TORCH_INDEX_URL+set}" ]]; then
-        [[ -n "$IBERT_TORCH_INDEX_URL" ]] && extra=(--extra-index-url "$IBERT_TORCH_INDEX_URL")
-    elif ! command -v nvidia-smi >/dev/null 2>&1; then
-        # 2.13.0+cpu sorts above 2.13.0, so pip prefers the CPU wheel; an unreachable index is skipped.
-        extra=(--extra-index-url https://download.pytorch.org/whl/cpu --timeout 20 --retries 1)
+    if [[ -n "${IBERT_TORCH_INDEX_URL:-}" ]]; then
+        extra=(--extra-index-url "$IBERT_TORCH_INDEX_URL")
     fi
     log "installing $TORCH_PIN ${extra[*]:-}"
     "${PIP[@]}" install "$TORCH_PIN" "${extra[@]}"

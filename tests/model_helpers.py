@@ -63,7 +63,7 @@ def random_batch(dictionary, bsz=3, tgt_len=12, seed=0):
     tokens = torch.randint(dictionary.nspecial, len(dictionary) - 1, (bsz, tgt_len), generator=g)
     tokens[:, 0] = dictionary.bos()
     for i in range(bsz):
-        length = tgt_len - 3 * i
+        length = max(tgt_len - 3 * i, 2)
         tokens[i, length - 1] = dictionary.eos()
         tokens[i, length:] = dictionary.pad()
     return tokens

@@ -133,3 +133,23 @@ def test_export_rejects_fp_checkpoint(trained, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert "not a quantized checkpoint" in err and err.strip().count("\n") == 0
+
+
+def test_quantized_checkpoint_loads_as_fp_teacher(trained):
+    """A ternarybert checkpoint used as --teacher-path is rebuilt in quant_mode none, frozen, out of the tree."""
+    from fairseq import checkpoint_utils, tasks
+
+    from ibert_plugin.criterions.distill import TernaryDistillConfig, TernaryDistillCriterion
+
+    root, teacher_fp, student, _ = trained
+    cfg = checkpoint_utils.load_checkpoint_to_cpu(str(student))["cfg"]
+    task = tasks.setup_task(cfg.task)
+    crit = TernaryDistillCriterion(
+        TernaryDistillConfig(teacher_path=str(student), pred_distill=True, intermediate_distill=True), task)
+    t = crit.teacher
+    assert t.quant_config.quant_mode == "none" and not t.training
+    assert all(not p.requires_grad for p in t.parameters())
+    assert len(crit.state_dict()) == 0
+    sd = torch.load(student, map_location="cpu", weights_only=False)["model"]
+    for name, p in t.named_parameters():
+        assert torch.equal(p, sd[name]), name  # the latent weights, used in full precision

@@ -1,4 +1,4 @@
-"""Packed format: bit packing, exact pack/unpack round trip through the frozen path, weights_only loading, CLI errors."""
+"""Packed format: bit packing, exact round trip through the frozen path, weights_only loading, CLI errors."""
 import pytest
 import torch
 from torch import nn

@@ -8,7 +8,7 @@ from ibert_plugin.quant.packing import (
     load_packed_model,
     pack_model,
 )
-from model_helpers import TINY_DIMS, build_model, make_dictionary, random_batch
+from model_helpers import build_model, make_dictionary, random_batch
 
 HEAD = "sentence_classification_head"
 

@@ -17,6 +17,7 @@ Three modes (``--quant-mode``):
 * ``ternarybert``: TernaryBERT (Zhang et al., 2020): ternary (or k-bit) weights, 8-bit activations on every linear
   input and on both attention matmuls, float nonlinearities, LayerNorms, biases and position embeddings.
 """
+import dataclasses
 import logging
 from typing import List, Optional, Tuple
 
@@ -234,9 +235,14 @@ class QuantEncoderLayer(nn.Module):
 
 
 class QuantPositionalEmbedding(QuantEmbedding):
-    """Learned positions (fairseq ``LearnedPositionalEmbedding`` layout: rows start at ``padding_idx + 1``)."""
+    """Learned positions (fairseq ``LearnedPositionalEmbedding`` layout: rows start at ``padding_idx + 1``).
+
+    8-bit in the I-BERT dataflow; TernaryBERT keeps position embeddings in float (its spec, section 3).
+    """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int, cfg: QuantConfig):
+        if cfg.quant_mode == "ternarybert":
+            cfg = dataclasses.replace(cfg, quant_mode="none")
         super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx, cfg=cfg)
         self.max_positions = num_embeddings - padding_idx - 1
 

@@ -119,10 +119,16 @@ class QuantAct(nn.Module):
 
     @torch.no_grad()
     def _observe(self, x, scale, identity, identity_scale) -> None:
-        if identity is None and scale is not None and scale.numel() == 1:
-            lo, hi = torch.aminmax(x.detach())
-            a, b = (lo * scale).reshape(1), (hi * scale).reshape(1)
-            cur_min, cur_max = torch.minimum(a, b), torch.maximum(a, b)
+        if identity is None and scale is not None:
+            # min/max of q (per channel when the scale is per channel) times the scale: no full real tensor
+            xd = x.detach()
+            if scale.numel() == 1:
+                lo, hi = torch.aminmax(xd)
+            else:
+                lo, hi = torch.aminmax(xd.reshape(-1, xd.shape[-1]), dim=0)
+            a, b = lo * scale.detach(), hi * scale.detach()
+            cur_min = torch.minimum(a, b).amin().reshape(1)
+            cur_max = torch.maximum(a, b).amax().reshape(1)
         else:
             real = dequantize(x.detach(), scale)
             if identity is not None:
@@ -174,7 +180,7 @@ class QuantAct(nn.Module):
             m_id = e_id = None
             if identity is not None:
                 m_id, e_id = dyadic(identity_scale.detach().to(torch.float64) / s_out64)
-            q = requant_clamp(x, m, e, self.bits, identity, m_id, e_id, round_input=self.training)
+            q = requant_clamp(x, m, e, self.bits, identity, m_id, e_id)
             return q, s_out
         real = dequantize(x, scale)
         if identity is not None:
@@ -314,10 +320,11 @@ class QuantLinear(nn.Linear):
         w_bits = int(getattr(self.weight_quantizer, "bits", self.cfg.weight_bits))
         s_w = s_w.detach().float().clamp(min=SCALE_EPS / qmax(w_bits))
         s_acc = s_w * scale.detach().float().reshape(1)
-        acc = exact_int_matmul(x, w_int, a_bits=self.cfg.act_bits, b_bits=w_bits).to(torch.float64)
+        b_int = None
         if self.bias is not None:
-            acc = acc + quantize(self.bias.to(torch.float64), s_acc.to(torch.float64), self.cfg.bias_bits)
-        return acc, s_acc
+            b_int = quantize(self.bias.to(torch.float64), s_acc.to(torch.float64), self.cfg.bias_bits)
+        acc = exact_int_matmul(x, w_int, a_bits=self.cfg.act_bits, b_bits=w_bits, bias=b_int)
+        return acc.to(torch.float64), s_acc
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,10 +11,12 @@ the inference engine must reproduce. Integer intermediates are exact in float64 
 scale-derived constant is computed in float64 from the float32 input scale with the expression order given in the
 spec. Gradients for QAT go through ``floor_ste``/``round_ste`` (identity) and ``isqrt_ste`` (as sqrt).
 
-Two constant sets differ from the I-BERT paper (documented in the spec): the i-GELU polynomial uses
-``a = -0.287, b = -1.775`` (paper ``-0.2888, -1.769``: L-inf 0.01815 over [-4, 4]; ours 0.0177 at the same L2
-0.0082) with round-half-up on the ``>> 14``, and i-exp uses the minimax coefficients ``0.3671 x^2 + 0.9736 x + 1``
-(paper least squares ``0.35815147, 0.96963238, 1``: max error 1.93e-3 on (-ln2, 0]; ours 1.6e-3).
+Deviations from upstream I-BERT (all documented in the spec): the i-GELU polynomial uses ``a = -0.287,
+b = -1.775`` (paper ``-0.2888, -1.769``: L-inf 0.01815 over [-4, 4]; ours 0.0177 at the same L2 0.0082) and
+rounds its ``>> 14`` to nearest (half away from zero, keeping erf odd) instead of flooring; i-exp uses the minimax
+coefficients ``0.3671 x^2 + 0.9736 x + 1`` (paper least squares ``0.35815147, 0.96963238, 1``: max error 1.93e-3
+on (-ln2, 0]; ours 1.6e-3); the softmax normalises with ``2^40 / sum`` and rounds; IntLayerNorm uses
+``2^45 / sd`` instead of ``2^31 / sd`` (14 more bits of ``1/sd``).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .primitives import attach_scale_grad, floor_ste, isqrt_ste, qmax
+from .primitives import floor_ste, isqrt, qmax
 
 __all__ = [
     "GELU_K",
@@ -76,6 +78,12 @@ def _pow2(x: torch.Tensor) -> torch.Tensor:
     return torch.exp2(x)
 
 
+def _pow2_neg_f32(z: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Exact ``2^-(z + shift)`` in float32 from the exponent bits, for integers ``0 <= z + shift < 127``."""
+    n = z.to(torch.int32).add_(shift.to(torch.int32))
+    return n.neg_().add_(127).bitwise_left_shift_(23).view(torch.float32)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # i-GELU
 # ----------------------------------------------------------------------------------------------------------------
@@ -83,8 +91,10 @@ def int_gelu(q: torch.Tensor, scale: torch.Tensor) -> Tuple[torch.Tensor, torch.
     """i-GELU (I-BERT Eq. 8-9, Algorithm 2) on an integer accumulator.
 
     With ``S' = S / k`` (float64): ``b_int = floor(b / S')``, ``c_int = floor((c/a) / S'^2)``,
-    ``t = min(|q|, -b_int) + b_int``, ``y = floor((sgn(q) (t^2 + c_int) + 2^13) / 2^14)``,
-    ``S_erf = a S'^2 2^14``, ``one = floor(1 / S_erf)``; output ``q (y + one)`` with scale ``S S_erf / 2``.
+    ``t = min(|q|, -b_int) + b_int``, ``Y = floor((2^13 - c_int - t^2) / 2^14)``, ``S_erf = a S'^2 2^14``,
+    ``one = floor(1 / S_erf)``; output ``q_out = q one - |q| Y`` with scale ``S S_erf / 2``.
+    This is ``q (y + one)`` with the integer erf ``y = -sgn(q) Y = sgn(q) round(L / 2^14)``, rounded half away
+    from zero so that the erf stays odd (upstream floors: ``y = floor(sgn(q)(t^2 + c_int) / 2^14)``).
 
     Precondition: a fine accumulator scale (the 32-bit FC1 output, ``S = S_w S_x``, typically ``< 1e-3``); with an
     8-bit input scale the ``>> 14`` destroys the resolution.
@@ -104,13 +114,35 @@ def int_gelu(q: torch.Tensor, scale: torch.Tensor) -> Tuple[torch.Tensor, torch.
     c_int = torch.floor((GELU_C / GELU_A) / sp2)
     s_erf = GELU_A * sp2 * float(2**GELU_SHIFT)
     one = torch.floor(1.0 / s_erf)
-    qd = q.to(torch.float64)
-    t = torch.minimum(qd.abs(), -b_int) + b_int
-    y = torch.sign(qd) * (t * t + c_int)
-    y = floor_ste((y + float(2 ** (GELU_SHIFT - 1))) * float(2.0**-GELU_SHIFT))
-    q_out = qd * (y + one)
+    q_out = _IntGELU.apply(q, b_int, c_int, one)
     s_out = (s64 * s_erf / 2.0).to(torch.float32)
     return q_out, s_out
+
+
+class _IntGELU(torch.autograd.Function):
+    """Forward: the exact integer i-GELU (float64). Backward: the straight-through derivative of the same
+    expression with ``floor`` as identity: ``d q_out / d q = one - sgn(q) Y + q t / 2^13`` (``t = 0`` where
+    ``|q| >= -b_int``), the derivative of ``q (y + one)`` through the erf polynomial, as upstream's autograd."""
+
+    @staticmethod
+    def forward(ctx, q, b_int, c_int, one):
+        qd = q.to(torch.float64)
+        a = qd.abs()
+        t = torch.minimum(a, -b_int).add_(b_int)  # in [b_int, 0]
+        big_y = torch.addcmul(float(2 ** (GELU_SHIFT - 1)) - c_int, t, t, value=-1.0)
+        big_y.mul_(float(2.0**-GELU_SHIFT)).floor_()
+        q_out = (qd * one).addcmul_(a, big_y, value=-1.0)
+        if ctx.needs_input_grad[0]:
+            # Y >= 0 for any usable (fine) scale, so sgn(q) Y = copysign(Y, q); gradients need no bit-exactness.
+            deriv = big_y.copysign_(qd).neg_().add_(one).addcmul_(qd, t, value=float(2.0 ** -(GELU_SHIFT - 1)))
+            ctx.save_for_backward(deriv.to(torch.float32))
+            ctx.q_dtype = q.dtype
+        return q_out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (deriv,) = ctx.saved_tensors
+        return (grad * deriv).to(ctx.q_dtype), None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -177,23 +209,55 @@ def int_softmax(
         ``1 / (2^out_bits - 1)``. A fully masked row gives all zeros.
     """
     _, x0, b_int, c_int, shift_t = _exp_constants(scale)
-    qd = q.to(torch.float64)
-    if mask is not None:
-        km = mask.to(torch.bool)[:, None, None, :]
-        rowmax = qd.detach().masked_fill(km, float("-inf")).amax(dim=-1, keepdim=True)
-        rowmax = torch.where(torch.isfinite(rowmax), rowmax, torch.zeros_like(rowmax))
-        d = (qd - rowmax).masked_fill(km, 0.0)
-    else:
-        d = qd - qd.detach().amax(dim=-1, keepdim=True)
-    e = _int_exp(d, x0, b_int, c_int, shift_t)
-    if mask is not None:
-        e = e.masked_fill(km, 0.0)
-    total = e.sum(dim=-1, keepdim=True).clamp(min=1.0)
-    f = floor_ste(float(2**SOFTMAX_NORM_BITS) / total)
-    p_max = float(2**out_bits - 1)
-    p = floor_ste(e * f * (p_max * 2.0**-SOFTMAX_NORM_BITS) + 0.5)
-    s_p = torch.full((1,), 1.0 / p_max, dtype=torch.float32, device=q.device)
-    return p.to(torch.float32), s_p
+    km = None if mask is None else mask.to(torch.bool)[:, None, None, :]
+    p = _IntSoftmax.apply(q, km, x0, b_int, c_int, shift_t, out_bits)
+    s_p = torch.full((1,), 1.0 / float(2**out_bits - 1), dtype=torch.float32, device=q.device)
+    return p, s_p
+
+
+class _IntSoftmax(torch.autograd.Function):
+    """Forward: the exact integer softmax (float64 intermediates). Backward: the straight-through derivative of
+    the same expression with every floor as identity (as upstream's autograd through ``floor_ste``):
+    ``de/dd = e ln2 / |x0|`` (through ``2^-z``), then the quotient rule of ``p = e f P / 2^40``,
+    ``f = 2^40 / sum``. The row max is treated as a constant (softmax is shift invariant)."""
+
+    @staticmethod
+    def forward(ctx, q, km, x0, b_int, c_int, shift_t, out_bits):
+        if km is not None:
+            rowmax = q.masked_fill(km, float("-inf")).amax(dim=-1, keepdim=True)
+            rowmax = torch.where(torch.isinf(rowmax), torch.zeros_like(rowmax), rowmax)  # fully masked rows
+        else:
+            rowmax = q.amax(dim=-1, keepdim=True)
+        d = q.to(torch.float64, copy=True).sub_(rowmax).clamp_(min=EXP_CLIP * x0)  # in [30 x0, 0]
+        z = torch.div(d, x0).floor_()  # in [0, 30]
+        r = d.addcmul_(z, x0, value=-1.0)  # d - x0 z in (x0, 0], in place
+        e = (r + b_int).mul_(r).add_(c_int)  # L = r (r + b) + c
+        # floor(L / 2^(z + T)): 2^-(z+T) built exactly from float32 exponent bits (z + T <= 30 + 37 < 127)
+        e.mul_(_pow2_neg_f32(z, shift_t)).floor_()  # < 2^16
+        if km is not None:
+            e.masked_fill_(km, 0.0)
+        total = e.sum(dim=-1, keepdim=True).clamp_(min=1.0)
+        f = torch.floor(float(2**SOFTMAX_NORM_BITS) / total)
+        p_max = float(2**out_bits - 1)
+        k = p_max * 2.0**-SOFTMAX_NORM_BITS
+        e32 = e.to(torch.float32) if ctx.needs_input_grad[0] else None  # exact (< 2^16)
+        p = e.mul_(f * k).add_(0.5).floor_().to(torch.float32)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(e32, f, total, x0)
+            ctx.k = k
+            ctx.q_dtype = q.dtype
+        return p
+
+    @staticmethod
+    def backward(ctx, grad):
+        e, f, total, x0 = ctx.saved_tensors
+        g = grad.to(torch.float32)
+        big = (g * e).sum(dim=-1, keepdim=True)
+        c1 = (f * ctx.k).to(torch.float32)
+        c2 = (float(2**SOFTMAX_NORM_BITS) * ctx.k / (total * total)).to(torch.float32)
+        grad_e = g * c1 - big * c2
+        grad_q = grad_e.mul_(e).mul_((EXP_LN2 / x0.abs()).to(torch.float32))
+        return grad_q.to(ctx.q_dtype), None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -253,7 +317,8 @@ def int_layernorm(
     The input scale cancels (normalisation is scale invariant) and is not used.
 
     Gradients (QAT): to ``q`` through the normalisation (STE floors, ``isqrt`` as sqrt); to ``beta`` and ``gamma``
-    through ``b_int`` (STE) and, for ``gamma``, through the output scale via :func:`attach_scale_grad`.
+    through ``b_int`` (STE) and, for ``gamma``, through the output scale (which travels detached, so its gradient
+    is routed through ``q_out`` as :func:`~ibert_plugin.quant.primitives.attach_scale_grad` does).
 
     Args:
         q: integer input ``(..., C)`` (float32, 22-bit residual sum).
@@ -267,17 +332,66 @@ def int_layernorm(
         ``S_n gamma'`` (negative where ``gamma < 0``).
     """
     c = q.shape[-1]
-    y = _ln_center(q.to(torch.float64))
-    sh = shift.detach().to(torch.float64)
-    ys = floor_ste(y * _pow2(-sh))
-    var = (ys * ys).sum(dim=-1, keepdim=True)
-    sd = isqrt_ste(var).clamp(min=1.0) * _pow2(sh)
-    f = floor_ste(float(2**LN_FACTOR_BITS) / sd)
-    y_n = floor_ste(y * f * float(2.0 ** (LN_OUT_SHIFT - LN_FACTOR_BITS)))
     s_n = math.sqrt(float(c)) / float(2**30)
-    g = _gamma_guard(gamma)
-    n32 = float(qmax(32))
-    b_int = floor_ste(beta.to(torch.float64) / g.to(torch.float64) / s_n).clamp(-n32, n32)
+    g = _gamma_guard(gamma.detach())
     s_out = (s_n * g.to(torch.float64)).to(torch.float32)
-    q_out = attach_scale_grad(y_n + b_int, s_out)
-    return q_out, s_out.detach()
+    q_out = _IntLayerNorm.apply(q, gamma, beta, shift.detach())
+    return q_out, s_out
+
+
+class _IntLayerNorm(torch.autograd.Function):
+    """Forward: the exact integer LayerNorm (float64). Backward: the straight-through derivative of the same
+    expression (every floor as identity, ``isqrt`` as ``sqrt``), which for ``q`` is LayerNorm's own gradient;
+    ``beta`` and ``gamma`` get theirs through ``b_int = beta / gamma' / S_n`` and, for ``gamma``, through the
+    output scale ``S_n gamma'`` (real output ``q_out S_n gamma'``; scales travel detached)."""
+
+    @staticmethod
+    def forward(ctx, q, gamma, beta, shift):
+        c = q.shape[-1]
+        y = q.to(torch.float64, copy=True)
+        mean = y.sum(dim=-1, keepdim=True).mul_(2.0).add_(c).div_(2.0 * c).floor_()
+        y.sub_(mean)  # |y| < 2^23
+        sh = shift.to(torch.float64)
+        ys = (y * torch.exp2(-sh)).floor_()
+        var = torch.linalg.vecdot(ys, ys).unsqueeze(-1)  # exact: every partial sum < 2^53
+        root = isqrt(var)
+        sd = root.clamp(min=1.0).mul_(torch.exp2(sh))
+        f = torch.floor(float(2**LN_FACTOR_BITS) / sd)
+        y_n = (y * f).mul_(float(2.0 ** (LN_OUT_SHIFT - LN_FACTOR_BITS))).floor_()
+        s_n = math.sqrt(float(c)) / float(2**30)
+        g64 = _gamma_guard(gamma.detach()).to(torch.float64)
+        n32 = float(qmax(32))
+        b_raw = torch.floor(beta.detach().to(torch.float64) / g64 / s_n)
+        b_int = b_raw.clamp(-n32, n32)
+        q_out = y_n.add_(b_int)
+        if any(ctx.needs_input_grad[:3]):
+            ctx.save_for_backward(y.to(torch.float32), ys.to(torch.float32), f, sd, root, q_out, g64, gamma,
+                                  beta, b_raw)
+            ctx.s_n = s_n
+            ctx.q_dtype = q.dtype
+        return q_out
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, ys, f, sd, root, q_out, g64, gamma, beta, b_raw = ctx.saved_tensors
+        s_n = ctx.s_n
+        c = y.shape[-1]
+        grad_q = grad_gamma = grad_beta = None
+        g = grad.to(torch.float64)
+        if ctx.needs_input_grad[0]:
+            # y_n = y f / 2^15, f = 2^45 / sd, sd = sqrt(sum ys^2) 2^s, ys = y / 2^s (floors as identity)
+            a = (g * y).sum(dim=-1, keepdim=True)
+            coef = a * float(2**LN_OUT_SHIFT) / (sd * sd * root.clamp(min=1.0))
+            gy = g * (f * float(2.0 ** (LN_OUT_SHIFT - LN_FACTOR_BITS))) - coef * ys
+            grad_q = (gy - gy.mean(dim=-1, keepdim=True)).to(ctx.q_dtype)
+        n32 = float(qmax(32))
+        live = (b_raw.abs() <= n32).to(torch.float64)  # b_int not saturated
+        rows = g.reshape(-1, c)
+        if ctx.needs_input_grad[2]:
+            grad_beta = (rows.sum(0) * live / (g64 * s_n)).to(beta.dtype)
+        if ctx.needs_input_grad[1]:
+            guard = (gamma.detach().abs() >= LN_GAMMA_EPS).to(torch.float64)
+            via_scale = (rows * q_out.reshape(-1, c)).sum(0) / g64
+            via_bias = rows.sum(0) * live * beta.detach().to(torch.float64) / (g64 * g64 * s_n)
+            grad_gamma = ((via_scale - via_bias) * guard).to(gamma.dtype)
+        return grad_q, grad_gamma, grad_beta, None

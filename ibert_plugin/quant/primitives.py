@@ -78,7 +78,7 @@ class _Quantize(torch.autograd.Function):
     def forward(ctx, x, scale, bits):
         n = qmax(bits)
         ctx.save_for_backward(scale)
-        return torch.round(x / scale).clamp_(-n, n)
+        return torch.div(x, scale).round_().clamp_(-n, n)
 
     @staticmethod
     def backward(ctx, grad):
@@ -218,23 +218,21 @@ def dyadic(ratio: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return m * torch.exp2(lift), e + lift
 
 
-def _requant_forward(z: torch.Tensor, m: torch.Tensor, e: torch.Tensor, round_input: bool) -> torch.Tensor:
+def _requant_forward(z: torch.Tensor, m: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     """Exact ``floor((z*m + 2^(e-1)) / 2^e)``: float64 for float32 ``z`` (``|z*m| < 2^44``), int64 otherwise.
 
-    Returns float64 (float32 input) or int64 (float64 input).
+    Returns float64 (float32 input) or int64 (float64 input). Non-integer inputs (training-time dropout) are
+    handled without a rounding pass: float32 ones are rounded by the dyadic rounding itself (``floor(z r + 1/2)``),
+    float64 ones (fine accumulator scales) are truncated to integers first.
     """
-    if round_input:
-        z = torch.round(z)
-    if z.dtype == torch.float32 or z.dtype == torch.float16 or z.dtype == torch.bfloat16:
+    if z.dtype in (torch.float32, torch.float16, torch.bfloat16):
         # |z| < 2^24 and |m| <= 2^20: every intermediate is an exact float64 integer (see spec for e >= 53).
-        out = z.to(torch.float64) * m
-        out += torch.exp2(e - 1.0)
-        out *= torch.exp2(-e)
+        out = z.to(torch.float64, copy=True).mul_(m)
+        out.add_(torch.exp2(e - 1.0)).mul_(torch.exp2(-e))
         return out.floor_()
-    zi = z.to(torch.int64)
     ei = e.to(torch.int64).clamp(max=63)
-    out = zi * m.to(torch.int64)
-    out += torch.bitwise_left_shift(torch.ones_like(ei), ei - 1)
+    out = z.to(torch.int64).mul_(m.to(torch.int64))
+    out.add_(torch.bitwise_left_shift(torch.ones_like(ei), ei - 1))
     return out.bitwise_right_shift_(ei)
 
 
@@ -242,14 +240,13 @@ class _Requant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, m, e):
         ctx.save_for_backward(m, e)
-        out = _requant_forward(z, m, e, round_input=False)
-        return out.to(torch.float64)
+        ctx.z_dtype = z.dtype
+        return _requant_forward(z, m, e).to(torch.float64)
 
     @staticmethod
     def backward(ctx, grad):
         m, e = ctx.saved_tensors
-        ratio = (m * torch.exp2(-e)).to(grad.dtype)
-        return grad * ratio, None, None
+        return _scaled_grad(grad, m * torch.exp2(-e), ctx.z_dtype), None, None
 
 
 def requant(z: torch.Tensor, m: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
@@ -270,25 +267,34 @@ def requant(z: torch.Tensor, m: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     return _Requant.apply(z, m, e)
 
 
+def _scaled_grad(grad: torch.Tensor, ratio: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``grad * ratio`` produced directly in ``dtype`` (one pass, no extra cast by autograd)."""
+    if dtype == torch.float64:
+        return torch.mul(grad, ratio.to(torch.float64))
+    return torch.mul(grad, ratio.to(grad.dtype)).to(dtype)
+
+
 class _RequantClamp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z, m, e, z_id, m_id, e_id, n, round_input):
+    def forward(ctx, z, m, e, z_id, m_id, e_id, n):
         ctx.save_for_backward(m, e, m_id, e_id)
-        ctx.has_id = z_id is not None
-        out = _requant_forward(z, m, e, round_input)
+        ctx.dtypes = (z.dtype, None if z_id is None else z_id.dtype)
+        out = _requant_forward(z, m, e)
         if z_id is not None:
-            other = _requant_forward(z_id, m_id, e_id, round_input)
+            other = _requant_forward(z_id, m_id, e_id)
             if out.dtype != other.dtype:
                 out, other = out.to(torch.int64), other.to(torch.int64)
-            out = out + other
+            out.add_(other)
         return out.clamp_(-n, n).to(torch.float32)
 
     @staticmethod
     def backward(ctx, grad):
         m, e, m_id, e_id = ctx.saved_tensors
-        g = grad * (m * torch.exp2(-e)).to(grad.dtype)
-        g_id = grad * (m_id * torch.exp2(-e_id)).to(grad.dtype) if ctx.has_id else None
-        return g, None, None, g_id, None, None, None, None
+        g = _scaled_grad(grad, m * torch.exp2(-e), ctx.dtypes[0])
+        g_id = None
+        if ctx.dtypes[1] is not None:
+            g_id = _scaled_grad(grad, m_id * torch.exp2(-e_id), ctx.dtypes[1])
+        return g, None, None, g_id, None, None, None
 
 
 def requant_clamp(
@@ -299,24 +305,21 @@ def requant_clamp(
     z_id: Optional[torch.Tensor] = None,
     m_id: Optional[torch.Tensor] = None,
     e_id: Optional[torch.Tensor] = None,
-    round_input: bool = False,
 ) -> torch.Tensor:
     """QuantAct's integer path: ``clamp(requant(z, m, e) [+ requant(z_id, m_id, e_id)], -n(b), n(b))``.
 
     Both requantizations and their sum are exact (int64 when an operand is float64). Gradients: ``grad * m/2^e`` to
-    ``z`` and ``grad * m_id/2^e_id`` to ``z_id`` (straight through the clamp).
+    ``z`` and ``grad * m_id/2^e_id`` to ``z_id`` (straight through the clamp), in the operands' dtypes.
 
     Args:
         z: integer-valued input ``(..., C)``; ``m``, ``e``: its dyadic ratio ``(1,)`` or ``(C,)``.
         bits: signed output bit-width ``b``.
         z_id, m_id, e_id: optional residual (identity) operand and its dyadic ratio.
-        round_input: round ``z``/``z_id`` to the nearest integer first (training with dropout leaves fractions;
-            a no-op on integer inputs).
 
     Returns:
         float32 integers in ``[-n(b), n(b)]`` (``b <= 24``).
     """
-    return _RequantClamp.apply(z, m, e, z_id, m_id, e_id, qmax(bits), round_input)
+    return _RequantClamp.apply(z, m, e, z_id, m_id, e_id, qmax(bits))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -377,25 +380,26 @@ def _mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
 
 class _ExactIntMatmul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b_t, chunk):
+    def forward(ctx, a, b_t, bias, chunk):
         a32 = a.to(torch.float32)
         b32 = b_t.to(torch.float32)
         ctx.save_for_backward(a32, b32)
-        ctx.dtypes = (a.dtype, b_t.dtype)
+        ctx.dtypes = (a.dtype, b_t.dtype, None if bias is None else bias.dtype)
         k = a32.shape[-1]
         if k <= chunk:
-            return _mm(a32, b32)
-        acc = None
+            out = _mm(a32, b32)
+            return out if bias is None else torch.add(bias, out)  # float64 + float32 -> float64, one pass
+        acc = None if bias is None else bias.to(torch.float64)
         for k0 in range(0, k, chunk):  # loop over K-chunks (a handful), not over elements
-            part = _mm(a32[..., k0 : k0 + chunk], b32[..., k0 : k0 + chunk]).to(torch.float64)
-            acc = part if acc is None else acc.add_(part)
+            part = _mm(a32[..., k0 : k0 + chunk], b32[..., k0 : k0 + chunk])
+            acc = part.to(torch.float64) if acc is None else (acc + part if acc.dim() < part.dim() else acc.add_(part))
         return acc
 
     @staticmethod
     def backward(ctx, grad):
         a32, b32 = ctx.saved_tensors
         g = grad.to(torch.float32)
-        grad_a = grad_b = None
+        grad_a = grad_b = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_a = torch.matmul(g, b32).to(ctx.dtypes[0])
         if ctx.needs_input_grad[1]:
@@ -404,28 +408,39 @@ class _ExactIntMatmul(torch.autograd.Function):
             else:
                 grad_b = torch.matmul(g.transpose(-1, -2), a32)
             grad_b = grad_b.to(ctx.dtypes[1])
-        return grad_a, grad_b, None
+        if ctx.needs_input_grad[2]:
+            grad_bias = g.reshape(-1, g.shape[-1]).sum(0).to(ctx.dtypes[2])
+        return grad_a, grad_b, grad_bias, None
 
 
-def exact_int_matmul(a: torch.Tensor, b_t: torch.Tensor, a_bits: int = 8, b_bits: int = 8) -> torch.Tensor:
-    """Exact ``a @ b_t^T`` of integer-valued operands with float32 GEMMs over K-chunks summed in float64.
+def exact_int_matmul(
+    a: torch.Tensor,
+    b_t: torch.Tensor,
+    a_bits: int = 8,
+    b_bits: int = 8,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Exact ``a @ b_t^T (+ bias)`` of integer-valued operands: float32 GEMMs over K-chunks summed in float64.
 
     Every chunk's partial sums stay below ``2^24`` (``chunk * n(a_bits) * n(b_bits) <= 2^24``, at most 1024), so
     each float32 GEMM is exact whatever its summation order (and with TF32/bf16 inputs for operands of <= 8 bits);
-    the chunks are added in float64. Differentiable (float32 GEMMs in backward, as ``F.linear``).
+    the chunks (and the bias) are added in float64. Differentiable (float32 GEMMs in backward, as ``F.linear``).
 
     Args:
         a: ``(..., K)`` integers with ``|a| <= n(a_bits)`` (pass ``a_bits=9`` for unsigned 8-bit).
         b_t: ``(N, K)`` (a weight, as ``F.linear``) or ``(..., N, K)`` with the batch dims of ``a``.
         a_bits, b_bits: signed bit-widths bounding the operands.
+        bias: optional float64 ``(N,)`` integers (e.g. a 32-bit quantized bias), only with a 2-D ``b_t``.
 
     Returns:
-        ``(..., N)``: float32 when ``K`` fits one chunk (values below 2^24), else float64.
+        ``(..., N)``: float32 when ``K`` fits one chunk and there is no bias (values below 2^24), else float64.
     """
     if b_t.dim() != 2 and b_t.shape[:-2] != a.shape[:-2]:
         raise ValueError(
             f"exact_int_matmul needs b_t of shape (N, K) or with the batch dims of a, got {tuple(a.shape)} and "
             f"{tuple(b_t.shape)}"
         )
+    if bias is not None and (b_t.dim() != 2 or bias.dtype != torch.float64):
+        raise ValueError("exact_int_matmul takes a float64 (N,) bias only with a 2-D b_t")
     chunk = max(1, min(MATMUL_CHUNK, _F32_EXACT // (qmax(a_bits) * qmax(b_bits))))
-    return _ExactIntMatmul.apply(a, b_t, chunk)
+    return _ExactIntMatmul.apply(a, b_t, bias, chunk)

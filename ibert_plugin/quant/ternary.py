@@ -26,7 +26,6 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-from torch import nn
 
 from .weight import WeightQuantizer, register_weight_quantizer
 

@@ -1,0 +1,269 @@
+"""Integer nonlinear ops: accuracy vs float (paper Table 1 / §3.4 targets) and bit-exactness vs a pure-Python
+integer reference written from ``docs/integer_spec.md`` (the reference the C++ engine follows)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ibert_plugin.quant.nonlinear import (
+    EXP_A,
+    EXP_B,
+    EXP_C,
+    EXP_LN2,
+    GELU_A,
+    GELU_B,
+    GELU_C,
+    GELU_K,
+    int_exp,
+    int_gelu,
+    int_layernorm,
+    int_softmax,
+    layernorm_shift_update,
+)
+from ibert_plugin.quant.primitives import isqrt
+
+
+def _f32(x: float) -> float:
+    return torch.tensor(x, dtype=torch.float32).item()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pure-Python integer references (spec text, int arithmetic; scale constants in float64 = Python float)
+# ---------------------------------------------------------------------------------------------------------------
+def ref_gelu(q: int, s: float) -> int:
+    sp = s / GELU_K
+    sp2 = sp * sp
+    b_int = math.floor(GELU_B / sp)
+    c_int = math.floor((GELU_C / GELU_A) / sp2)
+    s_erf = GELU_A * sp2 * 16384.0
+    one = math.floor(1.0 / s_erf)
+    t = min(abs(q), -b_int) + b_int
+    y = (1 if q > 0 else -1 if q < 0 else 0) * (t * t + c_int)
+    y = (y + 8192) >> 14
+    return q * (y + one)
+
+
+def ref_softmax_row(qs, s: float, masked, out_bits=8):
+    x0 = min(math.floor(-EXP_LN2 / s), -1)
+    b_int = math.floor((EXP_B / EXP_A) / s)
+    c_int = math.floor((EXP_C / EXP_A) / (s * s))
+    t = max(0, c_int.bit_length() - 16)
+    live = [q for q, m in zip(qs, masked) if not m]
+    mx = max(live) if live else 0
+    es = []
+    for q, m in zip(qs, masked):
+        if m:
+            es.append(0)
+            continue
+        d = max(q - mx, 30 * x0)
+        z = d // x0
+        r = d - x0 * z
+        big_l = r * (r + b_int) + c_int
+        es.append(big_l >> (z + t))
+    total = max(sum(es), 1)
+    f = (1 << 40) // total
+    pmax = 2**out_bits - 1
+    return [(e * f * pmax + (1 << 39)) >> 40 for e in es]
+
+
+def ref_layernorm_row(qs, gamma, beta, shift: int):
+    c = len(qs)
+    mean = (2 * sum(qs) + c) // (2 * c)
+    y = [q - mean for q in qs]
+    var = sum((v >> shift) ** 2 for v in y)
+    sd = max(math.isqrt(var), 1) << shift
+    f = (1 << 45) // sd
+    y_n = [(v * f) >> 15 for v in y]
+    s_n = math.sqrt(float(c)) / float(2**30)
+    out = []
+    for v, g, b in zip(y_n, gamma, beta):
+        g = g if abs(g) >= 1e-8 else (1e-8 if g >= 0 else -1e-8)
+        g = _f32(g)
+        b_int = math.floor(b / g / s_n)
+        b_int = max(min(b_int, 2**31 - 1), -(2**31 - 1))
+        out.append(v + b_int)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# i-GELU
+# ---------------------------------------------------------------------------------------------------------------
+def _gelu_err(scale: float):
+    x = torch.linspace(-4, 4, 40001, dtype=torch.float64)
+    s = torch.tensor([scale])
+    q = torch.round(x / s.double())
+    q_out, s_out = int_gelu(q, s)
+    err = q_out * s_out.double() - F.gelu(q * s.double())
+    return err.pow(2).mean().sqrt().item(), err.abs().max().item(), q_out
+
+
+@pytest.mark.parametrize("scale", [1e-4, 2e-5])
+def test_i_gelu_at_least_as_accurate_as_the_paper(scale):
+    l2, linf, q_out = _gelu_err(scale)
+    assert l2 <= 0.0082 and linf <= 0.018, (l2, linf)  # paper Table 1: 0.0082 / 0.018
+    assert torch.equal(q_out, torch.round(q_out))
+
+
+def test_i_gelu_per_channel_scales_and_bit_exact_reference():
+    g = torch.Generator().manual_seed(0)
+    s = torch.tensor([3e-4, 1e-4, 7e-5, 1.3e-3])
+    x = torch.randn(64, 4, generator=g, dtype=torch.float64) * 3
+    q = torch.round(x / s.double())
+    q[0] = 0
+    q_out, s_out = int_gelu(q, s)
+    assert s_out.shape == (4,) and s_out.dtype == torch.float32 and bool((s_out < 0).all())
+    for j in range(4):
+        sj = s[j].item()
+        assert [int(v) for v in q_out[:, j].tolist()] == [ref_gelu(int(v), sj) for v in q[:, j].tolist()]
+        assert s_out[j].item() == _f32(sj * (GELU_A * (sj / GELU_K) ** 2 * 16384.0) / 2.0)
+    real = q_out * s_out.double()
+    assert (real - F.gelu(q * s.double())).abs().max() < 0.03
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# i-exp / softmax
+# ---------------------------------------------------------------------------------------------------------------
+def test_i_exp_error_on_reduced_range_and_beyond():
+    s = torch.tensor([1e-4])
+    x = torch.linspace(-math.log(2), 0, 20001, dtype=torch.float64)[1:]
+    q = torch.round(x / 1e-4)
+    e, s_e = int_exp(q, s)
+    err = (e * s_e.double() - torch.exp(q * 1e-4)).abs().max().item()
+    assert err <= 1.9e-3, err  # paper: 1.9e-3 on (-ln2, 0]
+    x = torch.linspace(-4, 0, 20001, dtype=torch.float64)
+    q = torch.round(x / 1e-4)
+    e, s_e = int_exp(q, s)
+    assert (e * s_e.double() - torch.exp(q * 1e-4)).abs().max().item() <= 1.9e-3
+    assert bool((e >= 0).all()) and bool((e < 2**16).all())
+    # coarser (8-bit-ish score) scale stays reasonable
+    q = torch.round(torch.linspace(-4, 0, 2001, dtype=torch.float64) / 3e-3)
+    e, s_e = int_exp(q, torch.tensor([3e-3]))
+    assert (e * s_e.double() - torch.exp(q * 3e-3)).abs().max().item() < 4e-3
+
+
+@pytest.mark.parametrize("scale", [2e-4, 1e-3, 3e-3])
+def test_int_softmax_within_one_256th_and_masks(scale):
+    g = torch.Generator().manual_seed(1)
+    b, h, t = 3, 2, 24
+    real = torch.randn(b, h, t, t, generator=g) * 3
+    s = torch.tensor([scale])
+    q = torch.round(real / s)
+    mask = torch.zeros(b, t, dtype=torch.bool)
+    mask[1, -5:] = True
+    mask[2, :] = True  # fully padded sequence
+    p, s_p = int_softmax(q, s, mask)
+    assert p.dtype == torch.float32 and torch.equal(p, torch.round(p))
+    assert s_p.shape == (1,) and s_p.item() == _f32(1 / 255)
+    assert float(p.min()) >= 0 and float(p.max()) <= 255
+    ref = F.softmax((q * s).masked_fill(mask[:, None, None, :], float("-inf")), -1)
+    live = ~mask[:, None, None, :].expand_as(p)
+    assert bool((p[~live] == 0).all())
+    assert (p * s_p - ref)[:2].abs().max().item() <= 1 / 256
+    assert bool((p[2] == 0).all()) and torch.isfinite(p).all()
+    sums = (p[:2] * s_p).sum(-1)
+    assert (sums - 1).abs().max().item() < 0.05
+
+
+def test_int_softmax_bit_exact_reference_and_large_negative_scores():
+    g = torch.Generator().manual_seed(2)
+    s = torch.tensor([7e-4])
+    q = torch.round(torch.randn(2, 1, 3, 9, generator=g) * 40 / 7e-4)  # spans far below -30 ln2
+    q[0, 0, 0, :] = 5.0  # constant row
+    mask = torch.tensor([[False] * 9, [False] * 6 + [True] * 3])
+    p, _ = int_softmax(q, s, mask)
+    for bi in range(2):
+        for qi in range(3):
+            row = [int(v) for v in q[bi, 0, qi].tolist()]
+            assert [int(v) for v in p[bi, 0, qi].tolist()] == ref_softmax_row(row, s.item(), mask[bi].tolist())
+
+
+def test_int_softmax_gradient_direction():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 2, 4, 6, generator=g)
+    s = torch.tensor([1e-3])
+    q = torch.round(x / s).requires_grad_()
+    w = torch.randn(1, 2, 4, 6, generator=g)
+    p, s_p = int_softmax(q, s)
+    (p * s_p * w).sum().backward()
+    x2 = (q.detach() * s).requires_grad_()
+    (F.softmax(x2, -1) * w).sum().backward()
+    cos = F.cosine_similarity(q.grad.flatten() / s, x2.grad.flatten(), 0)
+    assert cos > 0.99
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# IntLayerNorm
+# ---------------------------------------------------------------------------------------------------------------
+def test_int_layernorm_close_to_float_and_bit_exact_reference():
+    g = torch.Generator().manual_seed(4)
+    c = 48
+    q = torch.round(torch.randn(6, c, generator=g, dtype=torch.float64) * 3e4)
+    q[1] += 5e5  # large mean
+    gamma = torch.rand(c, generator=g) + 0.5
+    gamma[0] = -0.7  # negative gamma: negative channel scale
+    gamma[1] = 0.0  # guarded
+    beta = torch.randn(c, generator=g)
+    shift = torch.tensor([3.0])
+    q_out, s_out = int_layernorm(q, torch.tensor([1e-4]), gamma, beta, shift)
+    assert q_out.dtype == torch.float64 and s_out.shape == (c,) and s_out.dtype == torch.float32
+    assert s_out[0] < 0 and s_out[1] > 0
+    for r in range(6):
+        row = [int(v) for v in q[r].tolist()]
+        assert [int(v) for v in q_out[r].tolist()] == ref_layernorm_row(row, gamma.tolist(), beta.tolist(), 3)
+    gam = gamma.clone()
+    gam[1] = 1e-8
+    ref = F.layer_norm(q, (c,), gam.double(), beta.double(), eps=0.0)
+    got = q_out * s_out.double()
+    assert (got - ref)[:, 2:].abs().max().item() < 2e-3
+
+
+def test_int_layernorm_zero_variance_rows_are_finite():
+    q = torch.full((3, 16), 1234.0)
+    q[1] = 0.0
+    q[2, 0] += 1  # near-constant
+    gamma, beta = torch.ones(16), torch.linspace(-1, 1, 16)
+    q_out, s_out = int_layernorm(q, torch.tensor([1e-3]), gamma, beta, torch.tensor([0.0]))
+    out = q_out * s_out.double()
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[:2], beta.double().expand(2, 16), atol=1e-6, rtol=0)
+
+
+def test_layernorm_shift_grows_only_when_needed_and_bounds_variance():
+    g = torch.Generator().manual_seed(5)
+    small = torch.round(torch.randn(4, 64, generator=g) * 100)
+    assert layernorm_shift_update(small, torch.tensor([0.0])).item() == 0
+    big = torch.round(torch.randn(4, 768, generator=g) * 2**20).clamp(-2**21 + 1, 2**21 - 1)
+    sh = layernorm_shift_update(big, torch.tensor([0.0]))
+    assert sh.item() >= 1 and layernorm_shift_update(big, sh).item() == sh.item()
+    y = big.double() - torch.floor((2 * big.double().sum(-1, keepdim=True) + 768) / 1536)
+    var = torch.floor(y / 2 ** sh.item()).pow(2).sum(-1)
+    assert var.max().item() < 2**32
+    assert layernorm_shift_update(big, sh - 1).item() == sh.item()  # relative growth from a too-small shift
+    # one less would overflow for this input (the bound is tight to within one bit)
+    var1 = torch.floor(y / 2 ** (sh.item() - 2)).pow(2).sum(-1)
+    assert var1.max().item() >= 2**32
+
+
+def test_int_layernorm_gradients_match_float_layernorm():
+    g = torch.Generator().manual_seed(6)
+    c = 32
+    q = torch.round(torch.randn(5, c, generator=g, dtype=torch.float64) * 2e4).requires_grad_()
+    gamma = (torch.rand(c, generator=g) + 0.5).requires_grad_()
+    beta = torch.randn(c, generator=g).requires_grad_()
+    w = torch.randn(5, c, generator=g, dtype=torch.float64)
+    q_out, s_out = int_layernorm(q, torch.tensor([1e-4]), gamma, beta, torch.tensor([0.0]))
+    (q_out * s_out * w).sum().backward()
+    x = (q.detach() * 1e-4).requires_grad_()
+    g2, b2 = gamma.detach().double().requires_grad_(), beta.detach().double().requires_grad_()
+    (F.layer_norm(x, (c,), g2, b2, eps=0.0) * w).sum().backward()
+    torch.testing.assert_close(gamma.grad.double(), g2.grad, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(beta.grad.double(), b2.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(q.grad / 1e-4, x.grad, rtol=1e-2, atol=1e-2)
+
+
+def test_isqrt_used_by_layernorm_is_exact_on_real_variances():
+    g = torch.Generator().manual_seed(7)
+    y = torch.round(torch.randn(200, 768, generator=g, dtype=torch.float64) * 3000)
+    var = y.pow(2).sum(-1)
+    assert [int(v) for v in isqrt(var).tolist()] == [math.isqrt(int(v)) for v in var.tolist()]
