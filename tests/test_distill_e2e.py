@@ -83,6 +83,13 @@ def trained(tmp_path_factory):
     old_level = root_logger.level
     root_logger.setLevel(logging.INFO)
     root_logger.addHandler(handler)
+    # Earlier in-process tools (hydra's logging.config.dictConfig) may have disabled fairseq's existing loggers.
+    saved = []
+    for name in ("fairseq", "fairseq.logging.progress_bar", "fairseq_cli.train"):
+        lg = logging.getLogger(name)
+        saved.append((lg, lg.level, lg.propagate, lg.disabled))
+        lg.setLevel(logging.INFO)
+        lg.propagate, lg.disabled = True, False
     try:
         _fairseq_train(
             data, root / "ck_tb",
@@ -93,6 +100,9 @@ def trained(tmp_path_factory):
     finally:
         root_logger.removeHandler(handler)
         root_logger.setLevel(old_level)
+        for lg, level, propagate, disabled in saved:
+            lg.setLevel(level)
+            lg.propagate, lg.disabled = propagate, disabled
     return root, teacher, root / "ck_tb" / "checkpoint_last.pt", "\n".join(records)
 
 

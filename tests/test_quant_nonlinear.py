@@ -39,9 +39,8 @@ def ref_gelu(q: int, s: float) -> int:
     s_erf = GELU_A * sp2 * 16384.0
     one = math.floor(1.0 / s_erf)
     t = min(abs(q), -b_int) + b_int
-    y = (1 if q > 0 else -1 if q < 0 else 0) * (t * t + c_int)
-    y = (y + 8192) >> 14
-    return q * (y + one)
+    big_y = max(0, (8192 - c_int - t * t) >> 14)  # round(|erf| / S_erf), half away from zero
+    return q * one - abs(q) * big_y
 
 
 def ref_softmax_row(qs, s: float, masked, out_bits=8):

@@ -22,6 +22,9 @@ using i32 = int32_t;
 using u8 = uint8_t;
 
 inline int nthreads() { return std::max(1, at::get_num_threads()); }
+// Below this many elements a kernel runs on one thread: at batch 1 an OpenMP barrier costs more than the work,
+// and on a loaded host a descheduled worker turns each barrier into a scheduler quantum.
+constexpr int64_t kParallelMin = int64_t(1) << 19;
 
 // floor((z * m + 2^(e-1)) / 2^e), exact; int128 only when the product may exceed 63 bits.
 inline i64 requant_wide(i64 z, i64 m, int e) {
@@ -66,7 +69,7 @@ void requant_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor&
   std::vector<i64> rnd(N);
   for (i64 j = 0; j < N; ++j) rnd[j] = i64(1) << (E[j] - 1);
   const i64* R = rnd.data();
-#pragma omp parallel for schedule(static) num_threads(nthreads())
+#pragma omp parallel for schedule(static) num_threads(nthreads()) if (M * N >= kParallelMin)
   for (i64 i = 0; i < M; ++i) {
     const i32* a = A + i * N;
     u8* o = O + i * N;
@@ -93,7 +96,7 @@ void requant_qkv(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor
   std::vector<i64> rnd(N);
   for (i64 j = 0; j < N; ++j) rnd[j] = i64(1) << (E[j] - 1);
   const i64* R = rnd.data();
-#pragma omp parallel num_threads(nthreads())
+#pragma omp parallel num_threads(nthreads()) if (Bsz * T * N >= kParallelMin)
   {
     std::vector<u8> row(N);
 #pragma omp for schedule(static)
@@ -128,7 +131,7 @@ void softmax_u8(const at::Tensor& scores, const at::Tensor& key_pad, const at::T
   const i64 Lm1 = lut.numel() - 1;
   u8* O = out.data_ptr<u8>();
   const i64 rows = Bsz * H * Tq;
-#pragma omp parallel num_threads(nthreads())
+#pragma omp parallel num_threads(nthreads()) if (rows * Tk >= kParallelMin)
   {
     std::vector<i32> ev(Tk);
 #pragma omp for schedule(static)
@@ -170,7 +173,7 @@ void requant_ctx(const at::Tensor& ctx, int64_t m, int64_t e, int64_t qmax, at::
   const i32* C = ctx.data_ptr<i32>();
   u8* O = out.data_ptr<u8>();
   const i64 rnd = i64(1) << (e - 1);
-#pragma omp parallel for schedule(static) num_threads(nthreads())
+#pragma omp parallel for schedule(static) num_threads(nthreads()) if (Bsz * T * H * dh >= kParallelMin)
   for (i64 r = 0; r < Bsz * T; ++r) {
     const i64 b = r / T, t = r % T;
     u8* o = O + r * H * dh;
@@ -251,7 +254,7 @@ void resid_ln(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& m
   for (i64 c = 0; c < C; ++c) rnd[c] = i64(1) << (Ea[c] - 1);
   const i64* R = rnd.data();
   const i64 rr = i64(1) << (e_r - 1);
-#pragma omp parallel num_threads(nthreads())
+#pragma omp parallel num_threads(nthreads()) if (M * C >= kParallelMin)
   {
     std::vector<i64> q(C);
 #pragma omp for schedule(static)
@@ -290,7 +293,7 @@ void embed_ln(const at::Tensor& tokens, const at::Tensor& positions, const at::T
   i64* OQ = want_q ? out_q.data_ptr<i64>() : nullptr;
   i64* OQ16 = want_q16 ? out_q16.data_ptr<i64>() : nullptr;
   const i64 rt = i64(1) << (e_t - 1), rp = i64(1) << (e_p - 1);
-#pragma omp parallel num_threads(nthreads())
+#pragma omp parallel num_threads(nthreads()) if (M * C >= kParallelMin)
   {
     std::vector<i64> q(C);
 #pragma omp for schedule(static)
@@ -344,7 +347,7 @@ void gelu_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& b_
     NB[j] = -BI[j];
   }
   const i64 *pSH = SH.data(), *pEP = EP.data(), *pR = RND.data(), *pBD = BND.data(), *pM = MM.data(), *pNB = NB.data();
-#pragma omp parallel num_threads(nthreads())
+#pragma omp parallel num_threads(nthreads()) if (M * N >= kParallelMin)
   {
     std::vector<i64> gbuf(N);
     i64* gb = gbuf.data();

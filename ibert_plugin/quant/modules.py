@@ -124,8 +124,9 @@ class QuantAct(nn.Module):
             xd = x.detach()
             if scale.numel() == 1:
                 lo, hi = torch.aminmax(xd)
-            else:
-                lo, hi = torch.aminmax(xd.reshape(-1, xd.shape[-1]), dim=0)
+            else:  # amin/amax along dim 0 are much faster than aminmax(dim=0) on CPU
+                rows = xd.reshape(-1, xd.shape[-1])
+                lo, hi = rows.amin(dim=0), rows.amax(dim=0)
             a, b = lo * scale.detach(), hi * scale.detach()
             cur_min = torch.minimum(a, b).amin().reshape(1)
             cur_max = torch.maximum(a, b).amax().reshape(1)

@@ -91,10 +91,11 @@ def int_gelu(q: torch.Tensor, scale: torch.Tensor) -> Tuple[torch.Tensor, torch.
     """i-GELU (I-BERT Eq. 8-9, Algorithm 2) on an integer accumulator.
 
     With ``S' = S / k`` (float64): ``b_int = floor(b / S')``, ``c_int = floor((c/a) / S'^2)``,
-    ``t = min(|q|, -b_int) + b_int``, ``Y = floor((2^13 - c_int - t^2) / 2^14)``, ``S_erf = a S'^2 2^14``,
-    ``one = floor(1 / S_erf)``; output ``q_out = q one - |q| Y`` with scale ``S S_erf / 2``.
-    This is ``q (y + one)`` with the integer erf ``y = -sgn(q) Y = sgn(q) round(L / 2^14)``, rounded half away
-    from zero so that the erf stays odd (upstream floors: ``y = floor(sgn(q)(t^2 + c_int) / 2^14)``).
+    ``t = min(|q|, -b_int) + b_int``, ``Y = max(0, floor((2^13 - c_int - t^2) / 2^14))``,
+    ``S_erf = a S'^2 2^14``, ``one = floor(1 / S_erf)``; output ``q_out = q (one - sgn(q) Y)`` with scale
+    ``S S_erf / 2``. This is ``q (y + one)`` with the integer erf ``y = -sgn(q) Y``: ``sgn(q) (t^2 + c_int) / 2^14``
+    rounded half away from zero, so that the erf stays odd (upstream floors). ``Y >= 0`` always holds for usable
+    (fine) scales; the ``max`` only pins the definition for absurdly coarse ones.
 
     Precondition: a fine accumulator scale (the 32-bit FC1 output, ``S = S_w S_x``, typically ``< 1e-3``); with an
     8-bit input scale the ``>> 14`` destroys the resolution.
@@ -120,21 +121,20 @@ def int_gelu(q: torch.Tensor, scale: torch.Tensor) -> Tuple[torch.Tensor, torch.
 
 
 class _IntGELU(torch.autograd.Function):
-    """Forward: the exact integer i-GELU (float64). Backward: the straight-through derivative of the same
-    expression with ``floor`` as identity: ``d q_out / d q = one - sgn(q) Y + q t / 2^13`` (``t = 0`` where
+    """Forward: the exact integer i-GELU (float64, in-place). Backward: the straight-through derivative of the
+    same expression with ``floor`` as identity: ``d q_out / d q = one - sgn(q) Y + q t / 2^13`` (``t = 0`` where
     ``|q| >= -b_int``), the derivative of ``q (y + one)`` through the erf polynomial, as upstream's autograd."""
 
     @staticmethod
     def forward(ctx, q, b_int, c_int, one):
         qd = q.to(torch.float64)
-        a = qd.abs()
-        t = torch.minimum(a, -b_int).add_(b_int)  # in [b_int, 0]
-        big_y = torch.addcmul(float(2 ** (GELU_SHIFT - 1)) - c_int, t, t, value=-1.0)
-        big_y.mul_(float(2.0**-GELU_SHIFT)).floor_()
-        q_out = (qd * one).addcmul_(a, big_y, value=-1.0)
+        t = qd.abs().clamp_(max=-b_int).add_(b_int)  # min(|q|, -b_int) + b_int, in [b_int, 0]
+        w = torch.addcmul(float(2 ** (GELU_SHIFT - 1)) - c_int, t, t, value=-1.0)
+        w.mul_(float(2.0**-GELU_SHIFT)).floor_().clamp_(min=0.0)  # Y >= 0
+        w.copysign_(qd).neg_().add_(one)  # y + one = one - sgn(q) Y  (q = 0: q_out = 0 either way)
+        q_out = qd * w
         if ctx.needs_input_grad[0]:
-            # Y >= 0 for any usable (fine) scale, so sgn(q) Y = copysign(Y, q); gradients need no bit-exactness.
-            deriv = big_y.copysign_(qd).neg_().add_(one).addcmul_(qd, t, value=float(2.0 ** -(GELU_SHIFT - 1)))
+            deriv = w.addcmul_(qd, t, value=float(2.0 ** -(GELU_SHIFT - 1)))  # one - sgn(q) Y + q t / 2^13
             ctx.save_for_backward(deriv.to(torch.float32))
             ctx.q_dtype = q.dtype
         return q_out

@@ -218,12 +218,21 @@ def dyadic(ratio: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return m * torch.exp2(lift), e + lift
 
 
+_MAGIC = 6755399441055744.0  # 2^52 + 2^51
+
+
+def _f64_to_i64(z: torch.Tensor) -> torch.Tensor:
+    """Exact float64 -> int64 for integers ``|z| < 2^51`` (round to nearest), vectorised without ``cvttpd2qq``:
+    ``z + 1.5 * 2^52`` puts the integer in the low mantissa bits; reinterpret and subtract the constant's bits."""
+    return (z + _MAGIC).view(torch.int64).sub_(0x4338000000000000)
+
+
 def _requant_forward(z: torch.Tensor, m: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     """Exact ``floor((z*m + 2^(e-1)) / 2^e)``: float64 for float32 ``z`` (``|z*m| < 2^44``), int64 otherwise.
 
     Returns float64 (float32 input) or int64 (float64 input). Non-integer inputs (training-time dropout) are
     handled without a rounding pass: float32 ones are rounded by the dyadic rounding itself (``floor(z r + 1/2)``),
-    float64 ones (fine accumulator scales) are truncated to integers first.
+    float64 ones (fine accumulator scales) are rounded to integers first (``|z| < 2^51``).
     """
     if z.dtype in (torch.float32, torch.float16, torch.bfloat16):
         # |z| < 2^24 and |m| <= 2^20: every intermediate is an exact float64 integer (see spec for e >= 53).
@@ -231,7 +240,7 @@ def _requant_forward(z: torch.Tensor, m: torch.Tensor, e: torch.Tensor) -> torch
         out.add_(torch.exp2(e - 1.0)).mul_(torch.exp2(-e))
         return out.floor_()
     ei = e.to(torch.int64).clamp(max=63)
-    out = z.to(torch.int64).mul_(m.to(torch.int64))
+    out = _f64_to_i64(z).mul_(m.to(torch.int64))
     out.add_(torch.bitwise_left_shift(torch.ones_like(ei), ei - 1))
     return out.bitwise_right_shift_(ei)
 
