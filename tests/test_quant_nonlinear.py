@@ -266,3 +266,96 @@ def test_isqrt_used_by_layernorm_is_exact_on_real_variances():
     y = torch.round(torch.randn(200, 768, generator=g, dtype=torch.float64) * 3000)
     var = y.pow(2).sum(-1)
     assert [int(v) for v in isqrt(var).tolist()] == [math.isqrt(int(v)) for v in var.tolist()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fused backward passes == autograd through the straight-through composite (floor_ste / isqrt_ste)
+# ---------------------------------------------------------------------------------------------------------------
+def _composite_gelu(q, s):
+    from ibert_plugin.quant.primitives import floor_ste
+
+    sp = s.double() / GELU_K
+    b = torch.floor(GELU_B / sp)
+    c = torch.floor((GELU_C / GELU_A) / (sp * sp))
+    one = torch.floor(1.0 / (GELU_A * sp * sp * 16384.0))
+    t = torch.minimum(q.abs(), -b) + b
+    big_y = floor_ste((8192.0 - c - t * t) / 16384.0).clamp(min=0)
+    return q * (one - torch.sign(q) * big_y)
+
+
+def _composite_softmax(q, s, km):
+    from ibert_plugin.quant.primitives import floor_ste
+
+    s = s.double()
+    x0 = torch.floor(-EXP_LN2 / s)
+    b = torch.floor((EXP_B / EXP_A) / s)
+    c = torch.floor((EXP_C / EXP_A) / (s * s))
+    t = max(0, int(c.item()).bit_length() - 16)
+    rowmax = q.detach().masked_fill(km, float("-inf")).amax(-1, keepdim=True)
+    d = torch.maximum(q - rowmax, 30 * x0).masked_fill(km, 0.0)
+    z = floor_ste(d / x0)
+    r = d - x0 * z
+    e = floor_ste((r * (r + b) + c) * torch.exp2(-(z + t))).masked_fill(km, 0.0)
+    total = e.sum(-1, keepdim=True).clamp(min=1)
+    f = floor_ste(2.0**40 / total)
+    return floor_ste(e * f * 255 / 2.0**40 + 0.5)
+
+
+def _composite_layernorm(q, gamma, beta, shift):
+    from ibert_plugin.quant.primitives import attach_scale_grad, floor_ste, isqrt_ste
+
+    c = q.shape[-1]
+    y = q - floor_ste((2 * q.sum(-1, keepdim=True) + c) / (2 * c))
+    ys = floor_ste(y / 2.0**shift)
+    sd = isqrt_ste((ys * ys).sum(-1, keepdim=True)).clamp(min=1) * 2.0**shift
+    f = floor_ste(2.0**45 / sd)
+    y_n = floor_ste(y * f / 2.0**15)
+    s_n = math.sqrt(c) / 2.0**30
+    g = gamma.double()
+    b_int = floor_ste(beta.double() / g / s_n)
+    s_out = s_n * g
+    return attach_scale_grad(y_n + b_int, s_out) * s_out.detach()
+
+
+def test_fused_backwards_equal_straight_through_composites():
+    g = torch.Generator().manual_seed(8)
+    # i-GELU
+    s = torch.tensor([2e-4, 5e-4, 1e-4])
+    q = torch.round(torch.randn(40, 3, generator=g, dtype=torch.float64) * 2 / s.double())
+    w = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    qa, qb = q.clone().requires_grad_(), q.clone().requires_grad_()
+    out, _ = int_gelu(qa, s)
+    (out * w).sum().backward()
+    ref = _composite_gelu(qb, s)
+    assert torch.equal(out.detach(), ref.detach())
+    (ref * w).sum().backward()
+    torch.testing.assert_close(qa.grad, qb.grad, rtol=1e-6, atol=0)
+    # softmax
+    s = torch.tensor([5e-4])
+    q = torch.round(torch.randn(2, 2, 5, 9, generator=g) * 3 / 5e-4).double()
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[1, 6:] = True
+    km = mask[:, None, None, :]
+    w = torch.randn(2, 2, 5, 9, generator=g)
+    qa, qb = q.clone().requires_grad_(), q.clone().requires_grad_()
+    p, _ = int_softmax(qa, s, mask)
+    (p * w).sum().backward()
+    ref = _composite_softmax(qb, s, km)
+    assert torch.equal(p.double(), ref.detach())
+    (ref * w.double()).sum().backward()
+    # float32 backward: the softmax-gradient cancellation costs ~1e-4 of the largest entry (0.09 here)
+    torch.testing.assert_close(qa.grad, qb.grad, rtol=2e-3, atol=1e-5)
+    # LayerNorm
+    q = torch.round(torch.randn(6, 16, generator=g, dtype=torch.float64) * 5e4)
+    gamma = torch.rand(16, generator=g) + 0.5
+    beta = torch.randn(16, generator=g)
+    w = torch.randn(6, 16, generator=g, dtype=torch.float64)
+    qa, ga, ba = q.clone().requires_grad_(), gamma.clone().requires_grad_(), beta.clone().requires_grad_()
+    qb, gb, bb = q.clone().requires_grad_(), gamma.double().requires_grad_(), beta.double().requires_grad_()
+    out, s_out = int_layernorm(qa, torch.tensor([1.0]), ga, ba, torch.tensor([2.0]))
+    (out * s_out * w).sum().backward()
+    ref = _composite_layernorm(qb, gb, bb, 2)
+    (ref * w).sum().backward()
+    torch.testing.assert_close(qa.grad, qb.grad, rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(ga.grad.double(), gb.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ba.grad.double(), bb.grad, rtol=1e-5, atol=1e-6)

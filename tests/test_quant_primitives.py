@@ -138,7 +138,8 @@ def test_isqrt_equals_math_isqrt():
     assert got.dtype == torch.float64
     assert [int(v) for v in got.tolist()] == [math.isqrt(v) for v in vals]
     # int64 input up to 2^62
-    big = [2**62 - 1, 2**61 + 12345, (2**31 - 1) ** 2, (2**31 - 1) ** 2 - 1] + [rng.randrange(2**62) for _ in range(500)]
+    big = [2**62 - 1, 2**61 + 12345, (2**31 - 1) ** 2, (2**31 - 1) ** 2 - 1]
+    big += [rng.randrange(2**62) for _ in range(500)]
     assert isqrt(torch.tensor(big, dtype=torch.int64)).tolist() == [math.isqrt(v) for v in big]
 
 
@@ -190,3 +191,16 @@ def test_exact_int_matmul_batched_and_gradients_match_linear():
 
 def test_qmax():
     assert [qmax(b) for b in (2, 4, 8, 16, 22, 32)] == [1, 7, 127, 32767, 2**21 - 1, 2**31 - 1]
+
+
+def test_true_div_is_correctly_rounded_where_scalar_division_is_not():
+    from ibert_plugin.quant.primitives import true_div
+
+    g = torch.Generator().manual_seed(6)
+    s = torch.rand(20000, generator=g, dtype=torch.float64) * 1e-3 + 1e-6
+    got = true_div(-1.775, s)
+    assert got.tolist() == [-1.775 / v for v in s.tolist()]  # Python float division is IEEE
+    assert (-1.775 / s != got).any()  # torch's scalar / tensor is reciprocal * scalar (1 ulp off)
+    assert true_div(s, 1.4142).tolist() == [v / 1.4142 for v in s.tolist()]
+    m = torch.rand(1000, generator=g) * 10
+    assert torch.equal(symmetric_scale(-m, m, 8), true_div(m, 127.0))

@@ -359,9 +359,10 @@ void gelu_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& b_
         const i64 q = i64(a[j]) + Bi[j];
         const i64 aq = q < 0 ? -q : q;
         const i64 t = (aq < pNB[j] ? aq : pNB[j]) - pNB[j];
-        const i64 y0 = t * t + CI[j];
-        const i64 y = ((q > 0 ? y0 : (q < 0 ? -y0 : 0)) + 8192) >> 14;  // round half up
-        gb[j] = q * (y + ON[j]);
+        // integer erf y = -sgn(q) Y, Y = max(0, floor((2^13 - c_int - t^2) / 2^14)) (rounded half away from 0)
+        i64 Y = (i64(8192) - CI[j] - t * t) >> 14;
+        Y = Y > 0 ? Y : 0;
+        gb[j] = q * (ON[j] - (q > 0 ? Y : (q < 0 ? -Y : 0)));
       }
       if (G) std::copy(gb, gb + N, G + i * N);
       for (i64 j = 0; j < N; ++j) {

@@ -182,8 +182,8 @@ def forward_int(im, tokens: torch.Tensor):
         acc = h8 @ L.fc1.w_int.to(f64).t() + L.fc1.b_int.to(f64)
         qq = acc
         t = torch.minimum(qq.abs(), -L.gelu_b.to(f64)) + L.gelu_b.to(f64)
-        yy = torch.floor((torch.sign(qq) * (t * t + L.gelu_c.to(f64)) + 2.0 ** (GELU_SHIFT - 1)) / 2.0 ** GELU_SHIFT)
-        gq = qq * (yy + L.gelu_one.to(f64))
+        Y = torch.floor((2.0 ** (GELU_SHIFT - 1) - L.gelu_c.to(f64) - t * t) / 2.0 ** GELU_SHIFT).clamp(min=0)
+        gq = qq * (L.gelu_one.to(f64) - torch.sign(qq) * Y)
         acts[pre + "gelu"] = gq
         g8 = torch.clamp(_exact_requant(gq, L.g_m, L.g_e), -n8, n8)
         acts[pre + "fc2_act"] = g8

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "true_div",
+    "pow2",
     "DYADIC_BITS",
     "ISQRT_ITERS",
     "SCALE_EPS",
@@ -57,6 +59,32 @@ def qmax(bits: int) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # scales, quantize, STE helpers
 # ----------------------------------------------------------------------------------------------------------------
+def true_div(a, b) -> torch.Tensor:
+    """IEEE (correctly rounded) ``a / b`` on every device, for scale-derived constants that must be bit-exact.
+
+    PyTorch evaluates ``python_scalar / tensor`` as ``tensor.reciprocal() * scalar`` (two roundings: 1 ulp off for
+    about a quarter of float64 inputs), and CUDA divides by a Python scalar through its reciprocal; both could move a
+    ``floor`` across an integer. Here both operands are tensors of the same device and dtype.
+
+    Args:
+        a, b: tensors or Python numbers (at least one tensor).
+    """
+    if not isinstance(a, torch.Tensor):
+        a = torch.full_like(b, a)
+    if not isinstance(b, torch.Tensor):
+        b = torch.full_like(a, b)
+    return torch.div(a, b)
+
+
+def pow2(n: torch.Tensor) -> torch.Tensor:
+    """Exact float64 ``2^n`` for integer-valued ``n`` in ``[-1022, 1023]``, built from the exponent bits.
+
+    (``torch.exp2`` is exact for integers on CPU, but CUDA only documents a 1-ulp bound.)
+    """
+    bits = n.to(torch.int64).clamp(-1022, 1023).add_(1023).bitwise_left_shift_(52)
+    return bits.view(torch.float64)
+
+
 @torch.no_grad()
 def symmetric_scale(x_min: torch.Tensor, x_max: torch.Tensor, bits: int) -> torch.Tensor:
     """Symmetric scale ``max(|x_min|, |x_max|).clamp(min=1e-8) / n(bits)`` in float32 (no gradient).
@@ -70,7 +98,7 @@ def symmetric_scale(x_min: torch.Tensor, x_max: torch.Tensor, bits: int) -> torc
         float32 scale with the shape of ``x_min``.
     """
     m = torch.maximum(x_min.detach().abs(), x_max.detach().abs()).float().clamp(min=SCALE_EPS)
-    return m / qmax(bits)
+    return true_div(m, float(qmax(bits)))
 
 
 class _Quantize(torch.autograd.Function):
@@ -215,7 +243,7 @@ def dyadic(ratio: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     m = torch.sign(mant) * torch.floor(mant.abs() * float(2**DYADIC_BITS) + 0.5)
     e = DYADIC_BITS - ex.to(torch.float64)
     lift = (1.0 - e).clamp(min=0.0)
-    return m * torch.exp2(lift), e + lift
+    return m * pow2(lift), e + lift
 
 
 _MAGIC = 6755399441055744.0  # 2^52 + 2^51
@@ -236,12 +264,10 @@ def _requant_forward(z: torch.Tensor, m: torch.Tensor, e: torch.Tensor) -> torch
     """
     if z.dtype in (torch.float32, torch.float16, torch.bfloat16):
         # |z| < 2^24 and |m| <= 2^20: every intermediate is an exact float64 integer (see spec for e >= 53).
-        out = z.to(torch.float64, copy=True).mul_(m)
-        out.add_(torch.exp2(e - 1.0)).mul_(torch.exp2(-e))
-        return out.floor_()
+        out = torch.addcmul(pow2(e - 1.0), z, m)  # z m + 2^(e-1), float64, one pass
+        return out.mul_(pow2(-e)).floor_()
     ei = e.to(torch.int64).clamp(max=63)
-    out = _f64_to_i64(z).mul_(m.to(torch.int64))
-    out.add_(torch.bitwise_left_shift(torch.ones_like(ei), ei - 1))
+    out = torch.addcmul(torch.bitwise_left_shift(torch.ones_like(ei), ei - 1), _f64_to_i64(z), m.to(torch.int64))
     return out.bitwise_right_shift_(ei)
 
 
@@ -277,9 +303,10 @@ def requant(z: torch.Tensor, m: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
 
 
 def _scaled_grad(grad: torch.Tensor, ratio: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``grad * ratio`` produced directly in ``dtype`` (one pass, no extra cast by autograd)."""
+    """``grad * ratio`` produced directly in ``dtype`` (no extra cast by autograd)."""
+    # same-dtype ops only: mixed float32/float64 elementwise kernels are not vectorised on CPU (~10x slower)
     if dtype == torch.float64:
-        return torch.mul(grad, ratio.to(torch.float64))
+        return grad.to(torch.float64, copy=True).mul_(ratio.to(torch.float64))
     return torch.mul(grad, ratio.to(grad.dtype)).to(dtype)
 
 
@@ -397,12 +424,13 @@ class _ExactIntMatmul(torch.autograd.Function):
         k = a32.shape[-1]
         if k <= chunk:
             out = _mm(a32, b32)
-            return out if bias is None else torch.add(bias, out)  # float64 + float32 -> float64, one pass
-        acc = None if bias is None else bias.to(torch.float64)
+            # (mixed float32/float64 elementwise kernels are not vectorised on CPU: convert, then add in place)
+            return out if bias is None else out.to(torch.float64).add_(bias)
+        acc = None
         for k0 in range(0, k, chunk):  # loop over K-chunks (a handful), not over elements
-            part = _mm(a32[..., k0 : k0 + chunk], b32[..., k0 : k0 + chunk])
-            acc = part.to(torch.float64) if acc is None else (acc + part if acc.dim() < part.dim() else acc.add_(part))
-        return acc
+            part = _mm(a32[..., k0 : k0 + chunk], b32[..., k0 : k0 + chunk]).to(torch.float64)
+            acc = part if acc is None else acc.add_(part)
+        return acc if bias is None else acc.add_(bias)
 
     @staticmethod
     def backward(ctx, grad):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .primitives import SCALE_EPS, qmax, quantize
+from .primitives import SCALE_EPS, qmax, quantize, true_div
 
 __all__ = [
     "WeightQuantizer",
@@ -90,7 +90,9 @@ def _row_independent(q: nn.Module) -> bool:
 
 
 class SymWeightQuantizer(WeightQuantizer):
-    """Symmetric ``bits``-bit weights: ``S = max|W| / n(bits)`` per output row or per tensor, ``W_int = quantize(W, S)``.
+    """Symmetric ``bits``-bit weights: ``S = max|W| / n(bits)`` per output row or per tensor.
+
+    ``W_int = quantize(W, S)`` (I-BERT ``QuantLinear`` / ``QuantEmbedding``; TernaryBERT's 8-bit ``SymQuantizer``).
 
     Args:
         bits: signed bit-width, 2..8 (``n = 2^(bits-1) - 1``; 2 bits gives ternary ``{-1, 0, 1}`` max scaling).
@@ -114,18 +116,22 @@ class SymWeightQuantizer(WeightQuantizer):
 
     @classmethod
     def from_config(cls, cfg: Any, rowwise: bool = False) -> "SymWeightQuantizer":
-        return cls(int(getattr(cfg, "weight_bits", 8)), per_channel=bool(rowwise or getattr(cfg, "weight_per_channel", True)))
+        per_channel = bool(rowwise or getattr(cfg, "weight_per_channel", True))
+        return cls(int(getattr(cfg, "weight_bits", 8)), per_channel=per_channel)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, per_channel={self.per_channel}"
 
     def _scale(self, weight: torch.Tensor) -> torch.Tensor:
         w = weight.detach()
+        # max |w| = max(max w, -min w): two vectorised reductions, no |w| tensor (vector_norm(inf) and
+        # aminmax(dim) are ~20x slower on CPU)
         if self.per_channel:
-            m = w.abs().reshape(w.shape[0], -1).amax(dim=1)
+            rows = w.reshape(w.shape[0], -1)
+            m = torch.maximum(rows.amax(dim=1), rows.amin(dim=1).neg_())
         else:
-            m = w.abs().amax().reshape(1)
-        return m.float().clamp(min=SCALE_EPS) / qmax(self.bits)
+            m = torch.maximum(w.amax(), w.amin().neg_()).reshape(1)
+        return true_div(m.float().clamp(min=SCALE_EPS), float(qmax(self.bits)))
 
     def forward(self, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Quantize ``weight`` ``(rows, cols)``; returns ``(w_int, scale (rows,))``."""
