@@ -46,18 +46,42 @@ def _run(cmd: List[str], what: str) -> None:
         raise DemoError(f"{what} failed with exit code {proc.returncode}")
 
 
-def _stage(run_argv: List[str], what: str) -> "object":
-    """Run one ``run.py`` stage in-process (it spawns fairseq-train) and return its RunResult."""
+class _Done:
+    """A stage result remembered from an earlier demo run (same run.py arguments, outputs still on disk)."""
+
+    def __init__(self, record: Dict):
+        self.__dict__.update(record)
+
+    def summary(self) -> str:
+        return f"reusing {self.checkpoint} (best dev {self.metric} = {self.best})"
+
+
+def _stage(run_argv: List[str], what: str, state_file: Path, fresh: bool) -> "object":
+    """Run one ``run.py`` stage (it spawns fairseq-train) and return its result.
+
+    A stage that already finished with the same arguments is reused instead of retrained (``--fresh`` retrains).
+    """
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    key = " ".join(run_argv)
+    done = state.get(key)
+    if done and not fresh and all(Path(p).exists() for p in (done["checkpoint"], done.get("packed_model") or "/")):
+        result = _Done(done)
+        _log(f"{what}: {result.summary()}")
+        return result
     sys.path.insert(0, str(REPO))
     import run as run_py
 
-    _log(f"{what}: python run.py {' '.join(run_argv)}")
+    _log(f"{what}: python run.py {key}")
     t0 = time.time()
     result = run_py.main(run_argv)
-    if result.returncode != 0:
+    if result.returncode != 0 or not result.checkpoint:
         raise DemoError(f"{what} failed (exit {result.returncode}); see {result.log_path}")
     result.stage_seconds = time.time() - t0
     _log(result.summary())
+    state[key] = dict(checkpoint=result.checkpoint, packed_model=result.packed_model, best=result.best,
+                      metric=result.metric, stage_seconds=result.stage_seconds, log_path=result.log_path)
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    state_file.write_text(json.dumps(state, indent=2))
     return result
 
 
@@ -99,6 +123,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--qat-updates", type=int, default=50, help="I-BERT QAT updates")
     p.add_argument("--ternary-updates", type=int, default=120, help="TernaryBERT distillation updates")
     p.add_argument("--skip-ternary", action="store_true", help="stop after the INT8 stage")
+    p.add_argument("--ternary-methods", default="twn", help="comma-separated TernaryBERT weight quantizers: twn,lat")
+    p.add_argument("--integer-ternary", action="store_true",
+                   help="also train the integer-only ternary model (TWN weights, I-BERT integer activations)")
     p.add_argument("--skip-engine", action="store_true", help="do not run the integer inference engine")
     p.add_argument("--fresh", action="store_true", help="retrain every stage")
     p.add_argument("--json", default=None, help="also write the results table as JSON to this file")
@@ -117,26 +144,37 @@ def main(argv: Optional[List[str]] = None) -> int:
               "wordpiece", "--bpe-dir", str(data / "minilm"), "--out", str(data / "glue-bin")], "preprocess")
 
     common = ["--arch", "minilm", "--task", TASK, *env_data, *out, *fresh]
-    fp = _stage([*common, "--quant-mode", "none", "--restore-file", str(data / "minilm" / "model.pt"),
+    state_file = Path(a.output_dir).resolve() / "demo_state.json"
+
+    def stage(argv, what):
+        return _stage(argv, what, state_file, a.fresh)
+
+    fp = stage([*common, "--quant-mode", "none", "--restore-file", str(data / "minilm" / "model.pt"),
                  "--lr", "1e-4", *_schedule(a.fp_updates, warmup=0.1)], "FP fine-tuning")
     fp_ckpt = Path(fp.checkpoint)
     fp_file = _fp_weights_file(fp_ckpt, fp_ckpt.parent / "model_fp32.pt")
     rows.append(dict(task=TASK, precision="FP32", dev_acc=fp.best, size_mb=_size_mb(fp_file),
                      wall_s=fp.stage_seconds, path=str(fp_file)))
 
-    qat = _stage([*common, "--quant-mode", "symmetric", "--restore-file", str(fp_ckpt), "--lr", "1e-5",
+    qat = stage([*common, "--quant-mode", "symmetric", "--restore-file", str(fp_ckpt), "--lr", "1e-5",
                   *_schedule(a.qat_updates, warmup=0.0)], "I-BERT INT8 QAT")
     int8_file = _export(Path(qat.checkpoint), Path(qat.checkpoint).parent / "model_packed.pt")
     rows.append(dict(task=TASK, precision="INT8 (I-BERT, integer-only)", dev_acc=qat.best,
                      size_mb=_size_mb(int8_file), wall_s=qat.stage_seconds, path=str(int8_file)))
 
     if not a.skip_ternary:
-        tern = _stage([*common, "--quant-mode", "ternarybert", "--weight-bits", "2", "--restore-file", str(fp_ckpt),
-                       "--pred-distill", "--intermediate-distill", "--save-fp-model", "--save-quantized-model",
-                       "--lr", "1e-4", *_schedule(a.ternary_updates, warmup=0.1)], "TernaryBERT W2A8")
-        rows.append(dict(task=TASK, precision="W2A8 (TernaryBERT, TWN)", dev_acc=tern.best,
-                         size_mb=_size_mb(Path(tern.packed_model)), wall_s=tern.stage_seconds,
-                         path=tern.packed_model))
+        variants = [(m, False) for m in a.ternary_methods.split(",") if m] + ([("twn", True)] if a.integer_ternary else [])
+        for method, integer in variants:
+            if method not in ("twn", "lat"):
+                raise DemoError(f"unknown ternary method {method!r} (choose twn, lat)")
+            tern = stage([*common, "--quant-mode", "ternarybert", "--weight-bits", "2", "--weight-quant-method",
+                           method, *(["--integer-only"] if integer else []), "--restore-file", str(fp_ckpt),
+                           "--pred-distill", "--intermediate-distill", "--save-fp-model", "--save-quantized-model",
+                           "--lr", "1e-4", *_schedule(a.ternary_updates, warmup=0.1)],
+                          f"TernaryBERT W2A8 {method.upper()}{' integer-only' if integer else ''}")
+            label = f"W2A8 integer-only ({method.upper()})" if integer else f"W2A8 (TernaryBERT, {method.upper()})"
+            rows.append(dict(task=TASK, precision=label, dev_acc=tern.best, size_mb=_size_mb(Path(tern.packed_model)),
+                             wall_s=tern.stage_seconds, path=tern.packed_model))
 
     if not a.skip_engine:
         t0 = time.time()
