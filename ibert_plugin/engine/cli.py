@@ -25,6 +25,9 @@ def _parser():
     ev.add_argument("--route", choices=["auto", "u8u8"], default="auto")
     ev.add_argument("--head", default="sentence_classification_head")
     ev.add_argument("--compare-qat", action="store_true", help="also evaluate the QAT model (same accuracy)")
+    ev.add_argument("--compare-fp32", action="store_true",
+                    help="also time the FP32 PyTorch forward of the same weights (quant_mode none) for a speedup")
+    ev.add_argument("--json", default=None, help="also write the result object to this file")
     sub.add_parser("selftest", help="GEMM route self-test on this CPU")
     return ap
 
@@ -67,8 +70,9 @@ def _eval(args):
     ds = task.dataset(args.split)
     batches = [ds.collater([ds[i] for i in range(s, min(s + args.batch_size, len(ds)))])
                for s in range(0, len(ds), args.batch_size)]
-    correct = correct_qat = n = 0
-    t_int = t_qat = 0.0
+    fp_model = _fp32_twin(model) if args.compare_fp32 else None
+    correct = correct_qat = correct_fp = n = 0
+    t_int = t_qat = t_fp = 0.0
     with torch.no_grad():
         for b in batches:
             toks = b["net_input"]["src_tokens"]
@@ -83,17 +87,52 @@ def _eval(args):
                 lq, _ = model(toks, features_only=True, classification_head_name=args.head)
                 t_qat += time.perf_counter() - t0
                 correct_qat += int((lq.argmax(-1) == tgt).sum())
+            if fp_model is not None:
+                t0 = time.perf_counter()
+                lf, _ = fp_model(toks, features_only=True, classification_head_name=args.head)
+                t_fp += time.perf_counter() - t0
+                correct_fp += int((lf.argmax(-1) == tgt).sum())
     res = {"split": args.split, "sentences": n, "accuracy": correct / max(n, 1),
            "sentences_per_s": n / max(t_int, 1e-9), "routes": sorted(set(eng.routes[0].values())),
            "selftest": eng.selftest.summary()}
     if args.compare_qat:
         res.update(qat_accuracy=correct_qat / max(n, 1), qat_sentences_per_s=n / max(t_qat, 1e-9))
+    if fp_model is not None:
+        res.update(fp32_accuracy=correct_fp / max(n, 1), fp32_sentences_per_s=n / max(t_fp, 1e-9),
+                   speedup=t_fp / max(t_int, 1e-9))
     print(f"integer engine: accuracy {res['accuracy']:.4f} on {n} sentences ({args.split}), "
           f"{res['sentences_per_s']:.1f} sentences/s")
     if args.compare_qat:
         print(f"QAT model:      accuracy {res['qat_accuracy']:.4f}, {res['qat_sentences_per_s']:.1f} sentences/s")
+    if fp_model is not None:
+        print(f"FP32 forward:   accuracy {res['fp32_accuracy']:.4f} (same weights, float arithmetic), "
+              f"{res['fp32_sentences_per_s']:.1f} sentences/s -> engine speedup {res['speedup']:.2f}x")
     print(json.dumps(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
     return 0
+
+
+def _fp32_twin(model):
+    """The same weights in full precision (``quant_mode none``): the FP32 PyTorch baseline for timing."""
+    import copy
+
+    from omegaconf import OmegaConf, open_dict
+
+    from ibert_plugin.quant.packing import build_model_for_state
+
+    cfg = copy.deepcopy(model.cfg if hasattr(model, "cfg") else model.args)
+    if OmegaConf.is_config(cfg):
+        with open_dict(cfg):
+            cfg.quant_mode = "none"
+    else:
+        cfg.quant_mode = "none"
+    state = model.state_dict()
+    fp = build_model_for_state(cfg, {k: list(v.shape) for k, v in state.items()})
+    fp_state = fp.state_dict()
+    fp.load_state_dict({k: state[k] for k in fp_state}, strict=True)
+    return fp.eval()
 
 
 def main(argv=None) -> int:
