@@ -118,6 +118,7 @@ def main(argv=None):
                                      mode=case, seed=3, calib_tokens=calib)
         im = convert.compile_qstate(st)
         fp = FloatEncoder(st)
+        gemm.malloc_trim()
         r0 = rss_bytes()
         eng = engine.IntegerEngine(im, threads=args.threads)
         eng_rss = rss_bytes() - r0

@@ -178,16 +178,15 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if not a.skip_engine:
         t0 = time.time()
-        report = REPO / a.output_dir / "engine_eval.json" if not Path(a.output_dir).is_absolute() \
-            else Path(a.output_dir) / "engine_eval.json"
+        report = Path(a.output_dir).resolve() / "engine_eval.json"
         _run([sys.executable, "-m", "ibert_plugin.engine", "eval", "--checkpoint", str(qat.checkpoint),
               "--data-bin", str(data / "glue-bin" / f"{TASK}-bin"), "--split", "valid", "--compare-fp32",
               "--json", str(report)], "integer engine")
         res = json.loads(report.read_text())
-        rows.append(dict(task=TASK, precision="INT8 integer engine (int32 GEMMs)", dev_acc=res["accuracy"],
+        rows.append(dict(task=TASK, precision="INT8 integer engine (int32 GEMMs)", dev_acc=100 * res["accuracy"],
                          size_mb=None, wall_s=time.time() - t0, path=None,
-                         note=f"{res.get('speedup', float('nan')):.2f}x vs FP32, "
-                              f"{res.get('sentences_per_s', float('nan')):.0f} sent/s"))
+                         note=f"{res['speedup']:.2f}x vs FP32 forward ({res['sentences_per_s']:.0f} vs "
+                              f"{res['fp32_sentences_per_s']:.0f} sent/s)"))
 
     _print_table(rows, time.time() - t_start)
     if a.json:
