@@ -68,7 +68,8 @@ def _stage(run_argv: List[str], what: str, state_file: Path, fresh: bool) -> "ob
         result = _Done(done)
         _log(f"{what}: {result.summary()}")
         return result
-    sys.path.insert(0, str(REPO))
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
     import run as run_py
 
     _log(f"{what}: python run.py {key}")
@@ -95,10 +96,10 @@ def _size_mb(path: Path) -> float:
     return path.stat().st_size / 1e6
 
 
-def _export(checkpoint: Path, output: Path, extra: List[str] = ()) -> Path:
+def _export(checkpoint: Path, output: Path) -> Path:
     if not output.exists() or output.stat().st_mtime < checkpoint.stat().st_mtime:
-        _run([sys.executable, "-m", "ibert_plugin.export", "--checkpoint", str(checkpoint), "--output", str(output),
-              *extra], f"export {output.name}")
+        _run([sys.executable, "-m", "ibert_plugin.export", "--checkpoint", str(checkpoint), "--output", str(output)],
+             f"export {output.name}")
     return output
 
 
@@ -130,6 +131,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--fresh", action="store_true", help="retrain every stage")
     p.add_argument("--json", default=None, help="also write the results table as JSON to this file")
     a = p.parse_args(argv)
+    methods = [m for m in a.ternary_methods.split(",") if m]
+    for method in methods:  # checked before any training, not after the FP and QAT stages
+        if method not in ("twn", "lat"):
+            raise DemoError(f"unknown ternary method {method!r} (choose twn, lat)")
+    for name in ("fp_updates", "qat_updates", "ternary_updates"):
+        if getattr(a, name) < 1:
+            raise DemoError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
     t_start = time.time()
     data = _data_dir(a.data_dir)
     env_data = ["--data-dir", str(data / "glue-bin")]
@@ -163,10 +171,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                      size_mb=_size_mb(int8_file), wall_s=qat.stage_seconds, path=str(int8_file)))
 
     if not a.skip_ternary:
-        variants = [(m, False) for m in a.ternary_methods.split(",") if m] + ([("twn", True)] if a.integer_ternary else [])
+        variants = [(m, False) for m in methods] + ([("twn", True)] if a.integer_ternary else [])
         for method, integer in variants:
-            if method not in ("twn", "lat"):
-                raise DemoError(f"unknown ternary method {method!r} (choose twn, lat)")
             tern = stage([*common, "--quant-mode", "ternarybert", "--weight-bits", "2", "--weight-quant-method",
                            method, *(["--integer-only"] if integer else []), "--restore-file", str(fp_ckpt),
                            "--pred-distill", "--intermediate-distill", "--save-fp-model", "--save-quantized-model",
