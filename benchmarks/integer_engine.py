@@ -1,13 +1,14 @@
 """Integer engine vs FP32 PyTorch on a roberta_base-shaped encoder (12 x 768, FFN 3072, 12 heads), sequence 128.
 
-Cases: 7-bit I-BERT weights (fast u8s8 route), ternary weights (fast route), full 8-bit weights (exact u8u8 route).
+Cases: 7-bit I-BERT weights (fbgemm acc32 route), ternary weights (fbgemm acc16 route), full 8-bit weights (exact
+ORT u8u8 route); ``--route ort`` forces the ONNX Runtime routes for comparison.
 Same weights for both paths (the FP32 model uses the dequantized integer weights), eval, ``torch.no_grad``,
 ``torch.set_num_threads(threads)``; FP32 and INT runs are interleaved and medians reported. ``bit_exact``: the engine's
-integer activations (every module output of every layer) equal the QAT model's eval-mode integers on that input; the
-QAT model is ``ibert_plugin.models.ibert_roberta`` when it is importable and provides the symmetric dataflow, else the
-float64 spec reference (``engine.reference.forward_int``). Prints a human table, then ONE JSON object as last line.
+integer activations (every module output of every layer) equal the float64 spec reference
+(``engine.reference.forward_int``) on that input; tests/test_engine_bitexact.py checks the engine against the QAT
+model itself. Prints a human table, then ONE JSON object as last line.
 
-    python benchmarks/integer_engine.py [--threads 2] [--reps 9] [--layers 12] [--batches 1 8] [--quick]
+    python benchmarks/integer_engine.py [--threads 2] [--reps 7] [--layers 12] [--batches 1 8] [--cases 7bit ternary 8bit]
 """
 from __future__ import annotations
 
@@ -106,6 +107,7 @@ def main(argv=None):
     ap.add_argument("--vocab", type=int, default=50265)
     ap.add_argument("--profile", action="store_true", help="print a per-op breakdown of the engine")
     ap.add_argument("--skip-exact", action="store_true", help="skip the bit-exactness check")
+    ap.add_argument("--route", choices=engine.IntegerEngine.ROUTE_CHOICES, default="auto", help="engine GEMM routes")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -120,11 +122,11 @@ def main(argv=None):
         fp = FloatEncoder(st)
         gemm.malloc_trim()
         r0 = rss_bytes()
-        eng = engine.IntegerEngine(im, threads=args.threads)
+        eng = engine.IntegerEngine(im, threads=args.threads, route=args.route)
         eng_rss = rss_bytes() - r0
         route = eng.routes[0]["fc1"]
         mem_fp32 = fp32_weight_bytes(fp)
-        mem_int = eng.weight_bytes()
+        mem_int = eng.weight_bytes(include_head=False)  # like-for-like: the FP32 encoder has no head either
         for B in args.batches:
             toks = synthetic.random_tokens(B, args.seq, args.vocab, seed=100 + B, pad=False)
             exact = None if args.skip_exact else check_bit_exact(eng, im, toks[: min(B, 8)])

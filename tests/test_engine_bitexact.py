@@ -58,13 +58,25 @@ def test_tiny_all_layers_bit_exact(wb):
     d = mh.make_dictionary()
     model = _calibrated(d, mh.TINY_DIMS, wb)
     eng = convert.from_model(model, threads=2)
-    expect = "u8u8" if wb == "8" else ("u8s8" if eng.selftest.fast_ok else "u8u8")
+    fast = eng.selftest.fast_routes
+    expect = "u8u8" if wb == "8" or not fast else (fast[0] if wb == "2" else [r for r in fast if r != "fbgemm16"][0])
     assert eng.routes[0]["fc1"] == expect
     tokens = mh.random_batch(d, bsz=3, tgt_len=14, seed=9)
     outs, bad, logits = _compare(eng, model, tokens)
     assert len(outs) == 2 + 13 * 2 and not bad, bad
     # the float head on the integer features gives the QAT model's logits
     torch.testing.assert_close(eng.classify(tokens), logits.float(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("route,wb", [("ort", "7"), ("ort", "2"), ("u8u8", "2")])
+def test_other_routes_bit_exact(route, wb):
+    """The ORT-only and exact-16-bit fallbacks give the same integers as the QAT model."""
+    d = mh.make_dictionary()
+    model = _calibrated(d, mh.TINY_DIMS, wb)
+    eng = convert.from_model(model, threads=2, route=route)
+    assert set(eng.routes[0].values()) == ({"u8s8"} if route == "ort" and eng.selftest.ok["u8s8"] else {"u8u8"})
+    _, bad, _ = _compare(eng, model, mh.random_batch(d, bsz=2, tgt_len=11, seed=3))
+    assert not bad, bad
 
 
 def test_roberta_base_shape_one_layer_bit_exact():

@@ -1,8 +1,10 @@
-"""GEMM routes (ORT MatMulInteger) and the start-up self-test."""
+"""GEMM routes (fbgemm extension, ORT MatMulInteger) and the start-up self-test."""
 import pytest
 import torch
 
-from ibert_plugin.engine import gemm, selftest
+from ibert_plugin.engine import gemm, kernels, selftest
+
+needs_fbgemm = pytest.mark.skipif(kernels.load_fbgemm() is None, reason="fbgemm extension unavailable")
 
 
 def _ref(x, w):
@@ -12,29 +14,72 @@ def _ref(x, w):
 def test_selftest_exact_routes_pass():
     r = selftest.run(threads=1)
     assert r.ok["u8u8"] and r.ok["attn_qk"] and r.ok["attn_pv"], r.summary()
-    # AVX2 (with or without VNNI) is exact on the fast route for |w| <= 64
-    assert "u8s8" in r.ok
+    # AVX2 (with or without VNNI) is exact on the fast routes for |w| <= 64
+    assert r.ok["u8s8"] and r.fast_ok, r.summary()
+    if kernels.load_fbgemm() is not None:
+        assert r.ok["fbgemm"], r.summary()
+        assert r.fast_routes[0] in ("fbgemm16", "fbgemm")
 
 
-@pytest.mark.parametrize("route,lo,hi", [("u8u8", -128, 127), ("u8s8", -63, 63), ("u8s8", -1, 1)])
+ROUTE_CASES = [("u8u8", -128, 127), ("u8s8", -63, 63), ("u8s8", -1, 1),
+               pytest.param("fbgemm", -64, 64, marks=needs_fbgemm), pytest.param("fbgemm", -1, 1, marks=needs_fbgemm)]
+
+
+def _exact(lin, x, out=None):
+    """The engine's view of a route: raw accumulators plus the zero-point correction folded into the bias."""
+    y = lin(gemm.s8_to_u8(x), out=out)
+    return y, y.to(torch.int64) + lin.zp_correction
+
+
+@pytest.mark.parametrize("route,lo,hi", ROUTE_CASES)
 def test_linear_routes_exact_random_and_adversarial(route, lo, hi):
     g = torch.Generator().manual_seed(0)
     K, N = 3072, 40
     w = torch.randint(lo, hi + 1, (N, K), generator=g)
     x = torch.randint(-128, 128, (9, K), generator=g)
-    lin = gemm.LinearGemm(w, route, threads=1)
-    assert torch.equal(lin(gemm.s8_to_u8(x)).to(torch.int64), _ref(x, w))
-    x = torch.full((3, K), 127)
-    w = torch.full((N, K), hi)
-    lin = gemm.LinearGemm(w, route, threads=2)
-    out = torch.empty(3, N, dtype=torch.int32)
-    assert lin(gemm.s8_to_u8(x), out=out) is out
-    assert torch.equal(out.to(torch.int64), _ref(x, w))
+    lin = gemm.make_linear(w, route, threads=1)
+    assert torch.equal(_exact(lin, x)[1], _ref(x, w))
+    for xv, wv in ((127, hi), (127, lo), (-128, lo)):
+        x = torch.full((3, K), xv)
+        w = torch.full((N, K), wv)
+        lin = gemm.make_linear(w, route, threads=2)
+        out = torch.empty(3, N, dtype=torch.int32)
+        y, y_exact = _exact(lin, x, out=out)
+        assert y is out
+        assert torch.equal(y_exact, _ref(x, w))
+
+
+@needs_fbgemm
+def test_fbgemm_acc16_ternary_exact_and_large_m():
+    """int16 accumulation over K blocks of 128: exact for ternary weights at the u8 extremes and at batch-8 M."""
+    g = torch.Generator().manual_seed(5)
+    for M, K, N in ((1024, 768, 96), (5, 3072, 33)):
+        w = torch.randint(-1, 2, (N, K), generator=g)
+        x = torch.randint(-128, 128, (M, K), generator=g)
+        lin = gemm.make_linear(w, "fbgemm16")
+        assert torch.equal(_exact(lin, x)[1], _ref(x, w))
+        for xv, wv in ((127, 1), (127, -1), (-128, 1)):
+            lin = gemm.make_linear(torch.full((N, K), wv), "fbgemm16")
+            assert torch.equal(_exact(lin, torch.full((M, K), xv))[1], _ref(torch.full((M, K), xv), torch.full((N, K), wv)))
+    # the packed panel is one byte per weight when K and N are multiples of the blocking (roberta shapes)
+    for route, N, K in (("fbgemm16", 768, 768), ("fbgemm", 2304, 768), ("fbgemm", 768, 3072)):
+        assert gemm.make_linear(torch.ones(N, K, dtype=torch.int64), route).weight_bytes == N * K
+
+
+@needs_fbgemm
+def test_fbgemm_guards():
+    with pytest.raises(ValueError, match="not allowed"):
+        gemm.make_linear(torch.tensor([[65, 0]]), "fbgemm")
+    with pytest.raises(ValueError, match="not allowed"):
+        gemm.make_linear(torch.tensor([[2, 0]]), "fbgemm16")
 
 
 def test_route_choice_and_guard():
-    assert gemm.route_for(torch.tensor([[63, -63]])) == "u8s8"
-    assert gemm.route_for(torch.tensor([[1, -1, 0]])) == "u8s8"
+    assert gemm.route_for(torch.tensor([[63, -63]])) == "fbgemm"
+    assert gemm.route_for(torch.tensor([[1, -1, 0]])) == "fbgemm16"
+    assert gemm.route_for(torch.tensor([[1, -1, 0]]), allowed=("fbgemm", "u8s8")) == "fbgemm"
+    assert gemm.route_for(torch.tensor([[63, -63]]), allowed=("u8s8",)) == "u8s8"
+    assert gemm.route_for(torch.tensor([[63, -63]]), allowed=()) == "u8u8"
     assert gemm.route_for(torch.tensor([[127, -3]])) == "u8u8"
     assert gemm.route_for(torch.tensor([[3, -3]]), allow_fast=False) == "u8u8"
     with pytest.raises(ValueError):

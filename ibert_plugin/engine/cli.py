@@ -22,7 +22,9 @@ def _parser():
     ev.add_argument("--split", default="valid")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--threads", type=int, default=None)
-    ev.add_argument("--route", choices=["auto", "u8u8"], default="auto")
+    ev.add_argument("--route", choices=["auto", "ort", "u8u8"], default="auto",
+                    help="GEMM routes: auto = fastest exact per weight (fbgemm16 ternary, fbgemm 7-bit, u8u8 8-bit); "
+                         "ort = ONNX Runtime only (u8s8 / u8u8); u8u8 = the exact 16-bit route everywhere")
     ev.add_argument("--head", default="sentence_classification_head")
     ev.add_argument("--compare-qat", action="store_true", help="also evaluate the QAT model (same accuracy)")
     ev.add_argument("--compare-fp32", action="store_true",

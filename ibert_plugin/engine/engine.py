@@ -28,16 +28,18 @@ def make_positions(tokens: torch.Tensor, padding_idx: int) -> torch.Tensor:
 
 
 class _Layer:
-    def __init__(self, L, fast_ok: bool, threads: int):
-        allow = fast_ok
+    """One layer's GEMMs and its biases with the GEMM route's zero-point correction folded in (int64 [N])."""
+
+    def __init__(self, L, allowed: tuple, threads: int):
         self.L = L
         self.routes = {}
-        self.qkv = gemm.LinearGemm(L.qkv.w_int, gemm.route_for(L.qkv.w_int, allow), threads)
-        self.o = gemm.LinearGemm(L.o.w_int, gemm.route_for(L.o.w_int, allow), threads)
-        self.fc1 = gemm.LinearGemm(L.fc1.w_int, gemm.route_for(L.fc1.w_int, allow), threads)
-        self.fc2 = gemm.LinearGemm(L.fc2.w_int, gemm.route_for(L.fc2.w_int, allow), threads)
+        self.bias = {}
         for k in ("qkv", "o", "fc1", "fc2"):
-            self.routes[k] = getattr(self, k).route
+            lin = getattr(L, k)
+            g = gemm.make_linear(lin.w_int, gemm.route_for(lin.w_int, bool(allowed), allowed), threads)
+            setattr(self, k, g)
+            self.routes[k] = g.route
+            self.bias[k] = (lin.b_int.to(I64) + g.zp_correction).contiguous()
 
 
 class IntegerEngine:
@@ -46,12 +48,16 @@ class IntegerEngine:
     Args:
         im: compiled integer model (:func:`convert.compile_qstate`).
         threads: ORT intra-op threads and torch/OpenMP threads for the fused kernels.
-        route: ``"auto"`` (fast u8s8 where the weights allow and the CPU passed the self-test), or ``"u8u8"``.
+        route: ``"auto"`` (the fastest exact route per weight among those that passed the self-test: fbgemm16 for
+            ternary, fbgemm for 7-bit, u8u8 for full 8-bit), ``"ort"`` (ONNX Runtime only: u8s8 / u8u8), or
+            ``"u8u8"`` (the exact 16-bit route for every weight).
     """
 
+    ROUTE_CHOICES = ("auto", "ort", "u8u8")
+
     def __init__(self, im: IntModel, threads: Optional[int] = None, route: str = "auto"):
-        if route not in ("auto", "u8u8"):
-            raise EngineError(f"unknown route {route!r}")
+        if route not in self.ROUTE_CHOICES:
+            raise EngineError(f"unknown route {route!r} (choose {', '.join(self.ROUTE_CHOICES)})")
         self.im = im
         self.threads = int(threads or gemm.default_threads())
         torch.set_num_threads(self.threads)
@@ -59,8 +65,9 @@ class IntegerEngine:
         self.selftest = selftest.run(threads=self.threads)
         if not self.selftest.exact_ok:
             raise EngineError("integer GEMM self-test failed on this CPU: " + self.selftest.summary())
-        fast_ok = route == "auto" and self.selftest.fast_ok
-        self.layers = [_Layer(L, fast_ok, self.threads) for L in im.layers]
+        allowed = self.selftest.fast_routes if route == "auto" else (
+            ("u8s8",) if route == "ort" and self.selftest.ok.get("u8s8") else ())
+        self.layers = [_Layer(L, allowed, self.threads) for L in im.layers]
         self.qk = gemm.BatchedGemm(128, self.threads)
         self.pv = gemm.BatchedGemm(0, self.threads)
         gemm.malloc_trim()
@@ -74,21 +81,23 @@ class IntegerEngine:
     def routes(self) -> List[Dict[str, str]]:
         return [lay.routes for lay in self.layers]
 
-    def weight_bytes(self) -> int:
-        """Resident weight bytes of the engine: GEMM weights (1 byte each, as ORT holds them), int8 embeddings,
-        integer biases / per-channel constants, i-exp LUTs and the float head."""
+    def weight_bytes(self, include_head: bool = True) -> int:
+        """Resident weight bytes of the engine: GEMM weights (fbgemm's packed panels, or 1 byte per weight on the
+        ORT routes, which also keep a repacked copy not counted here), int8 embeddings, integer biases / per-channel
+        constants, i-exp LUTs and the float head."""
         def nb(t):
             return t.numel() * t.element_size()
 
         im = self.im
         n = nb(im.tok_w) + nb(im.pos_w) + nb(im.emb_ln.b_int)
-        for L in im.layers:
-            for lin in (L.qkv, L.o, L.fc1, L.fc2):
-                n += lin.w_int.numel() + nb(lin.b_int)
+        for lay in self.layers:
+            L = lay.L
+            for k in ("qkv", "o", "fc1", "fc2"):
+                n += getattr(lay, k).weight_bytes + nb(lay.bias[k])
             n += nb(L.lut) + sum(nb(t) for t in (L.in_m, L.in_e, L.qkv_m, L.qkv_e, L.ar_m, L.ar_e, L.h_m, L.h_e,
                                                  L.gelu_b, L.gelu_c, L.gelu_one, L.g_m, L.g_e, L.fr_m, L.fr_e,
                                                  L.attn_ln.b_int, L.ffn_ln.b_int))
-        if im.head:
+        if im.head and include_head:
             n += sum(nb(t) for t in im.head.values())
         return n
 
@@ -177,7 +186,7 @@ class IntegerEngine:
                 acts[pre + "input_act"] = x.view(B, T, D).to(I64) - 128
             lay.qkv(x, buf["acc_qkv"])
             t0 = self._t("gemm_qkv", t0)
-            K.requant_qkv(buf["acc_qkv"], L.qkv.b_int, L.qkv_m, L.qkv_e, qmax8, B, T, H, buf["q"], buf["kT"], buf["v"])
+            K.requant_qkv(buf["acc_qkv"], lay.bias["qkv"], L.qkv_m, L.qkv_e, qmax8, B, T, H, buf["q"], buf["kT"], buf["v"])
             t0 = self._t("requant", t0)
             self.qk(buf["q"], buf["kT"], buf["scores"])
             t0 = self._t("attn_bmm", t0)
@@ -197,7 +206,7 @@ class IntegerEngine:
             t0 = self._t("gemm_out", t0)
             q22 = torch.empty(M, D, dtype=I64) if collect else e
             qa = torch.empty(M, D, dtype=I64) if collect else e
-            K.resid_ln(buf["acc_d"], L.o.b_int, L.ar_m, L.ar_e, x, L.ar_id_m, L.ar_id_e, qmax22, L.attn_ln.shift,
+            K.resid_ln(buf["acc_d"], lay.bias["o"], L.ar_m, L.ar_e, x, L.ar_id_m, L.ar_id_e, qmax22, L.attn_ln.shift,
                        L.attn_ln.b_int, L.h_m, L.h_e, qmax8, h, qa, q22)
             t0 = self._t("resid_ln", t0)
             if collect:
@@ -208,7 +217,7 @@ class IntegerEngine:
             t0 = self._t("gemm_fc1", t0)
             F = L.fc1.w_int.shape[0]
             gq = torch.empty(M, F, dtype=I64) if collect else e
-            K.gelu_u8(buf["acc_f"], L.fc1.b_int, L.gelu_b, L.gelu_c, L.gelu_one, L.g_m, L.g_e, qmax8, g, gq)
+            K.gelu_u8(buf["acc_f"], lay.bias["fc1"], L.gelu_b, L.gelu_c, L.gelu_one, L.g_m, L.g_e, qmax8, g, gq)
             t0 = self._t("gelu", t0)
             if collect:
                 acts[pre + "gelu"] = gq.view(B, T, F)
@@ -223,7 +232,7 @@ class IntegerEngine:
                 nm, ne, xo, oq = Ln.in_m, Ln.in_e, x, (torch.empty(M, D, dtype=I64) if collect else e)
             q22 = torch.empty(M, D, dtype=I64) if collect else e
             # the next layer's input overwrites x only after this kernel has read it? no: the residual is h, x is free
-            K.resid_ln(buf["acc_d"], L.fc2.b_int, L.fr_m, L.fr_e, h, L.fr_id_m, L.fr_id_e, qmax22, L.ffn_ln.shift,
+            K.resid_ln(buf["acc_d"], lay.bias["fc2"], L.fr_m, L.fr_e, h, L.fr_id_m, L.fr_id_e, qmax22, L.ffn_ln.shift,
                        L.ffn_ln.b_int, nm, ne, qmax8, xo, oq, q22)
             t0 = self._t("resid_ln", t0)
             if collect:

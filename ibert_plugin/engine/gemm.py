@@ -1,6 +1,20 @@
-"""Integer GEMMs with int32 accumulators through ONNX Runtime ``MatMulInteger``.
+"""Integer GEMMs with int32 accumulators: fbgemm (in torch's OpenMP pool) and ONNX Runtime ``MatMulInteger``.
 
-One tiny ONNX graph per weight (the weight is an initializer, so ORT/MLAS pre-packs it once); activations and outputs
+Linear routes, fastest first (``route_for`` picks the fastest one that is exact for the weight and passed the
+start-up self-test on this CPU):
+
+* ``fbgemm16`` (ternary, ``|w| <= 1``): fbgemm with int16 accumulation over K blocks of 128, then int32. Exact because
+  a block sums at most 128 * 255 * 1 = 32640.
+* ``fbgemm`` (``|w| <= 64``, 7-bit or ternary weights): fbgemm acc32 (u8 x s8 ``vpmaddubsw`` pairs, exact while
+  255 * 64 * 2 <= 32767).
+* ``u8s8`` (``|w| <= 64``, ORT): used when the fbgemm extension cannot be built here.
+* ``u8u8`` (any 8-bit weight, ORT): exact 16-bit ``vpmaddwd`` kernels.
+
+fbgemm returns the raw sums of the u8 operand (x + 128); ``zp_correction = -128 * colsum(w)`` is folded into the
+bias by the engine, so every route yields ``x_s8 @ w`` exactly. fbgemm runs in the same OpenMP pool as the fused
+kernels, so nothing spins against it; ORT's own pool is told to sleep between calls.
+
+ORT details: one tiny ONNX graph per weight (the weight is an initializer, so ORT/MLAS pre-packs it once); activations and outputs
 are torch tensors bound zero-copy through ``IOBinding``. Routes (see docs/integer_spec.md and the CPU kernel reference):
 
 * ``u8u8`` (exact for any 8-bit weight): A = x_s8 + 128 as u8 (zp 128), B = w_s8 + 128 as u8 (zp 128). MLAS widens both
@@ -21,7 +35,8 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-ROUTES = ("u8u8", "u8s8")
+ROUTES = ("u8u8", "u8s8", "fbgemm", "fbgemm16")
+FBGEMM_ROUTES = ("fbgemm", "fbgemm16")
 # |w| bound for which the u8s8 route cannot saturate: 255 * 64 * 2 = 32640 <= 32767.
 FAST_MAX_ABS = 64
 
@@ -80,9 +95,60 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
-def route_for(w_int: torch.Tensor, allow_fast: bool = True) -> str:
-    """Fastest exact route for an integer weight: u8s8 when ``max|w| <= 64`` (and the CPU passed the self-test)."""
-    return "u8s8" if allow_fast and int(w_int.abs().max()) <= FAST_MAX_ABS else "u8u8"
+def route_for(w_int: torch.Tensor, allow_fast: bool = True, allowed=("fbgemm16", "fbgemm", "u8s8")) -> str:
+    """Fastest exact route for an integer weight among ``allowed`` (the routes that passed the self-test).
+
+    ``max|w| <= 1``: fbgemm16, else fbgemm, else u8s8; ``max|w| <= 64``: fbgemm, else u8s8; otherwise (or with
+    ``allow_fast=False``) the exact u8u8 route.
+    """
+    if not allow_fast:
+        return "u8u8"
+    amax = int(w_int.abs().max()) if w_int.numel() else 0
+    order = ("fbgemm16", "fbgemm", "u8s8") if amax <= 1 else (("fbgemm", "u8s8") if amax <= FAST_MAX_ABS else ())
+    for r in order:
+        if r in allowed:
+            return r
+    return "u8u8"
+
+
+def make_linear(w_int: torch.Tensor, route: str, threads: Optional[int] = None):
+    """The GEMM object of ``route`` for weight ``w_int`` [N, K]: ``LinearGemm`` (ORT) or ``FbgemmLinear``."""
+    if route in FBGEMM_ROUTES:
+        return FbgemmLinear(w_int, acc16=route == "fbgemm16")
+    return LinearGemm(w_int, route, threads)
+
+
+class FbgemmLinear:
+    """``Y[M, N] = A_u8[M, K] @ W_int[N, K]^T`` (int32, raw u8 sums) through the fbgemm extension.
+
+    ``Y + zp_correction`` equals ``x_s8 @ W^T`` for ``A_u8 = x_s8 + 128``. Only the packed panel stays resident.
+    """
+
+    def __init__(self, w_int: torch.Tensor, acc16: bool = False):
+        from . import kernels
+
+        fb = kernels.load_fbgemm()
+        if fb is None:
+            raise ValueError(f"fbgemm route unavailable: {kernels.fbgemm_error()}")
+        w = w_int.detach()
+        if w.dim() != 2:
+            raise ValueError("weight must be [N, K]")
+        lim = 1 if acc16 else FAST_MAX_ABS
+        w_min, w_max = (int(w.min()), int(w.max())) if w.numel() else (0, 0)
+        if max(-w_min, w_max) > lim:
+            raise ValueError(f"weight range {w_min}..{w_max} not allowed on route {'fbgemm16' if acc16 else 'fbgemm'}")
+        self.N, self.K = w.shape
+        self.route = "fbgemm16" if acc16 else "fbgemm"
+        self.zp_correction = -128 * w.to(torch.int64).sum(dim=1)
+        self._p = fb.PackedLinear(w.to(torch.int8).contiguous(), acc16)
+        self.weight_bytes = int(self._p.packed_bytes)
+
+    def __call__(self, a_u8: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        M = a_u8.numel() // self.K
+        if out is None:
+            out = torch.empty((M, self.N), dtype=torch.int32)
+        self._p.run(a_u8, out)
+        return out
 
 
 class LinearGemm:
@@ -113,7 +179,8 @@ class LinearGemm:
         model = _model([node], [helper.make_tensor_value_info("A", TensorProto.UINT8, ["M", self.K])],
                        [helper.make_tensor_value_info("Y", TensorProto.INT32, ["M", self.N])], [b, a_zp, b_zp])
         self.sess = _session(model, threads)
-        self.weight_bytes = self.N * self.K  # one byte per weight
+        self.weight_bytes = self.N * self.K  # one byte per weight (ORT also keeps a repacked copy)
+        self.zp_correction = torch.zeros(self.N, dtype=torch.int64)  # ORT subtracts the zero points itself
 
     def __call__(self, a_u8: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         assert a_u8.dtype == torch.uint8 and a_u8.is_contiguous() and a_u8.shape[-1] == self.K

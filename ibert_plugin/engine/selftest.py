@@ -2,8 +2,9 @@
 
 Each route is checked against an exact int64 reference on adversarial operands (all activations at the u8 extreme
 times all weights at the route's extreme, K = 3072, where AVX2 ``vpmaddubsw`` saturation shows first) and on random
-full-range data. The fast u8s8 route is exact on AVX2 only for ``|w| <= 64``; if it fails on this CPU the engine falls
-back to the exact u8u8 route and says so. A VNNI CPU passes everything.
+full-range data. The fast routes (fbgemm acc32 and ORT u8s8) are exact on AVX2 only for ``|w| <= 64``, fbgemm acc16
+only for ternary weights; a route that fails (or an fbgemm extension that cannot be built) is not used, and the
+engine falls back to the next exact route and says so. A VNNI CPU passes everything.
 """
 from __future__ import annotations
 
@@ -25,7 +26,12 @@ class SelfTestResult:
 
     @property
     def fast_ok(self) -> bool:
-        return self.ok.get("u8s8", False)
+        return any(self.ok.get(r, False) for r in ("u8s8", "fbgemm", "fbgemm16"))
+
+    @property
+    def fast_routes(self) -> tuple:
+        """Fast linear routes that passed, for :func:`gemm.route_for`'s ``allowed``."""
+        return tuple(r for r in ("fbgemm16", "fbgemm", "u8s8") if self.ok.get(r, False))
 
     @property
     def exact_ok(self) -> bool:
@@ -57,9 +63,13 @@ def _check_linear(route: str, w_max: int, K: int, N: int, gen: torch.Generator, 
     cases.append((torch.randint(-128, 128, (37, K), generator=gen),
                   torch.randint(w_lo, w_hi + 1, (N, K), generator=gen)))
     for x, w in cases:
-        g = gemm.LinearGemm(w, route, threads=threads)
-        y = g(gemm.s8_to_u8(x))
-        if not torch.equal(y.to(torch.int64), _ref(x, w)):
+        try:
+            g = gemm.make_linear(w, route, threads=threads)
+        except (ValueError, RuntimeError) as e:  # e.g. the acc16 blocking is AVX2-only
+            logger.info("self-test: route %s unavailable: %s", route, e)
+            return False
+        y = g(gemm.s8_to_u8(x)).to(torch.int64) + g.zp_correction  # the bias fold the engine applies
+        if not torch.equal(y, _ref(x, w)):
             ok = False
             break
     return ok
@@ -104,9 +114,21 @@ def run(threads: Optional[int] = None, K: int = 3072, force: bool = False) -> Se
     # fast route: 7-bit weights (|w| <= 63, and the +-64 edge) and ternary
     res.ok["u8s8"] = (_check_linear("u8s8", 63, K, 64, gen, threads) and _check_linear("u8s8", 64, K, 32, gen, threads)
                       and _check_linear("u8s8", 1, K, 32, gen, threads))
+    from . import kernels
+
+    if kernels.load_fbgemm() is not None:
+        res.ok["fbgemm"] = (_check_linear("fbgemm", 64, K, 64, gen, threads)
+                            and _check_linear("fbgemm", 63, 768, 40, gen, threads)
+                            and _check_linear("fbgemm", 1, K, 32, gen, threads))
+        res.ok["fbgemm16"] = (_check_linear("fbgemm16", 1, K, 64, gen, threads)
+                              and _check_linear("fbgemm16", 1, 768, 40, gen, threads))
+    else:
+        res.ok["fbgemm"] = res.ok["fbgemm16"] = False
+        res.notes.append(f"fbgemm extension unavailable ({kernels.fbgemm_error()}): using ORT routes")
+        logger.warning("ibert engine self-test: %s", res.notes[-1])
     res.ok.update(_check_attention(gen, threads))
     if not res.fast_ok:
-        res.notes.append("fast u8s8 route is not exact on this CPU: falling back to the exact u8u8 route")
+        res.notes.append("fast routes are not exact on this CPU: falling back to the exact u8u8 route")
         logger.warning("ibert engine self-test: %s", res.notes[-1])
     if not res.exact_ok:
         res.notes.append("exact u8u8 / attention routes FAILED: integer engine results are not trustworthy")
