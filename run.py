@@ -15,8 +15,8 @@ Three stages, all launched as ``fairseq-train --user-dir <abs path of ibert_plug
   ``--integer-only`` runs the I-BERT integer dataflow with ternary weights (model ``--quant-mode symmetric
   --weight-bits 2``). Defaults: lr 2e-5, 3 epochs, batch 32 (16 for CoLA/BOOLQ), 10 % linear warmup then linear decay,
   Adam (0.9, 0.999), weight decay 0.01, clip-norm 1.0 (global, not TernaryBERT's per-tensor clip).
-  ``--save-quantized-model`` runs ``python -m ibert_plugin.export`` on ``checkpoint_best.pt`` afterwards
-  (``<ckpt>/model_packed.pt``); unless ``--save-fp-model`` is also given, the float fairseq checkpoints are then
+  ``--save-quantized-model`` runs ``python -m ibert_plugin.export --omit-lm-head`` on ``checkpoint_best.pt``
+  afterwards (``<ckpt>/model_packed.pt``; the masked-LM head is unused by sentence classification); unless ``--save-fp-model`` is also given, the float fairseq checkpoints are then
   deleted. Without ``--save-quantized-model`` the fairseq checkpoints are always kept.
 
 Every stage loads its ``--restore-file`` through fairseq's ``--finetune-from-model``, so relaunching the same command
@@ -677,7 +677,10 @@ def _export(plan: Plan, log_path: Path) -> Tuple[int, Optional[Path]]:
             log.write(f"[run.py] export skipped: {best} not found\n")
         return 1, None
     out = plan.ckpt_dir / "model_packed.pt"
-    cmd = [sys.executable, "-m", "ibert_plugin.export", "--checkpoint", str(best), "--output", str(out)]
+    # Every run.py task is sentence_prediction: the masked-LM head is never used, so it is left out of the packed file
+    # (docs/packed_format.md, `omitted`).
+    cmd = [sys.executable, "-m", "ibert_plugin.export", "--checkpoint", str(best), "--output", str(out),
+           "--omit-lm-head"]
     with open(log_path, "a") as log:
         log.write(f"[run.py] {shlex.join(cmd)}\n")
         log.flush()

@@ -62,3 +62,65 @@ def test_eval_errors_exit_2(trained, tmp_path):
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: checkpoint not found")
     p = _run("eval", "--checkpoint", str(ckpt), "--data-bin", str(tmp_path / "nodata"))
     assert p.returncode == 2 and "data directory not found" in p.stderr
+
+
+def _tiny_tsv(data: Path, path: Path, with_labels=True):
+    """The tiny valid split as a GLUE-format single-sentence TSV (RT-SENT / SST-2 layout: sentence, label)."""
+    raw = data.parent / "raw"
+    sents = (raw / "valid.input0").read_text().splitlines()
+    labels = (raw / "valid.label").read_text().splitlines()
+    with open(path, "w") as f:
+        f.write("sentence\tlabel\n" if with_labels else "index\tsentence\n")
+        for i, (s, lab) in enumerate(zip(sents, labels)):
+            f.write(f"{s}\t{lab}\n" if with_labels else f"{i}\t{s}\n")
+    return path
+
+
+def _wordpiece_dir(root: Path) -> Path:
+    """A WordPiece vocabulary in which every tiny-data word is one piece, so the TSV encodes like the binarised split."""
+    d = root / "wp"
+    d.mkdir(exist_ok=True)
+    (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + [f"w{i}" for i in range(40)]) + "\n")
+    return d
+
+
+def test_eval_tsv_matches_binarised_split(trained, tmp_path):
+    data, ckpt = trained
+    wp = _wordpiece_dir(tmp_path)
+    common = ["--checkpoint", str(ckpt), "--data-bin", str(data), "--batch-size", "5", "--bpe", "wordpiece",
+              "--bpe-dir", str(wp)]
+    p_bin = _run("eval", *common, "--predictions", str(tmp_path / "bin.tsv"))
+    p_tsv = _run("eval", *common, "--tsv", str(_tiny_tsv(data, tmp_path / "dev.tsv")), "--task", "RT-SENT",
+                 "--compare-qat", "--predictions", str(tmp_path / "tsv.tsv"))
+    assert p_bin.returncode == 0 and p_tsv.returncode == 0, p_bin.stderr[-2000:] + p_tsv.stderr[-2000:]
+    r_bin = json.loads(p_bin.stdout.strip().splitlines()[-1])
+    r_tsv = json.loads(p_tsv.stdout.strip().splitlines()[-1])
+    assert r_tsv["sentences"] == r_tsv["labelled"] == 32
+    assert r_tsv["accuracy"] == r_bin["accuracy"] == r_tsv["qat_accuracy"]
+    preds = (tmp_path / "tsv.tsv").read_text().splitlines()
+    assert preds == (tmp_path / "bin.tsv").read_text().splitlines()
+    assert preds[0] == "index\tprediction" and len(preds) == 33 and {x.split("\t")[1] for x in preds[1:]} <= {"0", "1"}
+    # an unlabelled test file is predicted, not scored
+    p = _run("eval", *common, "--tsv", str(_tiny_tsv(data, tmp_path / "test.tsv", with_labels=False)), "--task",
+             "RT-SENT", "--predictions", str(tmp_path / "test_pred.tsv"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["accuracy"] is None and res["labelled"] == 0
+    assert (tmp_path / "test_pred.tsv").read_text().splitlines() == preds
+
+
+def test_eval_tsv_bad_input_exit_2(trained, tmp_path):
+    data, ckpt = trained
+    wp = _wordpiece_dir(tmp_path)
+    common = ["eval", "--checkpoint", str(ckpt), "--data-bin", str(data), "--bpe", "wordpiece", "--bpe-dir", str(wp)]
+    bad = tmp_path / "dev.tsv"
+    bad.write_text("sentence\tlabel\nw1 w2\t1\nw3 w4 only-one-field\n")
+    p = _run(*common, "--tsv", str(bad), "--task", "RT-SENT")
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == f"error: {bad}:3: expected 2 tab-separated fields, got 1"
+    bad.write_text("sentence\tlabel\nw1 w2\t7\n")
+    p = _run(*common, "--tsv", str(bad), "--task", "RT-SENT")
+    assert p.returncode == 2 and "bad label '7'" in p.stderr and "Traceback" not in p.stderr
+    p = _run(*common, "--tsv", str(bad), "--task", "NOPE")
+    assert p.returncode == 2 and "unknown task 'NOPE'" in p.stderr
+    p = _run(*common, "--tsv", str(tmp_path / "missing.tsv"), "--task", "RT-SENT")
+    assert p.returncode == 2 and "file not found" in p.stderr
