@@ -1,46 +1,18 @@
 """End to end: FP teacher -> TernaryBERT student (``--criterion ternary_distill``) -> packed export, exact reload.
 
 Training goes through ``fairseq_cli.train`` *in process* (the same parser, ``--user-dir`` import and ``main`` as the
-``fairseq-train`` script; subprocesses would re-import fairseq each time, ~10 s apiece on the shared CPU) and the
-data through ``fairseq_cli.preprocess`` with ``--srcdict`` over whitespace tokens.
+``fairseq-train`` script; subprocesses would re-import fairseq each time, ~10 s apiece on the shared CPU) on the
+shared tiny dataset of ``model_helpers.make_tiny_glue``.
 """
 import logging
-import random
 from pathlib import Path
 
 import pytest
 import torch
 
-from model_helpers import PLUGIN_DIR, random_batch
+from model_helpers import PLUGIN_DIR, make_tiny_glue, random_batch
 
 HEAD = "sentence_classification_head"
-
-
-def _tiny_data(root: Path) -> Path:
-    from fairseq import options
-    from fairseq_cli import preprocess
-
-    rng = random.Random(0)
-    raw = root / "raw"
-    raw.mkdir(parents=True)
-    words = [f"w{i}" for i in range(40)]
-    (raw / "dict.txt").write_text("".join(f"{w} 1\n" for w in words))
-    for split, n in (("train", 48), ("valid", 16)):
-        sents, labels = [], []
-        for _ in range(n):
-            label = rng.randint(0, 1)
-            pool = words[:20] if label else words[20:]
-            sents.append(" ".join(rng.choice(pool) for _ in range(rng.randint(3, 10))))
-            labels.append(str(label))
-        (raw / f"{split}.input0").write_text("\n".join(sents) + "\n")
-        (raw / f"{split}.label").write_text("\n".join(labels) + "\n")
-    for name, extra in (("input0", ["--srcdict", str(raw / "dict.txt")]), ("label", [])):
-        parser = options.get_preprocessing_parser()
-        args = parser.parse_args(["--only-source", "--trainpref", str(raw / f"train.{name}"), "--validpref",
-                                  str(raw / f"valid.{name}"), "--destdir", str(root / "bin" / name),
-                                  "--workers", "1", *extra])
-        preprocess.main(args)
-    return root / "bin"
 
 
 def _fairseq_train(data: Path, save_dir: Path, extra, max_update=3):
@@ -69,7 +41,7 @@ def _fairseq_train(data: Path, save_dir: Path, extra, max_update=3):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("tb_e2e")
-    data = _tiny_data(root)
+    data = make_tiny_glue(root, n_train=48, n_valid=16)
     _fairseq_train(data, root / "ck_fp", ["--quant-mode", "none"])
     teacher = root / "ck_fp" / "checkpoint_best.pt"
     records = []
