@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 
 def _parser():
@@ -182,8 +183,8 @@ def _tsv_batches(args, task):
     src, ld = task.source_dictionary, task.label_dictionary
     bpe = _detect_bpe(src) if args.bpe == "auto" else args.bpe
     try:
-        cols, labels, _ = glue.read_split(glue.Path(args.tsv), spec, kind)
-        bpe_dir = glue.Path(args.bpe_dir) if args.bpe_dir else data_dir() / ("gpt2_bpe" if bpe == "gpt2" else "minilm")
+        cols, labels, _ = glue.read_split(Path(args.tsv), spec, kind)
+        bpe_dir = Path(args.bpe_dir) if args.bpe_dir else data_dir() / ("gpt2_bpe" if bpe == "gpt2" else "minilm")
         encoder = glue._Encoder(bpe, bpe_dir)
         encoded = [encoder.encode_all(c) for c in cols]
     except AssetError as exc:
