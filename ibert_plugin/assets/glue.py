@@ -143,7 +143,7 @@ def read_split(path: Path, spec: TaskSpec, kind: str) -> Tuple[List[List[str]], 
 
 
 # --------------------------------------------------------------------------------------------- BPE
-class _Encoder:
+class BpeEncoder:
     """Local-file BPE: ``gpt2`` (ids as fairseq's multiprocessing_bpe_encoder writes) or ``wordpiece``."""
 
     def __init__(self, kind: str, bpe_dir: Path):
@@ -197,7 +197,7 @@ def _write_lines(path: Path, lines: Sequence[str]) -> None:
             f.write(ln + "\n")
 
 
-def preprocess_task(glue_dir: Path, task: str, encoder: _Encoder, dict_txt: Path, out: Path,
+def preprocess_task(glue_dir: Path, task: str, encoder: BpeEncoder, dict_txt: Path, out: Path,
                     workers: int = 1) -> Dict:
     """Validate, BPE-encode and binarize one task into ``out/<task>-bin``. Returns counts."""
     spec = TASKS[task]
@@ -285,7 +285,7 @@ def run(glue_dir: Path, task: str, bpe: str = "gpt2", bpe_dir: Optional[Path] = 
         raise AssetError(f"{dict_txt}: not found (run: python -m ibert_plugin.assets build)")
     out = Path(out) if out else data / "glue-bin" / bpe
     out.mkdir(parents=True, exist_ok=True)
-    encoder = _Encoder(bpe, bpe_dir)
+    encoder = BpeEncoder(bpe, bpe_dir)
     return {t: preprocess_task(glue_dir, t, encoder, dict_txt, out, workers) for t in tasks}
 
 

@@ -122,10 +122,13 @@ def _eval(args):
                     correct_fp += int((lf.argmax(-1) == tgt).sum())
     if args.predictions:
         ld = task.label_dictionary
-        with open(args.predictions, "w") as f:
-            f.write("index\tprediction\n")
-            for i, p in enumerate(torch.cat(preds).tolist() if preds else []):
-                f.write(f"{i}\t{ld[p + ld.nspecial]}\n")
+        try:
+            with open(args.predictions, "w") as f:
+                f.write("index\tprediction\n")
+                for i, p in enumerate(torch.cat(preds).tolist() if preds else []):
+                    f.write(f"{i}\t{ld[p + ld.nspecial]}\n")
+        except OSError as exc:
+            raise EngineError(f"cannot write --predictions {args.predictions}: {exc.strerror}") from exc
     acc = (lambda c: c / n_lab) if n_lab else (lambda c: None)
     res = {"split": split_name, "sentences": n, "labelled": n_lab, "accuracy": acc(correct),
            "sentences_per_s": n / max(t_int, 1e-9), "routes": sorted(set(eng.routes[0].values())),
@@ -185,14 +188,13 @@ def _tsv_batches(args, task):
     try:
         cols, labels, _ = glue.read_split(Path(args.tsv), spec, kind)
         bpe_dir = Path(args.bpe_dir) if args.bpe_dir else data_dir() / ("gpt2_bpe" if bpe == "gpt2" else "minilm")
-        encoder = glue._Encoder(bpe, bpe_dir)
+        encoder = glue.BpeEncoder(bpe, bpe_dir)
         encoded = [encoder.encode_all(c) for c in cols]
     except AssetError as exc:
         raise EngineError(str(exc)) from exc
     init_tok = getattr(task.cfg, "init_token", src.bos())
     sep_tok = getattr(task.cfg, "separator_token", src.eos())
-    max_len = task.max_positions() if hasattr(task, "max_positions") else 512
-    max_len = max_len if isinstance(max_len, int) else 512
+    max_len = task.max_positions()  # sentence_prediction: --max-positions of the checkpoint's task config
     rows, too_long = [], 0
     for r in range(len(encoded[0])):
         ids = ([] if init_tok is None else [init_tok]) + src.encode_line(

@@ -36,7 +36,7 @@ class _Layer:
         self.bias = {}
         for k in ("qkv", "o", "fc1", "fc2"):
             lin = getattr(L, k)
-            g = gemm.make_linear(lin.w_int, gemm.route_for(lin.w_int, bool(allowed), allowed), threads)
+            g = gemm.make_linear(lin.w_int, gemm.route_for(lin.w_int, allowed=allowed), threads)
             setattr(self, k, g)
             self.routes[k] = g.route
             self.bias[k] = (lin.b_int.to(I64) + g.zp_correction).contiguous()
@@ -47,7 +47,8 @@ class IntegerEngine:
 
     Args:
         im: compiled integer model (:func:`convert.compile_qstate`).
-        threads: ORT intra-op threads and torch/OpenMP threads for the fused kernels.
+        threads: torch/OpenMP threads (fbgemm GEMMs and the fused kernels) and ORT intra-op threads of the ORT
+            linear routes; the attention GEMMs always run on one ORT thread.
         route: ``"auto"`` (the fastest exact route per weight among those that passed the self-test: fbgemm16 for
             ternary, fbgemm for 7-bit, u8u8 for full 8-bit), ``"ort"`` (ONNX Runtime only: u8s8 / u8u8), or
             ``"u8u8"`` (the exact 16-bit route for every weight).

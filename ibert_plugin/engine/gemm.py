@@ -37,6 +37,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 ROUTES = ("u8u8", "u8s8", "fbgemm", "fbgemm16")
 FBGEMM_ROUTES = ("fbgemm", "fbgemm16")
+#: Fast linear routes, fastest first (each exact only for small weights; see the module docstring).
+FAST_ROUTES = ("fbgemm16", "fbgemm", "u8s8")
 # |w| bound for which the u8s8 route cannot saturate: 255 * 64 * 2 = 32640 <= 32767.
 FAST_MAX_ABS = 64
 
@@ -95,7 +97,7 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
-def route_for(w_int: torch.Tensor, allow_fast: bool = True, allowed=("fbgemm16", "fbgemm", "u8s8")) -> str:
+def route_for(w_int: torch.Tensor, allow_fast: bool = True, allowed=FAST_ROUTES) -> str:
     """Fastest exact route for an integer weight among ``allowed`` (the routes that passed the self-test).
 
     ``max|w| <= 1``: fbgemm16, else fbgemm, else u8s8; ``max|w| <= 64``: fbgemm, else u8s8; otherwise (or with
@@ -104,11 +106,8 @@ def route_for(w_int: torch.Tensor, allow_fast: bool = True, allowed=("fbgemm16",
     if not allow_fast:
         return "u8u8"
     amax = int(w_int.abs().max()) if w_int.numel() else 0
-    order = ("fbgemm16", "fbgemm", "u8s8") if amax <= 1 else (("fbgemm", "u8s8") if amax <= FAST_MAX_ABS else ())
-    for r in order:
-        if r in allowed:
-            return r
-    return "u8u8"
+    usable = FAST_ROUTES if amax <= 1 else (FAST_ROUTES[1:] if amax <= FAST_MAX_ABS else ())
+    return next((r for r in usable if r in allowed), "u8u8")
 
 
 def make_linear(w_int: torch.Tensor, route: str, threads: Optional[int] = None):

@@ -1,8 +1,9 @@
 """Loaders of the engine's C++ extensions: the fused integer kernels (``kernels.cpp``) and the fbgemm GEMMs
 (``fbgemm_gemm.cpp``).
 
-Built on first use with ``torch.utils.cpp_extension.load`` (``-O3 -march=native -fopenmp``) into
-``<repo>/build/ibert_engine_kernels`` (or ``$IBERT_ENGINE_BUILD_DIR``); later imports reuse the cached build
+Built on first use with ``torch.utils.cpp_extension.load`` (kernels: ``-O3 -march=native -fopenmp``; fbgemm GEMMs:
+``-O2 -fopenmp``, fbgemm dispatches on the CPU itself) into
+``<repo>/build/<name>_<cpu tag>`` (or ``$IBERT_ENGINE_BUILD_DIR/<name>``); later imports reuse the cached build
 (ninja rebuilds only when the source or flags change). ``-march=native`` makes the build CPU-specific, so the build
 directory name carries a hash of the CPU flags.
 """

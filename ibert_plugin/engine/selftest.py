@@ -26,12 +26,12 @@ class SelfTestResult:
 
     @property
     def fast_ok(self) -> bool:
-        return any(self.ok.get(r, False) for r in ("u8s8", "fbgemm", "fbgemm16"))
+        return bool(self.fast_routes)
 
     @property
     def fast_routes(self) -> tuple:
         """Fast linear routes that passed, for :func:`gemm.route_for`'s ``allowed``."""
-        return tuple(r for r in ("fbgemm16", "fbgemm", "u8s8") if self.ok.get(r, False))
+        return tuple(r for r in gemm.FAST_ROUTES if self.ok.get(r, False))
 
     @property
     def exact_ok(self) -> bool:
