@@ -13,12 +13,12 @@ from ibert_plugin.quant.packing import (
     unpack,
     unpack_ternary,
 )
+from ibert_plugin.quant.config import QuantConfig
 from ibert_plugin.quant.ternary import LATWeightQuantizer, TWNWeightQuantizer
 from ibert_plugin.quant.weight import WeightQuantizer
 
 
-class Cfg:
-    clip_val = 2.5
+Cfg = QuantConfig  # defaults: clip 2.5, LAT beta2/eps of fairseq's Adam
 
 
 class Int8RowQuantizer(WeightQuantizer):

@@ -3,6 +3,9 @@ import numpy as np
 import pytest
 import torch
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ibert_plugin.quant.config import QuantConfig
 from ibert_plugin.quant.ternary import (
     LATWeightQuantizer,
     TWNWeightQuantizer,
@@ -10,12 +13,11 @@ from ibert_plugin.quant.ternary import (
     twn_ternarize,
 )
 
+LAT_CFG = QuantConfig(weight_bits=2, weight_method="lat", lat_beta2=0.98, lat_eps=1e-6)
 
-class Cfg:
-    clip_val = 2.5
-    lat_beta2 = 0.98
-    lat_eps = 1e-6
-    lat_iters = 5
+
+def Cfg():  # noqa: N802  (the one QuantConfig, LAT fields set away from their defaults)
+    return LAT_CFG
 
 
 def _dequant(w_int, scale):
@@ -162,12 +164,52 @@ def test_lat_buffers_round_trip_through_state_dict():
 def test_registry_builds_twn_and_lat():
     from ibert_plugin.quant import weight
 
-    class C(Cfg):
-        weight_method = "twn"
+    assert isinstance(weight.build_weight_quantizer(QuantConfig(weight_bits=2, weight_method="twn")),
+                      TWNWeightQuantizer)
+    assert isinstance(weight.build_weight_quantizer(LAT_CFG), LATWeightQuantizer)
+    assert {"sym", "twn", "lat"} <= set(weight.available_weight_quantizers())
 
-    assert isinstance(weight.build_weight_quantizer(C()), TWNWeightQuantizer)
-    C.weight_method = "lat"
-    assert isinstance(weight.build_weight_quantizer(C()), LATWeightQuantizer)
+
+def test_lat_takes_beta2_and_eps_from_the_optimizer_flags():
+    from argparse import Namespace
+
+    ns = Namespace(quant_mode="ternarybert", weight_bits=2, weight_quant_method="lat", optimizer="adam",
+                   adam_betas="(0.9, 0.999)", adam_eps=1e-6)
+    q = LATWeightQuantizer(QuantConfig.from_namespace(ns))
+    assert (q.beta2, q.eps) == (0.999, 1e-6)
+    ns.adam_betas, ns.adam_eps = "(0.9,0.98)", 1e-8
+    q = LATWeightQuantizer(QuantConfig.from_namespace(ns))
+    assert (q.beta2, q.eps) == (0.98, 1e-8)
+    q = LATWeightQuantizer(QuantConfig.from_namespace(Namespace(weight_bits=2)))  # no optimizer flags: defaults
+    assert (q.beta2, q.eps, q.iters) == (0.999, 1e-8, 5)
+    with pytest.raises(ValueError, match="lat_beta2"):
+        QuantConfig(lat_beta2=1.0)
+
+
+class _ScalarReads(TorchDispatchMode):
+    """Counts device-to-host scalar reads (``.item()``, ``int(tensor)``, ``if tensor:``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("rowwise", [False, True])
+def test_lat_forward_and_backward_read_no_scalar_and_register_no_hook(rowwise):
+    w = torch.nn.Parameter(torch.randn(6, 8))
+    q = LATWeightQuantizer(Cfg(), rowwise=rowwise)
+    for _ in range(2):  # before and after the first gradient (TWN, then loss-aware)
+        with _ScalarReads() as mode:
+            w_int, scale = q(w)
+            _dequant(w_int, scale).pow(2).sum().backward()
+        assert mode.reads == 0
+        assert not w._backward_hooks
+    assert int(q.lat_steps) == 2
 
 
 def test_rowwise_twn_is_row_independent():

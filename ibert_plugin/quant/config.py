@@ -61,6 +61,10 @@ class QuantConfig:
             (asymmetric min-max over the tensor, no clip).
         ternary_embedding: TernaryBERT word-embedding granularity: ``"row"`` (one scale per token row) or
             ``"tensor"``.
+        lat_beta2: LAT's second-moment decay (Hou & Kwok 2018 use Adam's ``v``, so this must equal the optimizer's
+            beta2; :meth:`from_namespace` takes it from ``--adam-betas``; default 0.999, fairseq's Adam default).
+        lat_eps: LAT curvature ``D = sqrt(v) + lat_eps`` (the optimizer's eps; from ``--adam-eps``; default 1e-8).
+        lat_iters: number of ``(alpha, b)`` alternations of the LAT closed form after the TWN start (5).
 
     Raises:
         ValueError: on any out-of-range or inconsistent field, with one sentence naming it.
@@ -81,6 +85,9 @@ class QuantConfig:
     clip_val: float = 2.5
     act_range: str = "symmetric"
     ternary_embedding: str = "row"
+    lat_beta2: float = 0.999
+    lat_eps: float = 1e-8
+    lat_iters: int = 5
 
     def __post_init__(self) -> None:
         self.validate()
@@ -114,6 +121,13 @@ class QuantConfig:
             raise ValueError(f"clip_val must be a positive number, got {c!r}")
         _check_choice("act_range", self.act_range, ACT_RANGES)
         _check_choice("ternary_embedding", self.ternary_embedding, EMBEDDING_GRANULARITIES)
+        b2 = self.lat_beta2
+        if isinstance(b2, bool) or not isinstance(b2, (int, float)) or not 0.0 < b2 < 1.0:
+            raise ValueError(f"lat_beta2 must be in (0, 1), got {b2!r}")
+        e = self.lat_eps
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not e > 0:
+            raise ValueError(f"lat_eps must be a positive number, got {e!r}")
+        _check_bits("lat_iters", self.lat_iters, 1, 100)
 
     # ------------------------------------------------------------------------------------------------------------
     @property
@@ -152,7 +166,9 @@ class QuantConfig:
 
         Reads ``quant_mode``, ``force_dequant``, ``weight_bits``, ``weight_quant_method`` (``None`` means ``"twn"``
         for ``weight_bits=2`` and ``"sym"`` otherwise), ``input_bits`` (-> ``act_bits``), ``clip_val`` and
-        ``act_range`` when present; every other field keeps its default.
+        ``act_range`` when present; LAT's ``lat_beta2`` / ``lat_eps`` come from the optimizer's ``adam_betas``
+        (``"(0.9, 0.999)"``) / ``adam_eps`` when the namespace has them (fairseq passes the whole command line to a
+        legacy model), so LAT's ``v`` is Adam's. Every other field keeps its default.
 
         Raises:
             ValueError: if the resulting configuration is invalid.
@@ -167,6 +183,12 @@ class QuantConfig:
         method = getattr(args, "weight_quant_method", None)
         if method is None:
             method = "twn" if weight_bits == 2 else "sym"
+        beta2, eps = defaults.lat_beta2, defaults.lat_eps
+        if getattr(args, "optimizer", "adam") in (None, "adam"):
+            betas = getattr(args, "adam_betas", None)
+            if betas is not None:
+                beta2 = float(_parse_betas(betas)[1])
+            eps = float(get("adam_eps", eps))
         return cls(
             quant_mode=str(get("quant_mode", defaults.quant_mode)),
             force_dequant=str(get("force_dequant", defaults.force_dequant)),
@@ -175,4 +197,17 @@ class QuantConfig:
             act_bits=int(get("input_bits", defaults.act_bits)),
             clip_val=float(get("clip_val", defaults.clip_val)),
             act_range=str(get("act_range", defaults.act_range)),
+            lat_beta2=beta2,
+            lat_eps=eps,
         )
+
+
+def _parse_betas(betas: Any) -> tuple:
+    """fairseq's ``--adam-betas`` (a string ``"(0.9, 0.999)"`` or a sequence) as a tuple of two floats."""
+    if isinstance(betas, str):
+        parts = [p for p in betas.strip().strip("()[]").replace(" ", "").split(",") if p]
+    else:
+        parts = list(betas)
+    if len(parts) != 2:
+        raise ValueError(f"adam_betas must hold two numbers, got {betas!r}")
+    return float(parts[0]), float(parts[1])

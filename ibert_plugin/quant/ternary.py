@@ -27,6 +27,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .config import QuantConfig
 from .weight import WeightQuantizer, register_weight_quantizer
 
 __all__ = [
@@ -37,7 +38,6 @@ __all__ = [
     "LATWeightQuantizer",
 ]
 
-DEFAULT_CLIP_VAL = 2.5
 TWN_DELTA_FACTOR = 0.7
 
 
@@ -76,7 +76,7 @@ def twn_ternarize(w: torch.Tensor, rowwise: bool = False) -> Tuple[torch.Tensor,
 
 
 def lat_ternarize(
-    w: torch.Tensor, d: torch.Tensor, rowwise: bool = False, iters: int = 5
+    w: torch.Tensor, d: torch.Tensor, rowwise: bool = False, iters: int = 5, start: Optional[torch.Tensor] = None
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Loss-aware ternarization with diagonal curvature ``d`` (Hou & Kwok 2018, closed-form alternation).
 
@@ -89,11 +89,12 @@ def lat_ternarize(
         d: positive curvature, same shape as ``w`` (``sqrt(v) + eps``).
         rowwise: per-row ``alpha`` (embedding) instead of per tensor.
         iters: number of ``(alpha, b)`` alternations after the TWN start.
+        start: TWN's ``b`` for ``w`` when the caller already has it (shape of ``w``); computed otherwise.
 
     Returns:
         ``(b, alpha)`` as in :func:`twn_ternarize`.
     """
-    b, _ = twn_ternarize(w, rowwise)
+    b = twn_ternarize(w, rowwise)[0] if start is None else start
     a = _rows(w).abs()
     d = _rows(d).to(a.dtype)
     b = _rows(b)
@@ -117,12 +118,15 @@ class TernarySTE(torch.autograd.Function):
     """Returns ``b`` (exact integers); backward ``d b / d w = 1 / alpha_row`` inside ``(-clip, clip)``, else 0.
 
     So ``b * alpha`` passes the incoming gradient unchanged to ``w`` inside the clip range (upstream STE).
+    ``observer`` (LAT) receives the latent weight's gradient in backward: the second moment is updated from the
+    gradient itself, with no tensor hook to keep track of.
     """
 
     @staticmethod
-    def forward(ctx, w, b, inv_scale, clip_val: float):  # noqa: D401
+    def forward(ctx, w, b, inv_scale, clip_val: float, observer=None):  # noqa: D401
         ctx.save_for_backward(w, inv_scale)
         ctx.clip_val = clip_val
+        ctx.observer = observer
         return b.clone()
 
     @staticmethod
@@ -132,29 +136,36 @@ class TernarySTE(torch.autograd.Function):
         inside = (w > -c) & (w < c)
         inv = inv_scale.reshape((-1,) + (1,) * (w.dim() - 1)).to(grad.dtype)
         g = torch.where(inside, grad * inv, torch.zeros_like(grad))
-        return g, None, None, None
+        if ctx.observer is not None:
+            ctx.observer.update_second_moment(g)
+        return g, None, None, None, None
 
 
 class _TernaryBase(WeightQuantizer):
     """Shared clip / STE / output-carrier logic for the ternary quantizers.
 
     Args:
-        cfg: a ``QuantConfig``-like object; reads ``clip_val`` (default 2.5).
+        cfg: the ``QuantConfig`` (``None``: its defaults); reads ``clip_val`` (2.5).
         rowwise: one ``alpha`` per row (word embedding) instead of one per matrix (Linear).
     """
 
     bits = 2
 
-    def __init__(self, cfg=None, rowwise: bool = False, **kwargs):
+    def __init__(self, cfg: Optional[QuantConfig] = None, rowwise: bool = False):
         super().__init__()
+        cfg = QuantConfig() if cfg is None else cfg
         self.rowwise = bool(rowwise)
-        self.clip_val = float(getattr(cfg, "clip_val", DEFAULT_CLIP_VAL) or DEFAULT_CLIP_VAL)
+        self.clip_val = float(cfg.clip_val)
 
     def extra_repr(self) -> str:
         return f"bits=2, rowwise={self.rowwise}, clip_val={self.clip_val}"
 
     def _ternarize(self, wc: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def _observer(self) -> Optional["LATWeightQuantizer"]:
+        """The module whose ``update_second_moment`` sees the weight's gradient (LAT only)."""
+        return None
 
     def forward(self, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Ternarize ``weight``.
@@ -175,7 +186,8 @@ class _TernaryBase(WeightQuantizer):
             scale = alpha.reshape(-1).expand(rows).contiguous() if alpha.dim() == 0 else alpha
             scale = scale.float()
             inv = torch.where(scale > 0, 1.0 / scale.clamp(min=torch.finfo(scale.dtype).tiny), torch.zeros_like(scale))
-        w_int = TernarySTE.apply(weight, b.to(weight.dtype), inv, c)
+        observer = self._observer() if weight.requires_grad and torch.is_grad_enabled() else None
+        w_int = TernarySTE.apply(weight, b.to(weight.dtype), inv, c, observer)
         return w_int, scale
 
 
@@ -186,6 +198,11 @@ class TWNWeightQuantizer(_TernaryBase):
     ``scale`` is float32 of shape ``(out_features,)``: one ``alpha`` broadcast (Linear) or per row (embedding).
     """
 
+    @property
+    def row_independent(self) -> bool:  # type: ignore[override]
+        """Row-wise TWN looks at each row alone, so gathered embedding rows can be ternarized on their own."""
+        return self.rowwise
+
     def _ternarize(self, wc):
         return twn_ternarize(wc, self.rowwise)
 
@@ -194,34 +211,35 @@ class TWNWeightQuantizer(_TernaryBase):
 class LATWeightQuantizer(_TernaryBase):
     """Loss-aware ternary weights (2 bits), Hou & Kwok 2018 with Adam's second moment as diagonal curvature.
 
-    fairseq's optimizer state is not visible to modules, so this module keeps its own second moment: a gradient
-    hook on the weight (registered at the first forward) updates ``lat_v <- beta2 * lat_v + (1 - beta2) * g^2``,
-    which is exactly Adam's ``v_t`` (``exp_avg_sq``) *without* bias correction, for the gradient the hook sees.
-    Caveats: fairseq multiplies gradients by ``1/sample_size`` (and unscales fp16) *after* backward, so the hook
-    sees the un-normalised gradient; ``alpha``'s closed form is invariant to a global scale of ``D`` (up to ``eps``),
-    so this only matters through ``eps`` and batch-to-batch size changes. With ``--update-freq > 1`` the EMA is
-    updated once per micro-batch rather than once per step. Curvature ``D = sqrt(lat_v) + eps``; before any gradient
-    (``lat_steps == 0``) the quantizer is exactly TWN.
+    fairseq's optimizer state is not visible to modules, so this module keeps its own second moment: the STE's
+    backward hands it the latent weight's gradient ``g`` and it updates ``lat_v <- beta2 * lat_v + (1 - beta2) g^2``
+    with ``beta2 = cfg.lat_beta2``, which ``QuantConfig.from_namespace`` takes from ``--adam-betas``: exactly Adam's
+    ``v_t`` (``exp_avg_sq``) *without* bias correction. Caveats: fairseq multiplies gradients by ``1/sample_size``
+    (and unscales fp16) *after* backward, so ``g`` is the un-normalised gradient; ``alpha``'s closed form is
+    invariant to a global scale of ``D`` (up to ``eps``), so this only matters through ``eps`` and batch-to-batch
+    size changes. With ``--update-freq > 1`` the EMA is updated once per micro-batch rather than once per step.
+    Curvature ``D = sqrt(lat_v) + cfg.lat_eps``; before any gradient (``lat_steps == 0``) the output is exactly
+    TWN's (selected on device with ``torch.where``: no host synchronisation in forward).
 
     Args:
-        cfg: reads ``clip_val`` (2.5), ``lat_beta2`` (0.98, match ``--adam-betas``), ``lat_eps`` (1e-6),
-            ``lat_iters`` (5).
+        cfg: the ``QuantConfig``; reads ``clip_val``, ``lat_beta2``, ``lat_eps``, ``lat_iters``.
         rowwise: per-row ``alpha`` (embedding).
 
-    Buffers: ``lat_v`` (float32, shape of the weight, created at the first forward/hook), ``lat_steps`` (int64 ``()``).
+    Buffers: ``lat_v`` (float32, shape of the weight, created at the first forward or gradient), ``lat_steps``
+    (int64 ``()``, number of gradients seen).
     """
 
-    def __init__(self, cfg=None, rowwise: bool = False, **kwargs):
-        super().__init__(cfg, rowwise=rowwise, **kwargs)
-        self.beta2 = float(getattr(cfg, "lat_beta2", 0.98) or 0.98)
-        self.eps = float(getattr(cfg, "lat_eps", 1e-6) or 1e-6)
-        self.iters = int(getattr(cfg, "lat_iters", 5) or 5)
+    def __init__(self, cfg: Optional[QuantConfig] = None, rowwise: bool = False):
+        super().__init__(cfg, rowwise=rowwise)
+        cfg = QuantConfig() if cfg is None else cfg
+        self.beta2 = float(cfg.lat_beta2)
+        self.eps = float(cfg.lat_eps)
+        self.iters = int(cfg.lat_iters)
         self.register_buffer("lat_v", torch.zeros(0))
         self.register_buffer("lat_steps", torch.zeros((), dtype=torch.long))
-        self._hooked_param: Optional[int] = None
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", beta2={self.beta2}, iters={self.iters}"
+        return super().extra_repr() + f", beta2={self.beta2}, eps={self.eps}, iters={self.iters}"
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # lat_v is created lazily with the weight's shape; adopt the stored shape before the strict copy.
@@ -236,29 +254,19 @@ class LATWeightQuantizer(_TernaryBase):
 
     @torch.no_grad()
     def update_second_moment(self, grad: torch.Tensor) -> None:
-        """EMA of squared gradients (Adam's uncorrected ``v_t``); called by the weight's gradient hook."""
+        """EMA of squared gradients (Adam's uncorrected ``v_t``); called from the STE's backward."""
         self._ensure_state(grad)
         g = grad.detach().float()
         self.lat_v.mul_(self.beta2).addcmul_(g, g, value=1.0 - self.beta2)
         self.lat_steps += 1
 
-    def _maybe_hook(self, weight: torch.Tensor) -> None:
-        if not (weight.requires_grad and weight.is_leaf) or self._hooked_param == id(weight):
-            return
-        self._hooked_param = id(weight)
-
-        def hook(grad, _self=self):
-            _self.update_second_moment(grad)
-            return None
-
-        weight.register_hook(hook)
-
-    def forward(self, weight):
-        self._maybe_hook(weight)
-        return super().forward(weight)
+    def _observer(self) -> "LATWeightQuantizer":
+        return self
 
     def _ternarize(self, wc):
-        if int(self.lat_steps) == 0 or self.lat_v.shape != wc.shape:
-            return twn_ternarize(wc, self.rowwise)
-        d = self.lat_v.to(wc.device).sqrt() + self.eps
-        return lat_ternarize(wc, d, self.rowwise, self.iters)
+        self._ensure_state(wc)
+        b_twn, alpha_twn = twn_ternarize(wc, self.rowwise)
+        d = self.lat_v.sqrt() + self.eps
+        b_lat, alpha_lat = lat_ternarize(wc, d, self.rowwise, self.iters, start=b_twn)
+        seen = self.lat_steps > 0
+        return torch.where(seen, b_lat, b_twn), torch.where(seen, alpha_lat, alpha_twn)

@@ -7,7 +7,9 @@ shape ``(rows,)`` (one entry per output channel / embedding row; a per-tensor sc
 
 * ``"sym"`` (:class:`SymWeightQuantizer`, registered here): symmetric max scaling, per output channel (I-BERT
   ``QuantLinear``: ``S_w[c] = max|W[c, :]| / n(b)``) or per tensor (I-BERT ``QuantEmbedding``).
-* ``"twn"``, ``"lat"``: ternary methods (TernaryBERT), registered by :mod:`ibert_plugin.quant.ternary`.
+* ``"twn"``, ``"lat"``: ternary methods (TernaryBERT), registered by :mod:`ibert_plugin.quant.ternary`, which the
+  package ``ibert_plugin.quant`` imports: importing any ``ibert_plugin.quant`` module fills the registry (this module
+  never imports ``ternary``: the dependency points one way).
 
 Registry contract: ``@register_weight_quantizer(name)`` on a :class:`WeightQuantizer` subclass (or on a factory
 ``fn(cfg, rowwise=False) -> WeightQuantizer``). :func:`build_weight_quantizer` instantiates
@@ -73,20 +75,12 @@ class WeightQuantizer(nn.Module):
             ``(rows_int, scale)``: ``rows_int`` ``ids.shape + (dim,)`` exact integers; ``scale`` float32
             broadcastable to it: ``(1,)`` for a per-tensor quantizer, ``ids.shape + (1,)`` per row.
         """
-        if _row_independent(self):
+        if self.row_independent:
             rows = F.embedding(ids, weight, padding_idx)
             w_int, scale = self(rows.reshape(-1, rows.shape[-1]))
             return w_int.reshape(rows.shape), scale.reshape(ids.shape + (1,))
         w_int, scale = self(weight)
         return F.embedding(ids, w_int, padding_idx), scale.reshape(-1)[ids].unsqueeze(-1)
-
-
-def _row_independent(q: nn.Module) -> bool:
-    if getattr(q, "row_independent", False):
-        return True
-    # TWN's row-wise variant only looks at each row (LAT's curvature state is per full table: not row independent).
-    twn = _REGISTRY.get("twn")
-    return isinstance(twn, type) and type(q) is twn and bool(getattr(q, "rowwise", False))
 
 
 class SymWeightQuantizer(WeightQuantizer):
@@ -174,18 +168,8 @@ register_weight_quantizer("sym")(SymWeightQuantizer)
 
 
 def available_weight_quantizers() -> Tuple[str, ...]:
-    """Names currently registered (``ternary`` registers ``twn``/``lat`` when imported)."""
-    _import_ternary()
+    """Names currently registered (``sym`` here; ``twn``/``lat`` by :mod:`.ternary`)."""
     return tuple(sorted(_REGISTRY))
-
-
-def _import_ternary() -> None:
-    if "twn" in _REGISTRY and "lat" in _REGISTRY:
-        return
-    try:  # registration side effect; optional so that this module works on its own
-        from . import ternary  # noqa: F401
-    except ImportError:
-        pass
 
 
 def build_weight_quantizer(cfg: Any, rowwise: bool = False, method: str = None) -> WeightQuantizer:
@@ -200,8 +184,6 @@ def build_weight_quantizer(cfg: Any, rowwise: bool = False, method: str = None) 
         ValueError: unknown method name.
     """
     name = method if method is not None else getattr(cfg, "weight_method", "sym")
-    if name not in _REGISTRY:
-        _import_ternary()
     obj = _REGISTRY.get(name)
     if obj is None:
         raise ValueError(
