@@ -1,45 +1,51 @@
-"""Integer-only audit: clean on an integer encoder stack, and catches deliberately broken modules."""
+"""Integer-only audit of the shipped ``ibert_roberta`` model: clean when calibrated, and catches broken modules.
+
+The audited network is the fairseq model a user trains (``ibert_roberta_tiny`` with a classification head, built
+through fairseq's parser), not a stand-alone encoder.
+"""
 import pytest
 import torch
 from torch import nn
 
-from benchmarks.qat_overhead import EncoderStack
 from ibert_plugin.quant import IntGELU, QuantAct, QuantConfig, QuantLinear
 from ibert_plugin.quant.audit import integer_audit
+from model_helpers import build_model, make_dictionary, random_batch
 
 SYM = QuantConfig(quant_mode="symmetric")
+HEAD = "sentence_classification_head"
+DICT = make_dictionary()
 
 
-def _calibrated(cfg=SYM, seed=0):
-    torch.manual_seed(seed)
-    model = EncoderStack(cfg, layers=2, dim=32, heads=4, ffn=64).train()
+def _calibrated(extra=(), seed=0):
+    model = build_model("ibert_roberta_tiny", DICT, extra=["--quant-mode", "symmetric", *extra], seed=seed).train()
     with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(2, 7, 32), torch.zeros(2, 7, dtype=torch.bool))
+        for s in range(3):
+            model(random_batch(DICT, seed=s), classification_head_name=HEAD)
     return model.eval()
 
 
-def _batch():
-    x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(9))
-    mask = torch.zeros(2, 7, dtype=torch.bool)
-    mask[1, -2:] = True
-    return x, mask
+def _audit(model):
+    return integer_audit(model, random_batch(DICT, seed=9), classification_head_name=HEAD)
+
+
+def _layer(model, i=0):
+    return model.encoder.sentence_encoder.layers[i]
 
 
 def test_audit_clean_on_integer_encoder_and_mode_restored():
     model = _calibrated()
     model.train()
-    report = integer_audit(model, *_batch())
+    report = _audit(model)
     report.assert_clean()
     assert report.checked > 50 and report.modules > 30 and not report.notes
     assert model.training  # previous mode restored
     ranges = [m.x_max.clone() for m in model.modules() if isinstance(m, QuantAct)]
-    integer_audit(model, *_batch())
+    _audit(model)
     assert all(torch.equal(a, m.x_max) for a, m in zip(ranges, [m for m in model.modules() if isinstance(m, QuantAct)]))
 
 
 def test_audit_notes_force_dequant_float_ops_without_violations():
-    report = integer_audit(_calibrated(SYM.replace(force_dequant="gelu")), *_batch())
+    report = _audit(_calibrated(("--force-dequant", "gelu")))
     report.assert_clean()
     assert any("float fallback" in n for n in report.notes)
 
@@ -63,11 +69,14 @@ class _ZeroScale(QuantAct):
 
 
 def _swap(model, attr, cls):
-    layer = model.layers[0]
-    old = getattr(layer, attr)
+    owner = _layer(model)
+    *path, name = attr.split(".")
+    for p in path:
+        owner = getattr(owner, p)
+    old = getattr(owner, name)
     new = cls(old.bits, old.cfg)
     new.load_state_dict(old.state_dict())
-    setattr(layer, attr, new)
+    setattr(owner, name, new)
     return model
 
 
@@ -75,13 +84,13 @@ def _swap(model, attr, cls):
     "attr, cls, needle",
     [
         ("fc2_act", _NonInteger, "not integer-valued"),
-        ("q_act", _OutOfRange, "outside the declared range"),
-        ("attn_act", _ZeroScale, "scale is not finite and nonzero"),
+        ("self_attn.q_act", _OutOfRange, "outside the declared range"),
+        ("self_attn.attn_act", _ZeroScale, "scale is not finite and nonzero"),
     ],
 )
 def test_audit_catches_broken_quantizers(attr, cls, needle):
     model = _swap(_calibrated(), attr, cls)
-    report = integer_audit(model, *_batch())
+    report = _audit(model)
     assert not report.clean
     assert any(needle in v.message and v.module.endswith(attr) for v in report.violations), report.violations
     with pytest.raises(AssertionError, match=needle):
@@ -98,8 +107,8 @@ class _FloatGELU(IntGELU):
 
 def test_audit_catches_float_op_between_quantizers():
     model = _calibrated()
-    model.layers[1].gelu = _FloatGELU(SYM)
-    report = integer_audit(model, *_batch())
+    _layer(model, 1).gelu = _FloatGELU(SYM)
+    report = _audit(model)
     kinds = {(v.module, v.message.split(":")[0]) for v in report.violations}
     assert any(m.endswith("layers.1.gelu") and "real tensor" in msg for m, msg in kinds), report.violations
     # a float op applied to a real tensor before a QuantAct is flagged at the QuantAct too
@@ -113,10 +122,9 @@ def test_audit_catches_float_op_between_quantizers():
         def forward(self, x, scale):
             return torch.tanh(x * scale), None
 
-    layer = model.layers[0]
-    gelu = layer.gelu
-    layer.gelu = Tanh(gelu)  # not a quant module: nothing vouches for its real output
-    report = integer_audit(model, *_batch())
+    layer = _layer(model)
+    layer.gelu = Tanh(layer.gelu)  # not a quant module: nothing vouches for its real output
+    report = _audit(model)
     assert any(v.module.endswith("layers.0.fc2_act") and "float-only op" in v.message for v in report.violations)
 
 
@@ -127,8 +135,8 @@ def test_audit_records_forward_errors_and_empty_models():
         def forward(self, x, scale):
             return x * scale, None
 
-    model.layers[0].fc1_act = Dequant()  # QuantLinear fc1 now receives a real tensor and raises
-    report = integer_audit(model, *_batch())
+    _layer(model).fc1_act = Dequant()  # QuantLinear fc1 now receives a real tensor and raises
+    report = _audit(model)
     msgs = " | ".join(str(v) for v in report.violations)
     assert "QuantLinear" in msgs and "real tensor" in msgs and "<forward>" in msgs
     empty = integer_audit(nn.Linear(3, 3), torch.randn(2, 3))
