@@ -1,16 +1,25 @@
 """Integer-engine command line.
 
+    python -m ibert_plugin.engine convert --checkpoint CKPT --output model.int [--data-bin DIR] [--bpe auto]
+                                          [--bpe-dir D] [--task T] [--head NAME]
+    python -m ibert_plugin.engine predict --model model.int [SENTENCE ...] [--tsv FILE [--task T]]
+                                          [--format tsv|jsonl] [--output F]
+    python -m ibert_plugin.engine eval --model model.int --tsv FILE [--task T] [--predictions OUT] [--json F]
     python -m ibert_plugin.engine eval --checkpoint CKPT --data-bin DIR [--split valid | --tsv FILE --task T]
-                                       [--batch-size 8] [--compare-qat] [--compare-fp32] [--predictions OUT] [--json F]
+                                       [--compare-qat] [--compare-fp32] [--predictions OUT] [--json F]
     python -m ibert_plugin.engine selftest
 
-``eval`` runs a symmetric-mode ``ibert_roberta`` sentence-classification checkpoint on the integer engine. Input is a
-fairseq-binarised split of ``DIR`` (``DIR/input0``, ``DIR/label``), or a GLUE-format TSV (``--tsv``, columns as in
-the GLUE task ``--task``: a dev file with labels is scored, a test file only predicted), BPE-encoded with the same
-local BPE as ``DIR`` (``--bpe auto`` tells GPT-2 from WordPiece by the dictionary) and mapped through ``DIR``'s
-dictionaries. It prints accuracy (when labels are known) and throughput (sentences/s); ``--compare-qat`` also runs the
-QAT model (accuracy must be identical), ``--compare-fp32`` the same weights in float for a speedup;
-``--predictions`` writes ``index<TAB>label`` rows (GLUE submission layout). Bad input: one error line, exit 2.
+``convert`` compiles a symmetric-mode ``ibert_roberta`` sentence-classification checkpoint into an IBERT-INT model
+file (``model_file.py``, ``docs/integer_model_format.md``): every integer constant, the float head, the dictionary and
+tokenizer of ``DIR`` (default: the data directory the checkpoint was trained on; ``--bpe auto`` tells GPT-2 from
+WordPiece by the dictionary; BPE files from ``--bpe-dir``, default ``<data>/gpt2_bpe`` or ``<data>/minilm``) and the
+label names. ``predict`` and ``eval --model`` run from that file alone: no fairseq import, no QAT model. ``predict``
+reads sentences from its arguments, from stdin (one example per line; a pair task's two sentences tab-separated) or
+from a GLUE-format TSV, and writes ``index``, ``prediction`` and one probability per label as TSV, or JSON lines.
+``eval`` prints accuracy (when labels are known) and throughput; with ``--checkpoint`` it reads fairseq data
+(a binarised split, or a TSV tokenized with ``DIR``'s dictionaries) and can also run the QAT model (``--compare-qat``,
+accuracy must be identical) and the same weights in float (``--compare-fp32``, speedup). ``--predictions`` writes
+``index<TAB>label`` rows (GLUE submission layout). Bad input: one ``error:`` line, exit 2.
 """
 from __future__ import annotations
 
@@ -21,79 +30,370 @@ import sys
 import time
 from pathlib import Path
 
+from . import EngineError
+
+
+def _add_run_args(p):
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--route", choices=["auto", "ort", "u8u8"], default="auto",
+                   help="GEMM routes: auto = fastest exact per weight (fbgemm16 ternary, fbgemm 7-bit, u8u8 8-bit); "
+                        "ort = ONNX Runtime only (u8s8 / u8u8); u8u8 = the exact 16-bit route everywhere")
+
+
+def _add_tsv_args(p, task_help):
+    p.add_argument("--tsv", default=None, help="GLUE-format TSV (columns as in the GLUE task --task)")
+    p.add_argument("--task", default=None, help=task_help)
+    p.add_argument("--tsv-kind", choices=["auto", "dev", "test"], default="auto",
+                   help="with --tsv: dev (labelled) or test layout; auto: from the file name (test*.tsv is test)")
+
 
 def _parser():
     ap = argparse.ArgumentParser(prog="python -m ibert_plugin.engine")
     sub = ap.add_subparsers(dest="cmd", required=True)
+
+    cv = sub.add_parser("convert", help="checkpoint -> IBERT-INT integer model file")
+    cv.add_argument("--checkpoint", required=True)
+    cv.add_argument("--output", required=True, help="model file to write (e.g. model.int)")
+    cv.add_argument("--data-bin", default=None,
+                    help="binarised data dir whose input0/label dictionaries the model uses (default: the "
+                         "checkpoint's training data dir)")
+    cv.add_argument("--bpe", choices=["auto", "gpt2", "wordpiece"], default="auto",
+                    help="BPE of the dictionary (auto: detected from it)")
+    cv.add_argument("--bpe-dir", default=None, help="BPE files (default <data>/gpt2_bpe or <data>/minilm)")
+    cv.add_argument("--task", default=None, help="GLUE task of the model (e.g. RT-SENT): default TSV layout")
+    cv.add_argument("--head", default="sentence_classification_head")
+
+    pr = sub.add_parser("predict", help="labels and probabilities for raw sentences, from a model file")
+    pr.add_argument("--model", required=True, help="IBERT-INT model file (from convert)")
+    pr.add_argument("sentences", nargs="*", help="sentences (default: one example per stdin line)")
+    _add_tsv_args(pr, "with --tsv: GLUE task of the file's column layout (default: the model file's task)")
+    pr.add_argument("--format", choices=["tsv", "jsonl"], default="tsv")
+    pr.add_argument("--output", default=None, help="write here instead of stdout")
+    _add_run_args(pr)
+
     ev = sub.add_parser("eval", help="accuracy + throughput of the integer engine")
-    ev.add_argument("--checkpoint", required=True)
-    ev.add_argument("--data-bin", required=True)
+    src = ev.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", default=None, help="IBERT-INT model file (no fairseq; input: --tsv)")
+    src.add_argument("--checkpoint", default=None, help="fairseq checkpoint (input: --data-bin)")
+    ev.add_argument("--data-bin", default=None, help="with --checkpoint: binarised data dir (dictionaries, splits)")
     ev.add_argument("--split", default="valid", help="binarised split of --data-bin (ignored with --tsv)")
-    ev.add_argument("--tsv", default=None, help="GLUE-format TSV to predict on instead of a binarised split")
-    ev.add_argument("--task", default=None, help="with --tsv: GLUE task of the file's column layout (e.g. RT-SENT, SST-2)")
-    ev.add_argument("--tsv-kind", choices=["auto", "dev", "test"], default="auto",
-                    help="with --tsv: dev (labelled) or test layout; auto: from the file name (test*.tsv is test)")
+    _add_tsv_args(ev, "with --tsv: GLUE task of the file's column layout (e.g. RT-SENT, SST-2; with --model the "
+                      "file's task by default)")
     ev.add_argument("--bpe", choices=["auto", "gpt2", "wordpiece"], default="auto",
-                    help="with --tsv: the BPE of --data-bin (auto: detected from its dictionary)")
-    ev.add_argument("--bpe-dir", default=None, help="with --tsv: BPE files (default <data>/gpt2_bpe or <data>/minilm)")
+                    help="with --checkpoint --tsv: the BPE of --data-bin (auto: detected from its dictionary)")
+    ev.add_argument("--bpe-dir", default=None,
+                    help="with --checkpoint --tsv: BPE files (default <data>/gpt2_bpe or <data>/minilm)")
     ev.add_argument("--predictions", default=None, help="write index<TAB>predicted label rows to this file")
-    ev.add_argument("--batch-size", type=int, default=8)
-    ev.add_argument("--threads", type=int, default=None)
-    ev.add_argument("--route", choices=["auto", "ort", "u8u8"], default="auto",
-                    help="GEMM routes: auto = fastest exact per weight (fbgemm16 ternary, fbgemm 7-bit, u8u8 8-bit); "
-                         "ort = ONNX Runtime only (u8s8 / u8u8); u8u8 = the exact 16-bit route everywhere")
+    _add_run_args(ev)
     ev.add_argument("--head", default="sentence_classification_head")
-    ev.add_argument("--compare-qat", action="store_true", help="also evaluate the QAT model (same accuracy)")
+    ev.add_argument("--compare-qat", action="store_true", help="with --checkpoint: also evaluate the QAT model")
     ev.add_argument("--compare-fp32", action="store_true",
-                    help="also time the FP32 PyTorch forward of the same weights (quant_mode none) for a speedup")
+                    help="with --checkpoint: also time the FP32 forward of the same weights (quant_mode none)")
     ev.add_argument("--json", default=None, help="also write the result object to this file")
     sub.add_parser("selftest", help="GEMM route self-test on this CPU")
     return ap
 
 
-def _eval(args):
-    import torch
+# ------------------------------------------------------------------------------------------------------------------
+# checkpoint side (fairseq)
+# ------------------------------------------------------------------------------------------------------------------
+def _load_checkpoint(path: str):
+    """(QAT model, cfg) of a checkpoint; a file torch or fairseq cannot read is one "not a valid checkpoint" line."""
+    import pickle
+    import zipfile
 
-    import ibert_plugin  # noqa: F401  (registers the architecture)
+    from . import convert
+
+    try:
+        return convert.load_qat_checkpoint(path)
+    except EngineError as exc:
+        cause = exc.__cause__
+        if cause is None or isinstance(cause, EngineError):
+            raise
+        # torch's own message is an essay that ends in "re-run with weights_only=False": name the file's problem
+        if not zipfile.is_zipfile(path):
+            why = "not a torch zip archive: corrupt or truncated"
+        elif isinstance(cause, pickle.UnpicklingError):
+            why = "it holds Python objects other than tensors and fairseq's configuration"
+        elif isinstance(cause, (OSError, RuntimeError, EOFError, zipfile.BadZipFile)):
+            why = "unreadable torch archive"
+        else:
+            why = "no fairseq ibert_roberta model in it"
+        raise EngineError(f"not a valid checkpoint: {path} ({why})") from None
+
+
+def _setup_task(cfg, data_bin: str):
+    """The checkpoint's ``sentence_prediction`` task on ``data_bin`` (its dictionaries, exactly as in training)."""
     from fairseq import tasks
+    from omegaconf import OmegaConf, open_dict
 
-    from . import EngineError, convert
-
-    if not os.path.isdir(args.data_bin):
-        raise EngineError(f"data directory not found: {args.data_bin}")
-    if args.batch_size < 1:
-        raise EngineError("--batch-size must be >= 1")
-    model, cfg = convert.load_qat_checkpoint(args.checkpoint)
     task_cfg = cfg["task"] if isinstance(cfg, dict) or hasattr(cfg, "__getitem__") else None
     if task_cfg is None or task_cfg.get("_name", None) not in (None, "sentence_prediction"):
         raise EngineError("the checkpoint was not trained with the sentence_prediction task")
-    task_cfg = dict(task_cfg) if not hasattr(task_cfg, "data") else task_cfg
+    if not os.path.isdir(data_bin):
+        raise EngineError(f"data directory not found: {data_bin}")
+    tc = OmegaConf.create(dict(task_cfg)) if isinstance(task_cfg, dict) else task_cfg
+    with open_dict(tc):
+        tc.data = data_bin
     try:
-        from omegaconf import OmegaConf, open_dict
-
-        tc = OmegaConf.create(dict(task_cfg)) if isinstance(task_cfg, dict) else task_cfg
-        with open_dict(tc):
-            tc.data = args.data_bin
-        task = tasks.setup_task(tc)
-        task.load_dataset(args.split)
+        return tasks.setup_task(tc)
     except FileNotFoundError as exc:
-        raise EngineError(f"cannot load split {args.split!r} from {args.data_bin}: {exc}") from exc
+        raise EngineError(f"{data_bin}: no fairseq dictionaries ({exc})") from None
+
+
+def _detect_bpe(dictionary) -> str:
+    """GPT-2 BPE dictionaries hold byte-pair ids (digits); WordPiece dictionaries hold word pieces."""
+    syms = [dictionary[i] for i in range(dictionary.nspecial, min(len(dictionary), dictionary.nspecial + 500))]
+    digits = sum(x.isdigit() for x in syms)
+    return "gpt2" if syms and digits > len(syms) // 2 else "wordpiece"
+
+
+def _text_encoder(task, bpe: str, bpe_dir, num_inputs: int):
+    """The engine's fairseq-free tokenizer for the task's dictionary (the same one a model file stores)."""
+    from ibert_plugin.assets.common import AssetError, data_dir
+
+    from .tokenizer import TextEncoder, gpt2_tokenizer_json
+
+    src = task.source_dictionary
+    bpe = _detect_bpe(src) if bpe == "auto" else bpe
+    d = Path(bpe_dir) if bpe_dir else data_dir() / ("gpt2_bpe" if bpe == "gpt2" else "minilm")
+    if bpe == "gpt2":
+        tok_json = gpt2_tokenizer_json(d)
+    else:
+        from ibert_plugin.assets.wordpiece_bpe import load_wordpiece_tokenizer
+
+        try:
+            tok_json = load_wordpiece_tokenizer(str(d)).to_str()
+        except (FileNotFoundError, AssetError) as exc:
+            raise EngineError(f"{exc} (run: python -m ibert_plugin.assets build --only minilm)") from None
+    init_tok = getattr(task.cfg, "init_token", src.bos())
+    sep_tok = getattr(task.cfg, "separator_token", src.eos())
+    return TextEncoder(bpe=bpe, tokenizer_json=tok_json, symbols=list(src.symbols), bos=src.bos(), pad=src.pad(),
+                       eos=src.eos(), unk=src.unk(), init_token=init_tok, separator_token=sep_tok,
+                       max_positions=int(task.max_positions()), num_inputs=num_inputs)
+
+
+def _label_names(task, num_classes: int):
+    ld = task.label_dictionary
+    return [ld[i + ld.nspecial] for i in range(num_classes)]
+
+
+def _qat_engine(args):
+    """(engine, QAT model, task) for ``--checkpoint``; the engine's head is ``--head``."""
+    from . import convert
+    from .engine import IntegerEngine
+
+    model, cfg = _load_checkpoint(args.checkpoint)
+    task = _setup_task(cfg, args.data_bin)
     V = model.encoder.sentence_encoder.embed_tokens.weight.shape[0]
     if len(task.source_dictionary) != V:
         raise EngineError(f"dictionary size mismatch: {args.data_bin} has {len(task.source_dictionary)} entries, "
                           f"the checkpoint's embedding table {V}")
     if args.head not in getattr(model, "classification_heads", {}):
         raise EngineError(f"the checkpoint has no classification head {args.head!r}")
-    eng = convert.from_model(model, threads=args.threads, route=args.route)
-    eng.im.head = {k: v for k, v in convert.qstate_from_model(model, args.head).head.items()}
+    im = convert.compile_model(model, args.head)
+    return IntegerEngine(im, threads=args.threads, route=args.route), model, task
+
+
+def _convert(args):
+    from . import convert, model_file
+
+    model, cfg = _load_checkpoint(args.checkpoint)
+    data_bin = args.data_bin or (cfg["task"].get("data") if cfg.get("task") is not None else None)
+    if not data_bin:
+        raise EngineError("the checkpoint does not name its data directory: give --data-bin")
+    task = _setup_task(cfg, data_bin)
+    heads = getattr(model, "classification_heads", {})
+    if args.head not in heads:
+        raise EngineError(f"the checkpoint has no classification head {args.head!r}")
+    V = model.encoder.sentence_encoder.embed_tokens.weight.shape[0]
+    if len(task.source_dictionary) != V:
+        raise EngineError(f"dictionary size mismatch: {data_bin} has {len(task.source_dictionary)} entries, the "
+                          f"checkpoint's embedding table {V}")
+    if args.task is not None:
+        _task_spec(args.task)
+    num_inputs = 2 if os.path.isdir(os.path.join(data_bin, "input1")) else 1
+    text = _text_encoder(task, args.bpe, args.bpe_dir, num_inputs)
+    im = convert.compile_model(model, args.head)
+    labels = _label_names(task, heads[args.head].out_proj.weight.shape[0])
+    source = {"checkpoint": os.path.basename(args.checkpoint), "sha256": model_file.sha256_file(args.checkpoint),
+              "head": args.head, "data_bin": os.path.abspath(data_bin)}
+    header = model_file.save(args.output, im, text=text, labels=labels, source=source, task=args.task)
+    a, b = header["arch"], header["bits"]
+    print(f"wrote {args.output} ({model_file.FORMAT_NAME} v{model_file.FORMAT_VERSION}, "
+          f"{os.path.getsize(args.output) / 1e6:.1f} MB): {a['layers']} layers x {a['embed_dim']}, "
+          f"{'ternary' if b['ternary'] else str(b['weight']) + '-bit'} weights, {text.bpe} tokenizer, "
+          f"labels {labels}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# model-file side (no fairseq)
+# ------------------------------------------------------------------------------------------------------------------
+def _load_model_file(args):
+    """(engine, ModelFile) for ``--model``."""
+    from . import model_file
+    from .engine import IntegerEngine
+
+    mf = model_file.load(args.model)
+    if mf.text is None:
+        raise EngineError(f"{args.model} holds no tokenizer: re-run convert")
+    if not mf.model.head:
+        raise EngineError(f"{args.model} holds no classification head")
+    return IntegerEngine(mf.model, threads=args.threads, route=args.route), mf
+
+
+def _task_spec(name: str):
+    from ibert_plugin.assets import glue
+
+    spec = glue.TASKS.get(name)
+    if spec is None:
+        raise EngineError(f"unknown task {name!r} (choose from {', '.join(glue.ALL_ORDER)})")
+    if spec.labels is None:
+        raise EngineError(f"{name} is a regression task: the engine CLI predicts classes only")
+    return spec
+
+
+def _read_tsv(args, default_task):
+    """(input columns, labels or None) of ``--tsv`` in the layout of ``--task`` (or ``default_task``)."""
+    from ibert_plugin.assets import glue
+    from ibert_plugin.assets.common import AssetError
+
+    task = args.task or default_task
+    if not task:
+        raise EngineError("--tsv needs --task (the GLUE column layout, e.g. RT-SENT or SST-2)")
+    spec = _task_spec(task)
+    kind = args.tsv_kind
+    if kind == "auto":
+        kind = "test" if os.path.basename(args.tsv).startswith("test") else "dev"
+    try:
+        cols, labels, _ = glue.read_split(Path(args.tsv), spec, kind)
+    except AssetError as exc:
+        raise EngineError(str(exc)) from None
+    return cols, labels
+
+
+def _encode(text, cols):
+    rows, truncated = text.encode(cols)
+    if truncated:
+        print(f"warning: {truncated} rows longer than {text.max_positions} tokens were truncated", file=sys.stderr)
+    return rows
+
+
+def _targets(labels, names, where):
+    import torch
+
+    idx = {n: i for i, n in enumerate(names)}
+    out = []
+    for i, lab in enumerate(labels):
+        if lab not in idx:
+            raise EngineError(f"{where}: label {lab!r} (row {i + 1}) is not one of the model's labels {names}")
+        out.append(idx[lab])
+    return torch.tensor(out, dtype=torch.long)
+
+
+def _batches_with_targets(text, rows, targets, batch_size):
+    toks = text.batches(rows, batch_size)
+    out, s = [], 0
+    for t in toks:
+        out.append((t, None if targets is None else targets[s: s + t.shape[0]]))
+        s += t.shape[0]
+    return out
+
+
+def _predict(args):
+    import torch
+
+    if args.batch_size < 1:
+        raise EngineError("--batch-size must be >= 1")
+    eng, mf = _load_model_file(args)
+    text = mf.text
     if args.tsv:
-        batches, split_name = _tsv_batches(args, task), os.path.basename(args.tsv)
+        if args.sentences:
+            raise EngineError("give sentences or --tsv, not both")
+        cols, _ = _read_tsv(args, mf.header.get("task"))
     else:
-        ds = task.dataset(args.split)
-        batches = [(b["net_input"]["src_tokens"], b["target"].view(-1)) for b in
-                   (ds.collater([ds[i] for i in range(s, min(s + args.batch_size, len(ds)))])
-                    for s in range(0, len(ds), args.batch_size))]
-        split_name = args.split
+        lines = args.sentences or [ln.rstrip("\r\n") for ln in sys.stdin]
+        lines = [ln for ln in lines if ln.strip()]
+        if not lines:
+            raise EngineError("no sentences (give them as arguments, on stdin, or with --tsv)")
+        fields = [ln.split("\t") for ln in lines] if text.num_inputs > 1 else [[ln] for ln in lines]
+        for i, f in enumerate(fields):
+            if len(f) != text.num_inputs:
+                raise EngineError(f"example {i + 1}: the model takes {text.num_inputs} tab-separated sentences, "
+                                  f"got {len(f)}")
+        cols = [list(c) for c in zip(*fields)]
+    names = mf.labels or [str(i) for i in range(mf.header["arch"]["num_classes"])]
+    probs = []
+    with torch.no_grad():
+        for toks in text.batches(_encode(text, cols), args.batch_size):
+            probs.append(torch.softmax(eng.classify(toks).double(), dim=-1))
+    probs = torch.cat(probs)
+    pred = probs.argmax(-1).tolist()
+    out_lines = []
+    if args.format == "tsv":
+        out_lines.append("\t".join(["index", "prediction"] + [f"p_{n}" for n in names]))
+        out_lines += ["\t".join([str(i), names[p]] + [f"{v:.6f}" for v in row])
+                      for i, (p, row) in enumerate(zip(pred, probs.tolist()))]
+    else:
+        out_lines += [json.dumps({"index": i, "prediction": names[p],
+                                  "probabilities": {n: round(v, 6) for n, v in zip(names, row)}})
+                      for i, (p, row) in enumerate(zip(pred, probs.tolist()))]
+    body = "\n".join(out_lines) + "\n"
+    if args.output:
+        try:
+            Path(args.output).write_text(body)
+        except OSError as exc:
+            raise EngineError(f"cannot write --output {args.output}: {exc.strerror}") from None
+    else:
+        sys.stdout.write(body)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# eval (both sides)
+# ------------------------------------------------------------------------------------------------------------------
+def _eval(args):
+    import torch
+
+    if args.batch_size < 1:
+        raise EngineError("--batch-size must be >= 1")
+    model = task = None
+    if args.model:
+        if args.compare_qat or args.compare_fp32:
+            raise EngineError("--compare-qat / --compare-fp32 need --checkpoint (a model file holds no QAT model)")
+        if not args.tsv:
+            raise EngineError("with --model, evaluate a GLUE-format --tsv (binarised splits need --checkpoint)")
+        eng, mf = _load_model_file(args)
+        cols, labels = _read_tsv(args, mf.header.get("task"))
+        names = mf.labels or [str(i) for i in range(mf.header["arch"]["num_classes"])]
+        targets = None if labels is None else _targets(labels, names, args.tsv)
+        batches = _batches_with_targets(mf.text, _encode(mf.text, cols), targets, args.batch_size)
+        split_name = os.path.basename(args.tsv)
+    else:
+        if not args.data_bin:
+            raise EngineError("--checkpoint needs --data-bin")
+        if not os.path.isdir(args.data_bin):
+            raise EngineError(f"data directory not found: {args.data_bin}")
+        eng, model, task = _qat_engine(args)
+        names = _label_names(task, eng.im.head["out_proj.weight"].shape[0])
+        if args.tsv:
+            cols, labels = _read_tsv(args, None)
+            text = _text_encoder(task, args.bpe, args.bpe_dir, len(cols))
+            targets = None if labels is None else _targets(labels, names, args.tsv)
+            batches = _batches_with_targets(text, _encode(text, cols), targets, args.batch_size)
+            split_name = os.path.basename(args.tsv)
+        else:
+            try:
+                task.load_dataset(args.split)
+            except FileNotFoundError as exc:
+                raise EngineError(f"cannot load split {args.split!r} from {args.data_bin}: {exc}") from None
+            ds = task.dataset(args.split)
+            batches = [(b["net_input"]["src_tokens"], b["target"].view(-1)) for b in
+                       (ds.collater([ds[i] for i in range(s, min(s + args.batch_size, len(ds)))])
+                        for s in range(0, len(ds), args.batch_size))]
+            split_name = args.split
     fp_model = _fp32_twin(model) if args.compare_fp32 else None
     correct = correct_qat = correct_fp = n = n_lab = 0
     t_int = t_qat = t_fp = 0.0
@@ -121,14 +421,13 @@ def _eval(args):
                 if tgt is not None:
                     correct_fp += int((lf.argmax(-1) == tgt).sum())
     if args.predictions:
-        ld = task.label_dictionary
         try:
             with open(args.predictions, "w") as f:
                 f.write("index\tprediction\n")
                 for i, p in enumerate(torch.cat(preds).tolist() if preds else []):
-                    f.write(f"{i}\t{ld[p + ld.nspecial]}\n")
+                    f.write(f"{i}\t{names[p]}\n")
         except OSError as exc:
-            raise EngineError(f"cannot write --predictions {args.predictions}: {exc.strerror}") from exc
+            raise EngineError(f"cannot write --predictions {args.predictions}: {exc.strerror}") from None
     acc = (lambda c: c / n_lab) if n_lab else (lambda c: None)
     res = {"split": split_name, "sentences": n, "labelled": n_lab, "accuracy": acc(correct),
            "sentences_per_s": n / max(t_int, 1e-9), "routes": sorted(set(eng.routes[0].values())),
@@ -138,6 +437,7 @@ def _eval(args):
     if fp_model is not None:
         res.update(fp32_accuracy=acc(correct_fp), fp32_sentences_per_s=n / max(t_fp, 1e-9),
                    speedup=t_fp / max(t_int, 1e-9))
+
     def fmt(a):
         return "n/a (no labels)" if a is None else f"{a:.4f}"
 
@@ -150,78 +450,12 @@ def _eval(args):
               f"{res['fp32_sentences_per_s']:.1f} sentences/s -> engine speedup {res['speedup']:.2f}x")
     print(json.dumps(res))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+        try:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=2)
+        except OSError as exc:
+            raise EngineError(f"cannot write --json {args.json}: {exc.strerror}") from None
     return 0
-
-
-def _detect_bpe(dictionary) -> str:
-    """GPT-2 BPE dictionaries hold byte-pair ids (digits); WordPiece dictionaries hold word pieces."""
-    syms = [dictionary[i] for i in range(dictionary.nspecial, min(len(dictionary), dictionary.nspecial + 500))]
-    digits = sum(x.isdigit() for x in syms)
-    return "gpt2" if syms and digits > len(syms) // 2 else "wordpiece"
-
-
-def _tsv_batches(args, task):
-    """Read, validate, BPE-encode and batch a GLUE-format TSV exactly as ``preprocess_GLUE_tasks.sh`` + the
-    ``sentence_prediction`` task would: ``<s> a </s>`` or ``<s> a </s> </s> b </s>``, right-padded."""
-    import torch
-    from fairseq.data import data_utils
-
-    from ibert_plugin.assets import glue
-    from ibert_plugin.assets.common import AssetError, data_dir
-
-    from . import EngineError
-
-    if not args.task:
-        raise EngineError("--tsv needs --task (the GLUE column layout, e.g. RT-SENT or SST-2)")
-    spec = glue.TASKS.get(args.task)
-    if spec is None:
-        raise EngineError(f"unknown task {args.task!r} (choose from {', '.join(glue.ALL_ORDER)})")
-    if spec.labels is None:
-        raise EngineError(f"{args.task} is a regression task: the engine CLI predicts classes only")
-    kind = args.tsv_kind
-    if kind == "auto":
-        kind = "test" if os.path.basename(args.tsv).startswith("test") else "dev"
-    src, ld = task.source_dictionary, task.label_dictionary
-    bpe = _detect_bpe(src) if args.bpe == "auto" else args.bpe
-    try:
-        cols, labels, _ = glue.read_split(Path(args.tsv), spec, kind)
-        bpe_dir = Path(args.bpe_dir) if args.bpe_dir else data_dir() / ("gpt2_bpe" if bpe == "gpt2" else "minilm")
-        encoder = glue.BpeEncoder(bpe, bpe_dir)
-        encoded = [encoder.encode_all(c) for c in cols]
-    except AssetError as exc:
-        raise EngineError(str(exc)) from exc
-    init_tok = getattr(task.cfg, "init_token", src.bos())
-    sep_tok = getattr(task.cfg, "separator_token", src.eos())
-    max_len = task.max_positions()  # sentence_prediction: --max-positions of the checkpoint's task config
-    rows, too_long = [], 0
-    for r in range(len(encoded[0])):
-        ids = ([] if init_tok is None else [init_tok]) + src.encode_line(
-            encoded[0][r], append_eos=True, add_if_not_exist=False).tolist()
-        for c in encoded[1:]:
-            ids += ([] if sep_tok is None else [sep_tok]) + src.encode_line(
-                c[r], append_eos=True, add_if_not_exist=False).tolist()
-        if len(ids) > max_len:
-            too_long += 1
-            ids = ids[: max_len - 1] + [src.eos()]
-        rows.append(torch.tensor(ids, dtype=torch.long))
-    if too_long:
-        print(f"warning: {too_long} rows longer than {max_len} tokens were truncated", file=sys.stderr)
-    targets = None
-    if labels is not None:
-        idx = []
-        for i, lab in enumerate(labels):
-            j = ld.index(lab)
-            if j == ld.unk():
-                raise EngineError(f"{args.tsv}: label {lab!r} (row {i + 1}) is not in {args.data_bin}/label/dict.txt")
-            idx.append(j - ld.nspecial)
-        targets = torch.tensor(idx, dtype=torch.long)
-    out = []
-    for s in range(0, len(rows), args.batch_size):
-        toks = data_utils.collate_tokens(rows[s: s + args.batch_size], src.pad(), left_pad=False)
-        out.append((toks, None if targets is None else targets[s: s + args.batch_size]))
-    return out
 
 
 def _fp32_twin(model):
@@ -230,7 +464,7 @@ def _fp32_twin(model):
 
     from omegaconf import OmegaConf, open_dict
 
-    from ibert_plugin.quant.packing import build_model_for_state
+    from ibert_plugin.wiring.checkpoint import build_model_for_state
 
     cfg = copy.deepcopy(model.cfg if hasattr(model, "cfg") else model.args)
     if OmegaConf.is_config(cfg):
@@ -247,8 +481,6 @@ def _fp32_twin(model):
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from . import EngineError
-
     try:
         if args.cmd == "selftest":
             from . import selftest
@@ -256,7 +488,7 @@ def main(argv=None) -> int:
             r = selftest.run(force=True)
             print("GEMM self-test:", r.summary())
             return 0 if r.exact_ok else 1
-        return _eval(args)
+        return {"convert": _convert, "predict": _predict, "eval": _eval}[args.cmd](args)
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,324 @@
+"""IBERT-INT: the integer engine's model file (format version 1, ``docs/integer_model_format.md``).
+
+One safetensors file. Its tensors are every tensor of the compiled :class:`convert.IntModel` (int8 weights, int64
+biases and dyadic multipliers/shifts, float32 scales, the i-exp tables, the float classification head) under their
+dotted field paths (``model.layers.3.qkv.w_int``), plus the tokenizer as UTF-8 byte tensors (``vocab.tokenizer``,
+``vocab.dictionary``). Its ``__metadata__`` holds ``format = "IBERT-INT"``, ``version = "1"`` and ``header``: one JSON
+document with the arch shape, bit-widths, route hints, label names, tokenization settings, the source checkpoint's
+sha256, the sha256 of the tensor payload, and ``model``: the IntModel tree, in which every dataclass is
+``{"type": name, "fields": {...}}``, every tensor ``{"tensor": key}`` and every int/float/bool/str/None itself.
+
+The tree is written and read by walking ``dataclasses.fields``, so fields added to the compiled model are stored
+without touching this module; a file whose field set differs from the running engine's is refused (re-convert).
+Reading never imports fairseq or builds the QAT model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from . import EngineError
+from .convert import IntModel
+from .tokenizer import TextEncoder
+
+FORMAT_NAME = "IBERT-INT"
+FORMAT_VERSION = 1
+#: Largest safetensors header we accept (the tokenizer lives in tensors, so real headers are a few hundred kB).
+MAX_HEADER_BYTES = 64 << 20
+
+
+class ModelFileError(EngineError):
+    """A file that is not a readable IBERT-INT model (foreign, corrupt, truncated, newer version)."""
+
+
+@dataclass
+class ModelFile:
+    """A loaded IBERT-INT file.
+
+    Attributes:
+        model: the compiled integer model, ready for :class:`engine.IntegerEngine`.
+        text: tokenizer + dictionary + special tokens (None when the file was written without them).
+        labels: class index -> label name (None: unknown).
+        header: the parsed JSON header (``arch``, ``bits``, ``route_hints``, ``source``, ``task`` ...).
+    """
+
+    model: IntModel
+    text: Optional[TextEncoder]
+    labels: Optional[List[str]]
+    header: Dict[str, Any]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# generic dataclass tree <-> (JSON, tensors)
+# ------------------------------------------------------------------------------------------------------------------
+def _encode(obj: Any, key: str, tensors: Dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        # clone: safetensors refuses tensors that share storage (expanded per-channel constants, views)
+        tensors[key] = obj.detach().cpu().contiguous().clone()
+        return {"tensor": key}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {"type": type(obj).__name__, "fields": {f.name: _encode(getattr(obj, f.name), f"{key}.{f.name}", tensors)
+                                                     for f in dataclasses.fields(obj) if f.init}}
+    if isinstance(obj, (list, tuple)):
+        return {"list" if isinstance(obj, list) else "tuple": [_encode(v, f"{key}.{i}", tensors)
+                                                               for i, v in enumerate(obj)]}
+    if isinstance(obj, dict):
+        if not all(isinstance(k, str) for k in obj):
+            raise TypeError(f"{key}: dict keys must be strings")
+        return {"dict": {k: _encode(v, f"{key}.{k}", tensors) for k, v in obj.items()}}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"{key}: cannot store a {type(obj).__name__} in an {FORMAT_NAME} file")
+
+
+def _dataclass_types() -> Dict[str, type]:
+    """The compiled model's record types: the dataclasses of the module that defines :class:`IntModel`."""
+    mod = sys.modules[IntModel.__module__]
+    return {n: o for n, o in vars(mod).items() if isinstance(o, type) and dataclasses.is_dataclass(o)}
+
+
+def _decode(node: Any, key: str, tensors: Dict[str, torch.Tensor], types: Dict[str, type]) -> Any:
+    if not isinstance(node, dict):
+        return node
+    if "tensor" in node:
+        name = node["tensor"]
+        if name not in tensors:
+            raise ModelFileError(f"corrupt {FORMAT_NAME} file: tensor {name!r} is missing")
+        return tensors[name]
+    if "type" in node:
+        cls = types.get(node["type"])
+        if cls is None:
+            raise ModelFileError(f"{key}: record type {node['type']!r} is unknown to this engine (re-run convert)")
+        want = {f.name for f in dataclasses.fields(cls) if f.init}
+        got = set(node.get("fields", {}))
+        if got != want:
+            raise ModelFileError(
+                f"{key}: the file's {cls.__name__} fields differ from this engine's (missing "
+                f"{sorted(want - got) or 'none'}, unknown {sorted(got - want) or 'none'}): re-run convert")
+        return cls(**{k: _decode(v, f"{key}.{k}", tensors, types) for k, v in node["fields"].items()})
+    if "list" in node:
+        return [_decode(v, f"{key}.{i}", tensors, types) for i, v in enumerate(node["list"])]
+    if "tuple" in node:
+        return tuple(_decode(v, f"{key}.{i}", tensors, types) for i, v in enumerate(node["tuple"]))
+    if "dict" in node:
+        return {k: _decode(v, f"{key}.{k}", tensors, types) for k, v in node["dict"].items()}
+    raise ModelFileError(f"corrupt {FORMAT_NAME} file: unreadable node at {key}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# header content
+# ------------------------------------------------------------------------------------------------------------------
+def arch_of(im: IntModel) -> Dict[str, Any]:
+    """Shape of the compiled model (all derived from its tensors)."""
+    L0 = im.layers[0] if im.layers else None
+    return {"layers": len(im.layers), "embed_dim": int(im.tok_w.shape[1]), "vocab_size": int(im.tok_w.shape[0]),
+            "position_rows": int(im.pos_w.shape[0]), "padding_idx": int(im.padding_idx),
+            "heads": int(L0.heads) if L0 else None, "ffn_dim": int(L0.fc1.w_int.shape[0]) if L0 else None,
+            "num_classes": int(im.head["out_proj.weight"].shape[0]) if im.head else None}
+
+
+def route_hints(im: IntModel) -> Dict[str, str]:
+    """Fastest exact GEMM route per weight (``gemm.route_for`` with every fast route allowed); the engine re-picks at
+    load among the routes its CPU self-test passed."""
+    from . import gemm
+
+    return {f"layers.{i}.{k}": gemm.route_for(getattr(L, k).w_int, allowed=gemm.FAST_ROUTES)
+            for i, L in enumerate(im.layers) for k in ("qkv", "o", "fc1", "fc2")}
+
+
+def _validate_shapes(im: IntModel, arch: Dict[str, Any]) -> None:
+    """The shapes the engine's kernels rely on, checked against the header's arch."""
+    D, V, P = arch["embed_dim"], arch["vocab_size"], arch["position_rows"]
+
+    def need(cond, what):
+        if not cond:
+            raise ModelFileError(f"corrupt {FORMAT_NAME} file: {what}")
+
+    need(tuple(im.tok_w.shape) == (V, D) and im.tok_w.dtype == torch.int8, f"token table is not int8 [{V}, {D}]")
+    need(tuple(im.pos_w.shape) == (P, D) and im.pos_w.dtype == torch.int8, f"position table is not int8 [{P}, {D}]")
+    need(len(im.layers) == arch["layers"], f"{len(im.layers)} layers, header says {arch['layers']}")
+    need(0 <= im.padding_idx < min(V, P), "padding index outside the embedding tables")
+    for i, L in enumerate(im.layers):
+        F = arch["ffn_dim"]
+        need(L.heads == arch["heads"] and D % L.heads == 0, f"layer {i}: {L.heads} heads for width {D}")
+        for k, (n, kk) in {"qkv": (3 * D, D), "o": (D, D), "fc1": (F, D), "fc2": (D, F)}.items():
+            lin = getattr(L, k)
+            need(tuple(lin.w_int.shape) == (n, kk) and lin.w_int.dtype == torch.int8,
+                 f"layer {i} {k}: weight is not int8 [{n}, {kk}]")
+            need(lin.b_int.shape == (n,) and lin.s_acc.shape == (n,), f"layer {i} {k}: bias/scale length != {n}")
+    if im.head:
+        C = arch["num_classes"]
+        shapes = {"dense.weight": (D, D), "dense.bias": (D,), "out_proj.weight": (C, D), "out_proj.bias": (C,)}
+        for k, s in shapes.items():
+            t = im.head.get(k)
+            need(t is not None and tuple(t.shape) == s and t.is_floating_point(), f"head {k} is not float {list(s)}")
+
+
+def sha256_file(path: str, start: int = 0) -> str:
+    """sha256 of ``path``'s bytes from ``start`` (streamed)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(start)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _text_blobs(text: TextEncoder) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    def blob(s: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(s.encode("utf-8")), dtype=torch.uint8).clone()
+
+    tensors = {"vocab.tokenizer": blob(text.tokenizer_json), "vocab.dictionary": blob("\n".join(text.symbols))}
+    meta = {"bpe": text.bpe, "dictionary_size": len(text.symbols),
+            "specials": {"bos": text.bos, "pad": text.pad, "eos": text.eos, "unk": text.unk},
+            "init_token": text.init_token, "separator_token": text.separator_token,
+            "max_positions": text.max_positions, "num_inputs": text.num_inputs}
+    return tensors, meta
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# save / load
+# ------------------------------------------------------------------------------------------------------------------
+def save(path: str, im: IntModel, text: Optional[TextEncoder] = None, labels: Optional[List[str]] = None,
+         source: Optional[Dict[str, Any]] = None, task: Optional[str] = None) -> Dict[str, Any]:
+    """Write ``im`` (and its tokenizer, label names, provenance) as an IBERT-INT v1 file; returns the header.
+
+    The file is written to a temporary name and renamed, so a failed write never leaves a partial model file.
+    """
+    from safetensors.torch import save as st_save
+
+    tensors: Dict[str, torch.Tensor] = {}
+    tree = _encode(im, "model", tensors)
+    header: Dict[str, Any] = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "arch": arch_of(im),
+                              "bits": {"weight": int(im.weight_bits), "ternary": bool(im.ternary),
+                                       "activation": int(im.act_bits), "residual": int(im.residual_bits),
+                                       "embedding_sum": int(im.embed_act_bits)},
+                              "route_hints": route_hints(im), "labels": labels, "task": task, "source": source or {},
+                              "text": None}
+    if text is not None:
+        if len(text.symbols) != header["arch"]["vocab_size"]:
+            raise EngineError(f"dictionary has {len(text.symbols)} entries, the model's token table "
+                              f"{header['arch']['vocab_size']}")
+        blobs, header["text"] = _text_blobs(text)
+        tensors.update(blobs)
+    if labels is not None and header["arch"]["num_classes"] not in (None, len(labels)):
+        raise EngineError(f"{len(labels)} label names for a {header['arch']['num_classes']}-class head")
+    payload = st_save(tensors)
+    n = struct.unpack("<Q", payload[:8])[0]
+    header["payload_sha256"] = hashlib.sha256(memoryview(payload)[8 + n:]).hexdigest()
+    header["model"] = tree
+    del payload
+    blob = st_save(tensors, metadata={"format": FORMAT_NAME, "version": str(FORMAT_VERSION),
+                                      "header": json.dumps(header, separators=(",", ":"))})
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, path)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise EngineError(f"cannot write {path}: {exc.strerror}") from None
+    return header
+
+
+def read_header(path: str) -> Tuple[Dict[str, Any], int]:
+    """(JSON header, byte offset of the tensor payload) of an IBERT-INT file, with one clear error per failure."""
+    if not os.path.isfile(path):
+        raise ModelFileError(f"model file not found: {path}")
+    not_ours = f"{path}: not an {FORMAT_NAME} model file"
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ModelFileError(f"{not_ours} (only {size} bytes)")
+        n = struct.unpack("<Q", head)[0]
+        if n > MAX_HEADER_BYTES or n < 2:
+            raise ModelFileError(not_ours)
+        raw = f.read(n)
+    if len(raw) < n:
+        if raw[:1] == b"{" and FORMAT_NAME.encode() in raw:
+            raise ModelFileError(f"{path}: truncated {FORMAT_NAME} file ({size} bytes, header alone needs {8 + n})")
+        raise ModelFileError(not_ours)
+    try:
+        st_header = json.loads(raw.decode("utf-8"))
+        meta = st_header.get("__metadata__") or {}
+    except (UnicodeDecodeError, ValueError, AttributeError):
+        raise ModelFileError(not_ours) from None
+    if meta.get("format") != FORMAT_NAME:
+        raise ModelFileError(f"{not_ours} (a safetensors file without the {FORMAT_NAME} header)")
+    try:
+        version = int(meta.get("version", ""))
+    except ValueError:
+        raise ModelFileError(f"corrupt {FORMAT_NAME} file {path}: bad version {meta.get('version')!r}") from None
+    if version > FORMAT_VERSION:
+        raise ModelFileError(f"{path} is {FORMAT_NAME} version {version}, newer than this engine reads "
+                             f"(up to {FORMAT_VERSION}): upgrade ibert_plugin")
+    if version < 1:
+        raise ModelFileError(f"corrupt {FORMAT_NAME} file {path}: bad version {version}")
+    try:
+        header = json.loads(meta["header"])
+        if not isinstance(header, dict) or not isinstance(header.get("model"), dict):
+            raise ValueError
+    except (KeyError, ValueError, TypeError):
+        raise ModelFileError(f"corrupt {FORMAT_NAME} file {path}: unreadable JSON header") from None
+    ends = [v["data_offsets"][1] for k, v in st_header.items() if k != "__metadata__"]
+    if 8 + n + max(ends, default=0) > size:
+        raise ModelFileError(f"{path}: truncated {FORMAT_NAME} file ({size} bytes, its tensors need "
+                             f"{8 + n + max(ends)})")
+    return header, 8 + n
+
+
+def load(path: str, verify: bool = True) -> ModelFile:
+    """Read an IBERT-INT file (no fairseq, no QAT model).
+
+    Args:
+        path: the ``.int`` file.
+        verify: check the sha256 of the tensor payload against the header (catches flipped bytes).
+
+    Raises:
+        ModelFileError: not an IBERT-INT file, truncated, corrupt, a newer format version, or a compiled-model
+            layout this engine does not know.
+    """
+    from safetensors.torch import load_file
+
+    header, start = read_header(path)
+    if verify and sha256_file(path, start) != header.get("payload_sha256"):
+        raise ModelFileError(f"corrupt {FORMAT_NAME} file {path}: tensor payload checksum mismatch")
+    try:
+        tensors = load_file(path)
+    except Exception as exc:  # safetensors' own consistency checks (SafetensorError)
+        raise ModelFileError(f"corrupt {FORMAT_NAME} file {path}: {str(exc).splitlines()[0]}") from None
+    im = _decode(header["model"], "model", tensors, _dataclass_types())
+    if not isinstance(im, IntModel):
+        raise ModelFileError(f"corrupt {FORMAT_NAME} file {path}: the model record is not an IntModel")
+    try:
+        _validate_shapes(im, header["arch"])
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ModelFileError(f"corrupt {FORMAT_NAME} file {path}: incomplete arch/model ({exc})") from None
+    text = None
+    if header.get("text"):
+        t = header["text"]
+        try:
+            symbols = bytes(tensors["vocab.dictionary"].numpy()).decode("utf-8").split("\n")
+            tok_json = bytes(tensors["vocab.tokenizer"].numpy()).decode("utf-8")
+            sp = t["specials"]
+            text = TextEncoder(bpe=t["bpe"], tokenizer_json=tok_json, symbols=symbols, bos=sp["bos"], pad=sp["pad"],
+                               eos=sp["eos"], unk=sp["unk"], init_token=t["init_token"],
+                               separator_token=t["separator_token"], max_positions=t["max_positions"],
+                               num_inputs=t["num_inputs"])
+        except (KeyError, UnicodeDecodeError, TypeError) as exc:
+            raise ModelFileError(f"corrupt {FORMAT_NAME} file {path}: unreadable vocabulary ({exc})") from None
+        if len(symbols) != header["arch"]["vocab_size"]:
+            raise ModelFileError(f"corrupt {FORMAT_NAME} file {path}: {len(symbols)} dictionary entries for a "
+                                 f"{header['arch']['vocab_size']}-row token table")
+    return ModelFile(model=im, text=text, labels=header.get("labels"), header=header)
