@@ -35,7 +35,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ibert_plugin.quant.packing import _StubTask, pack_model, pack_state, saved_bytes  # noqa: E402
+from ibert_plugin.quant.packing import pack_model, pack_state, saved_bytes  # noqa: E402
+from ibert_plugin.wiring.checkpoint import _StubTask  # noqa: E402
 from ibert_plugin.quant.ternary import twn_ternarize  # noqa: E402
 
 SHAPES = {

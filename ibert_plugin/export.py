@@ -5,11 +5,12 @@ Usage::
     python -m ibert_plugin.export --checkpoint ck/checkpoint_best.pt --output model.packed.pt \
         [--fp16-float-tensors] [--fp16-positions] [--omit-lm-head] [--ternary-encoding {ternary2,base3}] [--verify]
 
-The format is described in :mod:`ibert_plugin.quant.packing` and ``docs/packed_format.md`` (TernaryBERT,
+Fairseq wiring layer (imports fairseq through :mod:`ibert_plugin.wiring.checkpoint`). The format is described in
+:mod:`ibert_plugin.quant.packing` and ``docs/packed_format.md`` (TernaryBERT,
 Zhang et al. 2020, arXiv:2009.12812, reports the same packed 2-bit size, 14.9x, but releases only float32 saves).
 Prints the input checkpoint size, the FP32 state-dict size (parameters and buffers as float32, no optimizer state,
-weight-quantizer internals excluded), the packed size and the ratios. Errors (missing file, unreadable or
-non-quantized checkpoint) print one line on stderr and exit with status 2.
+weight-quantizer internals excluded), the packed size and the ratios. Errors (missing file, a corrupt or
+foreign file: "not a valid checkpoint", a non-quantized checkpoint) print one line on stderr and exit with status 2.
 """
 import argparse
 import os
@@ -46,12 +47,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not os.path.isfile(args.checkpoint):
         return _fail(f"checkpoint not found: {args.checkpoint}")
 
+    from .wiring.checkpoint_file import CheckpointError, check_fairseq_checkpoint
+
+    try:  # corrupt or foreign file: one line, before fairseq is even imported
+        check_fairseq_checkpoint(args.checkpoint)
+    except CheckpointError as e:
+        return _fail(str(e))
+
     import torch
 
     from .quant import packing
+    from .wiring.checkpoint import load_checkpoint_model, load_packed_model
 
     try:
-        model, cfg = packing.load_checkpoint_model(args.checkpoint)
+        model, cfg = load_checkpoint_model(args.checkpoint)
     except Exception as e:  # one clear line instead of fairseq's chained traceback
         return _fail(f"cannot load {args.checkpoint}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     qcfg = getattr(model, "quant_config", None)
@@ -82,7 +91,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"ratio vs input   : {ckpt_bytes / packed_bytes:.2f}x")
 
     if args.verify:
-        reloaded = packing.load_packed_model(args.output)
+        reloaded = load_packed_model(args.output)
         vocab = model.encoder.sentence_encoder.embed_tokens.weight.shape[0]
         g = torch.Generator().manual_seed(0)
         tokens = torch.randint(4, vocab, (2, 16), generator=g)

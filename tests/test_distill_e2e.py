@@ -89,7 +89,7 @@ def test_student_trains_with_all_distillation_losses_logged(trained):
 
 def test_export_packs_and_reloads_exactly(trained, capsys):
     from ibert_plugin.export import main
-    from ibert_plugin.quant.packing import load_checkpoint_model, load_packed_model
+    from ibert_plugin.wiring.checkpoint import load_checkpoint_model, load_packed_model
 
     root, _, student, _ = trained
     out = root / "student.packed.pt"

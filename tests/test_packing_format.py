@@ -156,9 +156,39 @@ def test_export_cli_missing_file(tmp_path, capsys):
     assert err.strip().count("\n") == 0 and err.startswith("error: checkpoint not found")
 
 
-def test_export_cli_unreadable_checkpoint(tmp_path, capsys):
+def _foreign_files(tmp_path):
+    """A truncated file, a torch file that is not a fairseq checkpoint, a torch file pickling an arbitrary class."""
+    import pathlib
+
+    files = {}
+    files["corrupt"] = tmp_path / "corrupt.pt"
+    files["corrupt"].write_bytes(b"PK\x03\x04 truncated zip, not a checkpoint")
+    files["state_dict"] = tmp_path / "state_dict.pt"
+    torch.save({"weight": torch.zeros(2)}, files["state_dict"])
+    files["pickle"] = tmp_path / "object.pt"
+    torch.save({"model": {}, "args": pathlib.PurePosixPath("x")}, files["pickle"])
+    return files
+
+
+def test_export_cli_corrupt_or_foreign_checkpoint(tmp_path, capsys):
+    for kind, bad in _foreign_files(tmp_path).items():
+        rc, out, err = _export(capsys, "--checkpoint", bad, "--output", tmp_path / "o.pt")
+        assert rc == 2 and err.strip().count("\n") == 0, (kind, err)
+        assert err.startswith(f"error: {bad} is not a valid checkpoint"), (kind, err)
+        assert "weights_only" not in err and "Traceback" not in err
+        if kind == "pickle":
+            assert "pathlib.PurePosixPath" in err
+    assert not (tmp_path / "o.pt").exists()
+
+
+def test_export_module_corrupt_file_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    rc, out, err = _export(capsys, "--checkpoint", bad, "--output", tmp_path / "o.pt")
-    assert rc == 2 and err.strip().count("\n") == 0 and err.startswith("error: cannot load")
-    assert not (tmp_path / "o.pt").exists()
+    p = subprocess.run([sys.executable, "-m", "ibert_plugin.export", "--checkpoint", str(bad), "--output",
+                        str(tmp_path / "o.pt")], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [f"error: {bad} is not a valid checkpoint (unreadable by torch.load: "
+                                             "Unsupported operand 110)"], p.stderr

@@ -2,12 +2,8 @@
 import pytest
 import torch
 
-from ibert_plugin.quant.packing import (
-    FrozenWeightQuantizer,
-    find_weight_quantizers,
-    load_packed_model,
-    pack_model,
-)
+from ibert_plugin.quant.packing import FrozenWeightQuantizer, find_weight_quantizers, pack_model
+from ibert_plugin.wiring.checkpoint import load_packed_model
 from model_helpers import build_model, make_dictionary, random_batch
 
 HEAD = "sentence_classification_head"

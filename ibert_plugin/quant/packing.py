@@ -40,7 +40,8 @@ Ternary codes (``w_int`` in ``{-1, 0, 1}``, row-major, flattened):
 Integer weights (any quantizer whose ``w_int`` is not ternary, at most 8 bits): ``int8`` codes, row-major.
 
 Scales are float32; when every row of a weight shares one scale (layer-wise ternary) a single value is stored and
-broadcast back to ``(rows,)``. Reloading (:func:`unpack`, :func:`load_packed_model`) rebuilds a state dict where each
+broadcast back to ``(rows,)``. Reloading (:func:`unpack`; :func:`ibert_plugin.wiring.checkpoint.load_packed_model`
+builds the fairseq model around it) rebuilds a state dict where each
 quantized parameter holds ``w_int * scale`` (a latent float weight) and its weight quantizer is replaced by a
 :class:`FrozenWeightQuantizer` whose ``w_int`` / ``scale`` buffers return the stored pair unchanged: re-quantizing
 ``w_int * alpha`` would not be bit-exact (``sum`` of ``k`` copies of ``alpha`` divided by ``k`` is not ``alpha`` in
@@ -50,15 +51,12 @@ from __future__ import annotations
 
 import argparse
 import io
-import logging
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from .weight import WeightQuantizer
-
-logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "ibert_plugin.packed"
 FORMAT_VERSION = 1
@@ -359,108 +357,6 @@ def unpack(packed: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     for name, target in packed["tied"].items():
         sd[name] = sd[target]
     return sd
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# fairseq model (re)building
-# --------------------------------------------------------------------------------------------------------------------
-class _StubTask:
-    """What ``RobertaModel.build_model`` needs from a task: a dictionary of the right size and max_positions."""
-
-    def __init__(self, vocab_size: int, max_positions: int = 512):
-        from fairseq.data import Dictionary
-
-        d = Dictionary()
-        i = 0
-        while len(d) < vocab_size:
-            d.add_symbol(f"<packed_{i}>")
-            i += 1
-        self.source_dictionary = d
-        self.target_dictionary = d
-        self._max_positions = max_positions
-
-    def max_positions(self):
-        return self._max_positions
-
-
-def _model_args(model_cfg: Any) -> argparse.Namespace:
-    d = plain_cfg(model_cfg)
-    if not isinstance(d, dict) or not d:
-        raise ValueError("checkpoint has no model configuration")
-    return argparse.Namespace(**d)
-
-
-def _vocab_size(state_dict: Dict[str, torch.Tensor], shapes: Dict[str, List[int]]) -> int:
-    key = "encoder.sentence_encoder.embed_tokens.weight"
-    if key in shapes:
-        return int(shapes[key][0])
-    return int(state_dict[key].shape[0])
-
-
-def build_model_for_state(model_cfg: Any, state_shapes: Dict[str, List[int]]) -> nn.Module:
-    """Build the fairseq model described by ``model_cfg`` (classification heads taken from the state's keys).
-
-    Args:
-        model_cfg: the checkpoint's ``cfg["model"]`` (Namespace / DictConfig / dict) with ``arch`` or ``_name``.
-        state_shapes: ``{name: shape}`` of the state dict to be loaded.
-    """
-    import ibert_plugin  # noqa: F401  (registers the plugin's architectures)
-    from fairseq.models import ARCH_MODEL_REGISTRY
-
-    args = _model_args(model_cfg)
-    arch = getattr(args, "arch", None) or getattr(args, "_name", None)
-    if arch not in ARCH_MODEL_REGISTRY:
-        raise ValueError(f"unknown architecture {arch!r} in the checkpoint configuration")
-    vocab = _vocab_size({}, state_shapes)
-    max_pos = int(getattr(args, "max_positions", 512) or 512)
-    model = ARCH_MODEL_REGISTRY[arch].build_model(args, _StubTask(vocab, max_pos))
-    heads = {}
-    for k, shape in state_shapes.items():
-        if k.startswith("classification_heads.") and k.endswith(".out_proj.weight"):
-            name = k[len("classification_heads."):-len(".out_proj.weight")]
-            heads[name] = (int(shape[0]), int(state_shapes[f"classification_heads.{name}.dense.weight"][0]))
-    for name, (num_classes, inner_dim) in heads.items():
-        model.register_classification_head(name, num_classes=num_classes, inner_dim=inner_dim)
-    return model
-
-
-def load_packed_model(packed: Any) -> nn.Module:
-    """Rebuild the frozen fake-quant model from a packed dict or file path (eval mode)."""
-    if isinstance(packed, (str, bytes)) or hasattr(packed, "__fspath__"):
-        packed = torch.load(packed, map_location="cpu", weights_only=True)
-    sd = unpack(packed)
-    shapes = {k: list(v.shape) for k, v in sd.items()}
-    model = build_model_for_state(packed["cfg"].get("model"), shapes)
-    freeze_weight_quantizers(model, packed["quantized"])
-    omitted = packed.get("omitted") or []
-    if omitted:
-        fresh = model.state_dict()
-        for name in omitted:
-            sd[name] = fresh[name]
-        logger.warning("packed model omits %d tensors (%s...): re-initialised, do not use them", len(omitted),
-                       omitted[0])
-    model.load_state_dict(sd, strict=True)
-    return model.eval()
-
-
-def load_checkpoint_model(path: str) -> Tuple[nn.Module, Any]:
-    """Load a fairseq checkpoint produced by ``fairseq-train --user-dir ibert_plugin`` (no data dir needed).
-
-    Returns:
-        ``(model in eval mode, cfg)``.
-    """
-    import ibert_plugin  # noqa: F401
-    from fairseq import checkpoint_utils
-
-    state = checkpoint_utils.load_checkpoint_to_cpu(path)
-    cfg = state.get("cfg")
-    model_cfg = cfg["model"] if cfg is not None else state.get("args")
-    if model_cfg is None:
-        raise ValueError(f"{path}: no model configuration in the checkpoint")
-    sd = state["model"]
-    model = build_model_for_state(model_cfg, {k: list(v.shape) for k, v in sd.items()})
-    model.load_state_dict(sd, strict=True, model_cfg=model_cfg if cfg is not None else None)
-    return model.eval(), cfg if cfg is not None else {"model": model_cfg}
 
 
 def fp32_state_bytes(model: nn.Module, exclude_weight_quantizers: bool = True) -> int:

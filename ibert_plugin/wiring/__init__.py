@@ -1,0 +1,42 @@
+"""Fairseq wiring: the one room that talks to fairseq (registration, checkpoint loading, fairseq model building).
+
+Layering (README "Layout"): ``quant/`` (numerics) and ``engine/`` (integer runtime) never import this package or
+fairseq; ``models/``, ``criterions/`` and this package import ``quant/`` and fairseq; ``recipes/`` (the ``run.py``
+driver) imports only the fairseq-free :mod:`.checkpoint_file`.
+
+* :func:`register` makes the plugin visible to fairseq: it imports the modules whose import registers the
+  ``ibert_roberta`` architectures, the ``ternary_distill`` criterion and the ``hf_wordpiece`` BPE, and allow-lists
+  the few non-tensor types fairseq checkpoints pickle (:func:`.checkpoint_file.allow_fairseq_pickles`). The package
+  ``ibert_plugin/__init__.py`` calls it as soon as fairseq is imported (``fairseq-train --user-dir ibert_plugin``
+  imports fairseq first), never before: importing ``ibert_plugin.quant`` alone stays fairseq-free.
+* :mod:`.checkpoint` builds plugin models from fairseq checkpoints and packed files (imports fairseq).
+* :mod:`.checkpoint_file` opens and validates checkpoint files with torch only.
+
+This module itself imports nothing heavy at import time.
+"""
+from __future__ import annotations
+
+import importlib
+
+__all__ = ["register", "REGISTERING_MODULES"]
+
+#: Modules whose import registers something with fairseq (models, criteria, BPE). New fairseq tasks or models of
+#: the plugin add their module here.
+REGISTERING_MODULES = (
+    "ibert_plugin.models.ibert_roberta",
+    "ibert_plugin.criterions.distill",
+    "ibert_plugin.assets.wordpiece_bpe",
+    "ibert_plugin.tasks",  # --task squad, --criterion squad_span / squad_span_distill
+)
+
+
+def register() -> None:
+    """Register the plugin's architectures, criterion and BPE with fairseq (idempotent; imports fairseq).
+
+    Only imports modules (no attribute access), so it is safe to run while one of them is itself being imported.
+    """
+    from .checkpoint_file import allow_fairseq_pickles
+
+    allow_fairseq_pickles()
+    for name in REGISTERING_MODULES:
+        importlib.import_module(name)

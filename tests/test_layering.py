@@ -1,0 +1,185 @@
+"""Layering of the package (README "Layout"): no import cycle, quant/ and engine/ never import fairseq or upward.
+
+* a static graph of the import statements that run at import time (module level, class bodies, top-level
+  ``if``/``try``; not function bodies) over every ``ibert_plugin`` module must be acyclic;
+* room rules on that graph: ``quant`` imports only ``quant`` (also inside functions), ``engine`` only ``engine``
+  and ``quant``;
+* every module imports alone in a fresh interpreter (a forked child of a process that has not imported the plugin),
+  and the ``quant`` / ``engine`` ones leave ``fairseq`` out of ``sys.modules``.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Dict, Set
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PKG = REPO / "ibert_plugin"
+
+
+def module_names() -> Dict[str, Path]:
+    out = {}
+    for f in sorted(PKG.rglob("*.py")):
+        rel = f.relative_to(REPO).with_suffix("")
+        parts = list(rel.parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = f
+    return out
+
+
+MODULES = module_names()
+
+
+def _resolve(mod: str, is_pkg: bool, node: ast.ImportFrom) -> str:
+    if not node.level:
+        return node.module or ""
+    base = mod.split(".") if is_pkg else mod.split(".")[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def imports_of(mod: str, eager_only: bool = True) -> Set[str]:
+    """Plugin modules ``mod`` imports (``eager_only``: only the statements that run when ``mod`` is imported)."""
+    path = MODULES[mod]
+    tree = ast.parse(path.read_text(), str(path))
+    is_pkg = path.name == "__init__.py"
+    found: Set[str] = set()
+
+    def visit(node):
+        for child in ast.iter_child_nodes(node):
+            if eager_only and isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue
+            if isinstance(child, ast.Import):
+                for a in child.names:
+                    found.add(a.name)
+            elif isinstance(child, ast.ImportFrom):
+                target = _resolve(mod, is_pkg, child)
+                for a in child.names:
+                    sub = f"{target}.{a.name}"
+                    found.add(sub if sub in MODULES else target)
+            visit(child)
+
+    visit(tree)
+    return {m for m in found if m in MODULES or m.split(".")[0] == "fairseq"}
+
+
+def test_static_import_graph_is_acyclic():
+    graph = {m: {t for t in imports_of(m) if t in MODULES and t != m} for m in MODULES}
+    state: Dict[str, int] = {}
+    stack = []
+
+    def dfs(m):
+        state[m] = 1
+        stack.append(m)
+        for t in sorted(graph[m]):
+            if state.get(t) == 1:
+                cycle = stack[stack.index(t):] + [t]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if t not in state:
+                dfs(t)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            dfs(m)
+
+
+def _room(mod: str) -> str:
+    parts = mod.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+@pytest.mark.parametrize("room,allowed,eager_only", [
+    ("quant", {"quant"}, False),
+    ("engine", {"engine", "quant"}, True),
+])
+def test_rooms_import_only_downward(room, allowed, eager_only):
+    bad = []
+    for mod in MODULES:
+        if _room(mod) != room:
+            continue
+        for t in imports_of(mod, eager_only=eager_only):
+            if t.split(".")[0] == "fairseq" or (t in MODULES and t != "ibert_plugin" and _room(t) not in allowed):
+                bad.append(f"{mod} -> {t}")
+    assert not bad, bad
+
+
+CHILD = textwrap.dedent("""
+    import importlib, json, os, sys
+    import numpy, torch  # shared by every child: imported once, before the fork
+    names = json.loads(sys.argv[1])
+    results = {}
+    for name in names:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            try:
+                importlib.import_module(name)
+                msg = {"ok": True, "fairseq": "fairseq" in sys.modules}
+            except BaseException as e:
+                msg = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+            os.write(w, json.dumps(msg).encode())
+            os._exit(0)
+        os.close(w)
+        data = b""
+        while chunk := os.read(r, 65536):
+            data += chunk
+        os.close(r)
+        os.waitpid(pid, 0)
+        results[name] = json.loads(data or b'{"ok": false, "error": "child died"}')
+    print(json.dumps(results))
+""")
+
+
+def test_every_module_imports_alone_and_low_rooms_without_fairseq():
+    names = [m for m in MODULES if not m.endswith("__main__")]
+    p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(names)], capture_output=True, text=True,
+                       cwd=REPO, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
+                                                   "PYTHONPATH": str(REPO)})
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = json.loads(p.stdout.strip().splitlines()[-1])
+    failed = {m: r["error"] for m, r in results.items() if not r["ok"]}
+    assert not failed, failed
+    leaky = [m for m, r in results.items() if _room(m) in ("quant", "engine") and r["fairseq"]]
+    assert not leaky, f"import fairseq: {leaky}"
+    assert not results["ibert_plugin"]["fairseq"]
+    assert results["ibert_plugin.wiring.checkpoint"]["fairseq"]  # the check can see a fairseq import
+
+
+REGISTRY_CHECK = textwrap.dedent("""
+    import sys
+    from fairseq import options
+    from fairseq.criterions import CRITERION_REGISTRY
+    from fairseq.registry import REGISTRIES
+    from fairseq.models import ARCH_MODEL_REGISTRY
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, ["data", "--user-dir", sys.argv[1], "--task", "sentence_prediction",
+                                                "--arch", "ibert_roberta_tiny", "--criterion", "ternary_distill"])
+    import torch, argparse
+    assert args.arch == "ibert_roberta_tiny" and args.criterion == "ternary_distill"
+    assert "hf_wordpiece" in REGISTRIES["bpe"]["registry"]
+    assert "ternary_distill" in CRITERION_REGISTRY and "ibert_roberta_minilm" in ARCH_MODEL_REGISTRY
+    assert argparse.Namespace in torch.serialization.get_safe_globals()
+    print("registered")
+""")
+
+
+@pytest.mark.parametrize("first", [
+    "",  # fairseq-train --user-dir ibert_plugin: fairseq first, the plugin through import_user_module
+    "import ibert_plugin.quant",  # the plugin first (fairseq's import_user_module then skips it)
+    "import ibert_plugin.criterions.distill",  # a fairseq-side plugin module that imports fairseq itself
+])
+def test_fairseq_sees_every_registration(first):
+    code = first + "\n" + REGISTRY_CHECK
+    p = subprocess.run([sys.executable, "-c", code, str(PKG)], capture_output=True, text=True, cwd=REPO,
+                       timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
+    assert p.returncode == 0 and p.stdout.strip() == "registered", p.stderr[-3000:]
