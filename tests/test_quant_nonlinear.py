@@ -7,21 +7,21 @@ import torch
 import torch.nn.functional as F
 
 from ibert_plugin.quant.nonlinear import (
-    EXP_A,
-    EXP_B,
-    EXP_C,
     EXP_LN2,
-    GELU_A,
-    GELU_B,
     GELU_C,
     GELU_K,
+    gelu_constants,
     int_exp,
     int_gelu,
     int_layernorm,
     int_softmax,
     layernorm_shift_update,
+    nonlinear_coeffs,
 )
 from ibert_plugin.quant.primitives import isqrt
+
+PAPER, REFIT = nonlinear_coeffs("paper"), nonlinear_coeffs("refit")
+EXP_A, EXP_B, EXP_C = PAPER.exp_a, PAPER.exp_b, PAPER.exp_c
 
 
 def _f32(x: float) -> float:
@@ -31,14 +31,20 @@ def _f32(x: float) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 # pure-Python integer references (spec text, int arithmetic; scale constants in float64 = Python float)
 # ---------------------------------------------------------------------------------------------------------------
-def ref_gelu(q: int, s: float) -> int:
-    sp = s / GELU_K
+def ref_gelu_consts(s: float, co=PAPER):
+    k = math.frexp(s)[1] + 13  # erf at S' = S 2^-k in [2^-14, 2^-13)
+    sp = math.ldexp(s, -k) / GELU_K
     sp2 = sp * sp
-    b_int = math.floor(GELU_B / sp)
-    c_int = math.floor((GELU_C / GELU_A) / sp2)
-    s_erf = GELU_A * sp2 * 16384.0
-    one = math.floor(1.0 / s_erf)
-    t = min(abs(q), -b_int) + b_int
+    b_int = math.floor(co.gelu_b / sp)
+    c_int = math.floor((GELU_C / co.gelu_a) / sp2)
+    s_erf = co.gelu_a * sp2 * 16384.0
+    return k, b_int, c_int, math.floor(1.0 / s_erf), s_erf
+
+
+def ref_gelu(q: int, s: float, co=PAPER) -> int:
+    k, b_int, c_int, one, _ = ref_gelu_consts(s, co)
+    u = abs(q) << k if k >= 0 else abs(q) >> -k
+    t = min(u, -b_int) + b_int
     big_y = max(0, (8192 - c_int - t * t) >> 14)  # round(|erf| / S_erf), half away from zero
     return q * one - abs(q) * big_y
 
@@ -88,56 +94,77 @@ def ref_layernorm_row(qs, gamma, beta, shift: int):
 # ---------------------------------------------------------------------------------------------------------------
 # i-GELU
 # ---------------------------------------------------------------------------------------------------------------
-def _gelu_err(scale: float):
+def _gelu_err(scale: float, constants="paper"):
     x = torch.linspace(-4, 4, 40001, dtype=torch.float64)
     s = torch.tensor([scale])
     q = torch.round(x / s.double())
-    q_out, s_out = int_gelu(q, s)
+    q_out, s_out = int_gelu(q, s, constants)
     err = q_out * s_out.double() - F.gelu(q * s.double())
     return err.pow(2).mean().sqrt().item(), err.abs().max().item(), q_out
 
 
-@pytest.mark.parametrize("scale", [1e-4, 2e-5])
-def test_i_gelu_at_least_as_accurate_as_the_paper(scale):
-    l2, linf, q_out = _gelu_err(scale)
-    assert l2 <= 0.0082 and linf <= 0.018, (l2, linf)  # paper Table 1: 0.0082 / 0.018
+@pytest.mark.parametrize("scale", [1e-6, 2e-5, 1e-4, 1e-3, 1e-2, 3e-2])
+def test_i_gelu_accurate_at_every_input_scale(scale):
+    """Paper Table 1 (0.0082 / 0.018) at fine and coarse scales (upstream: Linf 0.47 at 1e-2, 4.2 at 3e-2).
+    The paper's own polynomial has Linf 0.01815 on [-4, 4]; the refit is within 0.018."""
+    l2, linf, q_out = _gelu_err(scale, "paper")
+    assert l2 <= 0.0082 and linf <= 0.0182, (l2, linf)
     assert torch.equal(q_out, torch.round(q_out))
+    l2, linf, _ = _gelu_err(scale, "refit")
+    assert l2 <= 0.0082 and linf <= 0.018, (l2, linf)
 
 
-def test_i_gelu_per_channel_scales_and_bit_exact_reference():
+@pytest.mark.parametrize("constants", ["paper", "refit"])
+def test_i_gelu_per_channel_scales_and_bit_exact_reference(constants):
     g = torch.Generator().manual_seed(0)
-    s = torch.tensor([3e-4, 1e-4, 7e-5, 1.3e-3])
-    x = torch.randn(64, 4, generator=g, dtype=torch.float64) * 3
+    co = nonlinear_coeffs(constants)
+    s = torch.tensor([3e-4, 1e-4, 7e-5, 1.3e-3, 2e-6, 4e-2])  # erf pre-shift k > 0, = 0 and < 0
+    x = torch.randn(64, 6, generator=g, dtype=torch.float64) * 3
     q = torch.round(x / s.double())
     q[0] = 0
-    q_out, s_out = int_gelu(q, s)
-    assert s_out.shape == (4,) and s_out.dtype == torch.float32 and bool((s_out < 0).all())
-    for j in range(4):
+    q_out, s_out = int_gelu(q, s, constants)
+    assert s_out.shape == (6,) and s_out.dtype == torch.float32 and bool((s_out < 0).all())
+    gc = gelu_constants(s, constants)
+    assert sorted(set(torch.sign(gc.shift).tolist())) == [-1.0, 0.0, 1.0]
+    for j in range(6):
         sj = s[j].item()
-        assert [int(v) for v in q_out[:, j].tolist()] == [ref_gelu(int(v), sj) for v in q[:, j].tolist()]
-        assert s_out[j].item() == _f32(sj * (GELU_A * (sj / GELU_K) ** 2 * 16384.0) / 2.0)
+        assert [int(v) for v in q_out[:, j].tolist()] == [ref_gelu(int(v), sj, co) for v in q[:, j].tolist()]
+        k, b_int, c_int, one, s_erf = ref_gelu_consts(sj, co)
+        assert (gc.shift[j], gc.b_int[j], gc.c_int[j], gc.one[j]) == (k, b_int, c_int, one)
+        assert s_out[j].item() == _f32(sj * s_erf / 2.0)
     real = q_out * s_out.double()
-    assert (real - F.gelu(q * s.double())).abs().max() < 0.03
+    assert (real - F.gelu(q * s.double())).abs().max() < 0.02
+
+
+def test_i_gelu_integers_stay_within_the_stated_bounds():
+    """``|q| <= 2^32`` gives ``|q_out| < 2^50`` at any scale (exact float64 / int64), constants below 2^31."""
+    s = torch.tensor([1e-9, 1e-7, 3e-5, 1e-3, 0.3, 30.0])
+    q = torch.tensor([[2.0**32] * 6, [-2.0**32] * 6, [12345.0] * 6])
+    q_out, _ = int_gelu(q, s)
+    assert q_out.abs().max() < 2.0**50
+    gc = gelu_constants(s)
+    assert gc.b_int.abs().max() < 2**16 and gc.c_int.abs().max() < 2**31 and gc.one.abs().max() < 2**17
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # i-exp / softmax
 # ---------------------------------------------------------------------------------------------------------------
-def test_i_exp_error_on_reduced_range_and_beyond():
+@pytest.mark.parametrize("constants, bound", [("paper", 1.94e-3), ("refit", 1.6e-3)])
+def test_i_exp_error_on_reduced_range_and_beyond(constants, bound):
     s = torch.tensor([1e-4])
     x = torch.linspace(-math.log(2), 0, 20001, dtype=torch.float64)[1:]
     q = torch.round(x / 1e-4)
-    e, s_e = int_exp(q, s)
+    e, s_e = int_exp(q, s, constants)
     err = (e * s_e.double() - torch.exp(q * 1e-4)).abs().max().item()
-    assert err <= 1.9e-3, err  # paper: 1.9e-3 on (-ln2, 0]
+    assert err <= bound, err  # paper: 1.9e-3 on (-ln2, 0] (its least-squares quadratic: 1.937e-3)
     x = torch.linspace(-4, 0, 20001, dtype=torch.float64)
     q = torch.round(x / 1e-4)
-    e, s_e = int_exp(q, s)
-    assert (e * s_e.double() - torch.exp(q * 1e-4)).abs().max().item() <= 1.9e-3
+    e, s_e = int_exp(q, s, constants)
+    assert (e * s_e.double() - torch.exp(q * 1e-4)).abs().max().item() <= bound
     assert bool((e >= 0).all()) and bool((e < 2**16).all())
     # coarser (8-bit-ish score) scale stays reasonable
     q = torch.round(torch.linspace(-4, 0, 2001, dtype=torch.float64) / 3e-3)
-    e, s_e = int_exp(q, torch.tensor([3e-3]))
+    e, s_e = int_exp(q, torch.tensor([3e-3]), constants)
     assert (e * s_e.double() - torch.exp(q * 3e-3)).abs().max().item() < 4e-3
 
 
@@ -274,11 +301,12 @@ def test_isqrt_used_by_layernorm_is_exact_on_real_variances():
 def _composite_gelu(q, s):
     from ibert_plugin.quant.primitives import floor_ste
 
-    sp = s.double() / GELU_K
-    b = torch.floor(GELU_B / sp)
-    c = torch.floor((GELU_C / GELU_A) / (sp * sp))
-    one = torch.floor(1.0 / (GELU_A * sp * sp * 16384.0))
-    t = torch.minimum(q.abs(), -b) + b
+    k = torch.tensor([float(ref_gelu_consts(v)[0]) for v in s.tolist()], dtype=torch.float64)
+    sp = s.double() * torch.exp2(-k) / GELU_K
+    b = torch.floor(PAPER.gelu_b / sp)
+    c = torch.floor((GELU_C / PAPER.gelu_a) / (sp * sp))
+    one = torch.floor(1.0 / (PAPER.gelu_a * sp * sp * 16384.0))
+    t = torch.minimum(floor_ste(q.abs() * torch.exp2(k)), -b) + b
     big_y = floor_ste((8192.0 - c - t * t) / 16384.0).clamp(min=0)
     return q * (one - torch.sign(q) * big_y)
 
@@ -320,9 +348,9 @@ def _composite_layernorm(q, gamma, beta, shift):
 def test_fused_backwards_equal_straight_through_composites():
     g = torch.Generator().manual_seed(8)
     # i-GELU
-    s = torch.tensor([2e-4, 5e-4, 1e-4])
-    q = torch.round(torch.randn(40, 3, generator=g, dtype=torch.float64) * 2 / s.double())
-    w = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    s = torch.tensor([2e-4, 5e-4, 1e-4, 3e-2])
+    q = torch.round(torch.randn(40, 4, generator=g, dtype=torch.float64) * 2 / s.double())
+    w = torch.randn(40, 4, generator=g, dtype=torch.float64)
     qa, qb = q.clone().requires_grad_(), q.clone().requires_grad_()
     out, _ = int_gelu(qa, s)
     (out * w).sum().backward()

@@ -1,18 +1,13 @@
-"""Conversion of a symmetric-mode (I-BERT) ``ibert_roberta`` model to integer constants for the engine.
+"""Conversion of a symmetric-mode (I-BERT) ``ibert_roberta`` model to the engine's :class:`IntModel`.
 
-Two stages:
-
-1. ``QState`` / ``LayerState``: the float-level content of a QAT model in eval mode: integer weights with their
-   per-channel scales (from the model's own weight quantizers), float biases, frozen activation ranges, LayerNorm
-   affine parameters and shifts. :func:`qstate_from_model` reads it from an ``ibert_roberta`` model (or a stand-alone
-   stack with the spec's module names).
-2. :func:`compile_qstate`: every integer constant of the spec (dyadic ``(m, e)``, int32 biases, LayerNorm ``b_int``,
-   i-GELU constants, the i-exp LUT), computed with the QAT code's primitives when ``ibert_plugin.quant`` provides them
-   (identical constants) and with ``engine.reference`` otherwise.
+The converter computes nothing itself: every integer constant (int8 weights, int32 biases, dyadic ``(m, e)``,
+LayerNorm ``b_int``, i-GELU constants, the i-exp table) and every derived scale comes from the model's own
+``int_form()`` (``QuantTransformerEncoder.int_form`` and the modules' ``int_form``), i.e. from the functions the QAT
+forward itself runs (``quant.primitives`` / ``quant.nonlinear``). This module only checks that the constants fit
+the engine's kernels (clear :class:`EngineError` otherwise) and lays them out as int64 tensors.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
@@ -20,105 +15,15 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from . import EngineError
-from . import reference as R
 
 f32, f64, i64 = torch.float32, torch.float64, torch.int64
 
-
-# ------------------------------------------------------------------------------------------------------------------
-# primitives: the QAT code's own, when importable
-# ------------------------------------------------------------------------------------------------------------------
-def _primitives():
-    try:
-        from ibert_plugin.quant import primitives as P  # type: ignore
-
-        return P
-    except Exception:  # not written yet / import error: spec reference
-        return None
+#: Largest shift the engine's int64 requant kernels take (``|z| < 2^42``, ``|m| <= 2^20``; GELU uses split math).
+MAX_SHIFT = 62
+#: Largest i-exp table (entries) the engine builds.
+MAX_LUT = 1 << 25
 
 
-def symmetric_scale(x_min, x_max, bits):
-    P = _primitives()
-    if P is not None and hasattr(P, "symmetric_scale"):
-        return P.symmetric_scale(x_min, x_max, bits).to(f32)
-    return R.symmetric_scale(x_min, x_max, bits)
-
-
-def dyadic(ratio: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    P = _primitives()
-    if P is not None and hasattr(P, "dyadic"):
-        m, e = P.dyadic(ratio.to(f64))
-    else:
-        m, e = R.dyadic(ratio)
-    return m.to(f64), e.to(f64)
-
-
-def requant_consts(s_in: torch.Tensor, s_out: torch.Tensor, max_e: int = 62) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(m, e) as int64 for requantizing scale ``s_in`` (per tensor or per channel) to ``s_out``."""
-    m, e = dyadic(s_in.to(f64) / s_out.to(f64))
-    if int(e.min()) < 1:
-        raise EngineError(f"requant ratio too large (e = {int(e.min())} < 1)")
-    if int(e.max()) > max_e:
-        raise EngineError(f"requant ratio too small (e = {int(e.max())} > {max_e})")
-    return m.to(i64), e.to(i64)
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# float-level state
-# ------------------------------------------------------------------------------------------------------------------
-@dataclass
-class Linear:
-    w_int: torch.Tensor  # [N, K] integer-valued (int64)
-    s_w: torch.Tensor  # [N] float32
-    bias: torch.Tensor  # [N] float32
-
-
-@dataclass
-class LNState:
-    gamma: torch.Tensor
-    beta: torch.Tensor
-    shift: int
-
-
-Range = Tuple[torch.Tensor, torch.Tensor]  # (x_min, x_max) float32 (1,)
-
-
-@dataclass
-class LayerState:
-    q: Linear
-    k: Linear
-    v: Linear
-    o: Linear
-    fc1: Linear
-    fc2: Linear
-    ranges: Dict[str, Range]  # input_act, q_act, k_act, v_act, attn_act, attn_residual_act, fc1_act, fc2_act, ffn_residual_act
-    attn_ln: LNState
-    ffn_ln: LNState
-    heads: int
-
-
-@dataclass
-class QState:
-    tok_w: torch.Tensor  # float [V, D]
-    pos_w: torch.Tensor  # float [P, D]
-    padding_idx: int
-    embed_range: Range
-    emb_ln: LNState
-    layers: List[LayerState]
-    act_bits: int = 8
-    residual_bits: int = 22
-    embed_act_bits: int = 16
-    head: Optional[Dict[str, torch.Tensor]] = None  # dense.weight/bias, out_proj.weight/bias (float)
-    weight_bits: int = 8
-    ternary: bool = False
-    # integer embedding tables from the QAT model's own quantizer (else quantized here from tok_w / pos_w)
-    tok_int: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-    pos_int: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# integer constants
-# ------------------------------------------------------------------------------------------------------------------
 @dataclass
 class IntLinear:
     w_int: torch.Tensor  # int8 [N, K]
@@ -159,6 +64,7 @@ class IntLayer:
     h_m: torch.Tensor  # fc1_act from attn LN (per channel)
     h_e: torch.Tensor
     s_h: torch.Tensor
+    gelu_k: torch.Tensor  # i-GELU erf pre-shift per channel (|q| << k, or >> -k)
     gelu_b: torch.Tensor
     gelu_c: torch.Tensor
     gelu_one: torch.Tensor
@@ -196,121 +102,68 @@ class IntModel:
         return self.layers[-1].ffn_ln.s_out if self.layers else self.emb_ln.s_out
 
 
-def _quantize_embedding(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    s = (w.detach().abs().max().clamp(min=1e-8) / R.n_bits(8)).to(f32).reshape(1)
-    q = torch.clamp(torch.round(w.detach().to(f32) / s), -R.n_bits(8), R.n_bits(8))
-    return q.to(torch.int8), s
-
-
-def _int_linear(lin: Linear, s_x: torch.Tensor) -> IntLinear:
-    s_acc = (lin.s_w.to(f32) * s_x.to(f32).reshape(1)).reshape(-1)
-    n32 = R.n_bits(32)
-    b_int = torch.clamp(torch.round(lin.bias.to(f64) / s_acc.to(f64)), -n32, n32)
-    w = lin.w_int.to(i64)
-    if int(w.abs().max()) > 127:
-        raise EngineError("weights must be at most 8-bit symmetric")
-    return IntLinear(w.to(torch.int8), s_acc, b_int.to(i64))
-
-
-def _int_ln(ln: LNState, C: int) -> IntLN:
-    """b_int and S_out from the QAT function itself: on a zero row, ``y = 0`` and ``q_out = b_int``."""
-    from ibert_plugin.quant import nonlinear as NL
-
-    with torch.no_grad():
-        q0, s_out = NL.int_layernorm(torch.zeros(1, C), torch.ones(1), ln.gamma.detach().float(),
-                                     ln.beta.detach().float(), torch.tensor([float(ln.shift)]))
-    return IntLN(int(ln.shift), q0.reshape(C).to(i64), s_out.to(f32).reshape(C))
-
-
-def _act_scale(rng: Range, bits: int) -> torch.Tensor:
-    x_min, x_max = rng
-    if float(x_min.abs().max()) == 0.0 and float(x_max.abs().max()) == 0.0:
-        raise EngineError("uninitialised activation range (x_min = x_max = 0): the model was never calibrated/trained")
-    return symmetric_scale(x_min.to(f32), x_max.to(f32), bits).reshape(1)
-
-
-def compile_qstate(st: QState) -> IntModel:
-    """All integer constants of the spec from a float-level state."""
-    a8, r22, e16 = st.act_bits, st.residual_bits, st.embed_act_bits
-    tok_w, s_tok = st.tok_int if st.tok_int is not None else _quantize_embedding(st.tok_w)
-    pos_w, s_pos = st.pos_int if st.pos_int is not None else _quantize_embedding(st.pos_w)
-    D = tok_w.shape[1]
-    s_emb = _act_scale(st.embed_range, e16)
-    tm, te = requant_consts(s_tok, s_emb)
-    pm, pe = requant_consts(s_pos, s_emb)
-    emb_ln = _int_ln(st.emb_ln, D)
-    prev_s = emb_ln.s_out
-    layers = []
-    for L in st.layers:
-        rg = L.ranges
-        s_x = _act_scale(rg["input_act"], a8)
-        in_m, in_e = requant_consts(prev_s, s_x)
-        qkv_parts, s_qkv, mm, ee = [], [], [], []
-        for name, lin in (("q_act", L.q), ("k_act", L.k), ("v_act", L.v)):
-            il = _int_linear(lin, s_x)
-            s_a = _act_scale(rg[name], a8)
-            m, e = requant_consts(il.s_acc, s_a)
-            qkv_parts.append(il)
-            s_qkv.append(s_a)
-            mm.append(m)
-            ee.append(e)
-        qkv = IntLinear(torch.cat([p.w_int for p in qkv_parts]), torch.cat([p.s_acc for p in qkv_parts]),
-                        torch.cat([p.b_int for p in qkv_parts]))
-        dh = D // L.heads
-        s_scores = (s_qkv[0] * s_qkv[1] * (dh ** -0.5)).to(f32)
-        lut = _exp_lut(float(s_scores))
-        s_ctx_in = (s_qkv[2] / 255.0).to(f32)
-        s_ctx = _act_scale(rg["attn_act"], a8)
-        cm, ce = requant_consts(s_ctx_in, s_ctx)
-        o = _int_linear(L.o, s_ctx)
-        s_ar = _act_scale(rg["attn_residual_act"], r22)
-        ar_m, ar_e = requant_consts(o.s_acc, s_ar)
-        ar_id_m, ar_id_e = requant_consts(s_x, s_ar)
-        attn_ln = _int_ln(L.attn_ln, D)
-        s_h = _act_scale(rg["fc1_act"], a8)
-        h_m, h_e = requant_consts(attn_ln.s_out, s_h)
-        fc1 = _int_linear(L.fc1, s_h)
-        gb, gc, gone, s_gelu = _gelu_consts(fc1.s_acc)
-        s_g = _act_scale(rg["fc2_act"], a8)
-        g_m, g_e = requant_consts(s_gelu, s_g, max_e=10 ** 6)
-        fc2 = _int_linear(L.fc2, s_g)
-        s_fr = _act_scale(rg["ffn_residual_act"], r22)
-        fr_m, fr_e = requant_consts(fc2.s_acc, s_fr)
-        fr_id_m, fr_id_e = requant_consts(s_h, s_fr)
-        ffn_ln = _int_ln(L.ffn_ln, D)
-        layers.append(IntLayer(
-            qkv=qkv, o=o, fc1=fc1, fc2=fc2, heads=L.heads, in_m=in_m.expand(D).contiguous(),
-            in_e=in_e.expand(D).contiguous(), s_x=s_x, qkv_m=torch.cat(mm), qkv_e=torch.cat(ee), s_qkv=tuple(s_qkv),
-            lut=lut, s_scores=s_scores, ctx_m=int(cm), ctx_e=int(ce), s_ctx=s_ctx, ar_m=ar_m, ar_e=ar_e,
-            ar_id_m=int(ar_id_m), ar_id_e=int(ar_id_e), attn_ln=attn_ln, h_m=h_m, h_e=h_e, s_h=s_h,
-            gelu_b=gb, gelu_c=gc, gelu_one=gone, g_m=g_m, g_e=g_e, s_g=s_g, fr_m=fr_m, fr_e=fr_e,
-            fr_id_m=int(fr_id_m), fr_id_e=int(fr_id_e), ffn_ln=ffn_ln))
-        prev_s = ffn_ln.s_out
-    return IntModel(tok_w=tok_w, pos_w=pos_w, padding_idx=st.padding_idx, emb_tok_m=int(tm), emb_tok_e=int(te),
-                    emb_pos_m=int(pm), emb_pos_e=int(pe), emb_ln=emb_ln, layers=layers, act_bits=a8,
-                    residual_bits=r22, embed_act_bits=e16, head=st.head, weight_bits=st.weight_bits,
-                    ternary=st.ternary, info={"s_tok": s_tok, "s_pos": s_pos, "s_emb": s_emb})
-
-
-def _gelu_consts(s_acc: torch.Tensor):
-    b_int, c_int, one, s_out = R.gelu_consts(s_acc.to(f32))
-    return b_int.to(i64), c_int.to(i64), one.to(i64), s_out
-
-
-def _exp_lut(S: float) -> torch.Tensor:
-    x0 = R.softmax_consts(S)[0]
-    if 30 * abs(x0) + 1 > (1 << 25):
-        raise EngineError(f"softmax scale {S:g} too small for the i-exp table")
-    lut = R.exp_lut(S)
-    nz = torch.nonzero(lut).flatten()
-    last = int(nz[-1]) if nz.numel() else 0
-    # entries past the last non-zero one are all 0: keep one 0 at the end (indices are clamped to the last entry)
-    return lut[: last + 2].clone()
-
-
 # ------------------------------------------------------------------------------------------------------------------
-# from an ibert_roberta model / checkpoint
+# checks and layout of the modules' integer forms
 # ------------------------------------------------------------------------------------------------------------------
+def _me(m: torch.Tensor, e: torch.Tensor, what: str, max_e: int = MAX_SHIFT) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dyadic constants as int64 ``(C,)``, refusing shifts the int64 kernels cannot take."""
+    if int(e.max()) > max_e:
+        raise EngineError(f"{what}: requant ratio too small for the engine (shift {int(e.max())} > {max_e})")
+    return m.reshape(-1).to(i64).contiguous(), e.reshape(-1).to(i64).contiguous()
+
+
+def _scalar_me(m: torch.Tensor, e: torch.Tensor, what: str) -> Tuple[int, int]:
+    mm, ee = _me(m, e, what)
+    if mm.numel() != 1:
+        raise EngineError(f"{what}: expected a per-tensor requant ratio")
+    return int(mm[0]), int(ee[0])
+
+
+def _linear(form, what: str) -> IntLinear:
+    if form.w_bits > 8:
+        raise EngineError(f"{what}: weights must be at most 8-bit symmetric")
+    return IntLinear(form.w_int, form.s_acc.to(f32), form.b_int.to(i64))
+
+
+def _ln(form) -> IntLN:
+    return IntLN(int(form.shift), form.b_int.to(i64).contiguous(), form.s_out.to(f32).contiguous())
+
+
+def _lut(form, what: str) -> torch.Tensor:
+    if 30 * abs(float(form.exp.x0.reshape(-1)[0])) + 1 > MAX_LUT:
+        raise EngineError(f"{what}: softmax scale {float(form.s_out):g} too small for the i-exp table")
+    return form.lut
+
+
+def _layer(f: dict, heads: int, D: int, name: str) -> IntLayer:
+    att = f["self_attn"]
+    in_m, in_e = _me(f["input_act"].m, f["input_act"].e, name + "input_act")
+    qkv_parts = [_linear(att[n], name + n) for n in ("q_proj", "k_proj", "v_proj")]
+    qkv = IntLinear(torch.cat([p.w_int for p in qkv_parts]), torch.cat([p.s_acc for p in qkv_parts]),
+                    torch.cat([p.b_int for p in qkv_parts]))
+    mes = [_me(att[n].m, att[n].e, name + n) for n in ("q_act", "k_act", "v_act")]
+    ctx_m, ctx_e = _scalar_me(att["attn_act"].m, att["attn_act"].e, name + "attn_act")
+    ra, fa = f["attn_residual_act"], f["ffn_residual_act"]
+    ar_m, ar_e = _me(ra.m, ra.e, name + "attn_residual_act")
+    ar_id_m, ar_id_e = _scalar_me(ra.m_id, ra.e_id, name + "attn_residual_act")
+    fr_m, fr_e = _me(fa.m, fa.e, name + "ffn_residual_act")
+    fr_id_m, fr_id_e = _scalar_me(fa.m_id, fa.e_id, name + "ffn_residual_act")
+    h_m, h_e = _me(f["fc1_act"].m, f["fc1_act"].e, name + "fc1_act")
+    g = f["gelu"]
+    g_m, g_e = _me(f["fc2_act"].m, f["fc2_act"].e, name + "fc2_act", max_e=10**6)  # split int64 math in gelu_u8
+    return IntLayer(
+        qkv=qkv, o=_linear(att["out_proj"], name + "out_proj"), fc1=_linear(f["fc1"], name + "fc1"),
+        fc2=_linear(f["fc2"], name + "fc2"), heads=heads, in_m=in_m.expand(D).contiguous(),
+        in_e=in_e.expand(D).contiguous(), s_x=f["input_act"].s_out, qkv_m=torch.cat([m for m, _ in mes]),
+        qkv_e=torch.cat([e for _, e in mes]), s_qkv=tuple(att[n].s_out for n in ("q_act", "k_act", "v_act")),
+        lut=_lut(att["softmax"], name + "softmax"), s_scores=att["s_scores"], ctx_m=ctx_m, ctx_e=ctx_e,
+        s_ctx=att["attn_act"].s_out, ar_m=ar_m, ar_e=ar_e, ar_id_m=ar_id_m, ar_id_e=ar_id_e,
+        attn_ln=_ln(f["self_attn_layer_norm"]), h_m=h_m, h_e=h_e, s_h=f["fc1_act"].s_out,
+        gelu_k=g.shift.to(i64).contiguous(), gelu_b=g.b_int.to(i64).contiguous(), gelu_c=g.c_int.to(i64).contiguous(),
+        gelu_one=g.one.to(i64).contiguous(), g_m=g_m, g_e=g_e, s_g=f["fc2_act"].s_out, fr_m=fr_m, fr_e=fr_e,
+        fr_id_m=fr_id_m, fr_id_e=fr_id_e, ffn_ln=_ln(f["final_layer_norm"]))
+
+
 def _cfg_of(model):
     enc = getattr(model, "encoder", None)
     cfg = getattr(enc, "qcfg", None)
@@ -319,77 +172,55 @@ def _cfg_of(model):
     return cfg
 
 
-@torch.no_grad()
-def _linear_state(mod) -> Linear:
-    from ibert_plugin.quant.primitives import SCALE_EPS, qmax
-
-    w_int, s_w = mod.weight_quantizer(mod.weight)
-    w_bits = int(getattr(mod.weight_quantizer, "bits", mod.cfg.weight_bits))
-    s_w = s_w.detach().float().reshape(-1).clamp(min=SCALE_EPS / qmax(w_bits))
-    if s_w.numel() == 1:
-        s_w = s_w.expand(w_int.shape[0]).contiguous()
-    bias = mod.bias.detach().float() if mod.bias is not None else torch.zeros(w_int.shape[0])
-    return Linear(w_int.detach().round().to(i64), s_w, bias)
-
-
-def _range(act) -> Range:
-    return (act.x_min.detach().float().reshape(1), act.x_max.detach().float().reshape(1))
-
-
-def _ln_state(ln) -> LNState:
-    shift = float(ln.shift.reshape(-1)[0]) if hasattr(ln, "shift") else 0.0
-    return LNState(ln.weight.detach().float(), ln.bias.detach().float(), int(shift))
-
-
-@torch.no_grad()
-def qstate_from_model(model, head_name: str = "sentence_classification_head") -> QState:
-    """Float-level state of an ``ibert_roberta`` model in symmetric mode (eval)."""
-    from ibert_plugin.quant.modules import QuantEmbedding
-
-    cfg = _cfg_of(model)
+def _check_cfg(cfg) -> None:
     if cfg.quant_mode != "symmetric":
         raise EngineError(f"the integer engine needs a symmetric-mode (I-BERT) model, got quant_mode "
                           f"{cfg.quant_mode!r}")
-    fd = getattr(cfg, "force_dequant", "none")
-    if fd not in (None, "none"):
-        raise EngineError(f"force_dequant={fd!r} keeps nonlinear ops in float: not an integer-only model")
-    if getattr(cfg, "act_bits", 8) != 8 or getattr(cfg, "softmax_out_bits", 8) != 8:
+    if cfg.force_dequant not in (None, "none"):
+        raise EngineError(f"force_dequant={cfg.force_dequant!r} keeps nonlinear ops in float: not an integer-only "
+                          f"model")
+    if cfg.act_bits != 8 or cfg.softmax_out_bits != 8:
         raise EngineError("the engine supports 8-bit activations and 8-bit softmax outputs")
-    if getattr(cfg, "bias_bits", 32) != 32 or getattr(cfg, "embed_bits", 8) != 8:
+    if cfg.bias_bits != 32 or cfg.embed_bits != 8:
         raise EngineError("the engine supports 32-bit biases and 8-bit embedding tables")
-    if getattr(cfg, "residual_bits", 22) > 24 or getattr(cfg, "embed_act_bits", 16) > 24:
-        raise EngineError("residual / embedding-sum bit-widths above 24 are not supported")
-    se = model.encoder.sentence_encoder
-    V = se.embed_tokens.weight.shape[0]
-    tok_rows, s_tok = se.embed_tokens(torch.arange(V))
-    P = se.embed_positions.weight.shape[0]
-    pos_rows, s_pos = QuantEmbedding.forward(se.embed_positions, torch.arange(P))
-    layers = []
-    for lay in se.layers:
-        sa = lay.self_attn
-        ranges = {n: _range(getattr(lay, n)) for n in ("input_act", "attn_residual_act", "fc1_act", "fc2_act",
-                                                       "ffn_residual_act")}
-        ranges.update({n: _range(getattr(sa, n)) for n in ("q_act", "k_act", "v_act", "attn_act")})
-        layers.append(LayerState(q=_linear_state(sa.q_proj), k=_linear_state(sa.k_proj), v=_linear_state(sa.v_proj),
-                                 o=_linear_state(sa.out_proj), fc1=_linear_state(lay.fc1), fc2=_linear_state(lay.fc2),
-                                 ranges=ranges, attn_ln=_ln_state(lay.self_attn_layer_norm),
-                                 ffn_ln=_ln_state(lay.final_layer_norm), heads=sa.num_heads))
-    head = None
+
+
+@torch.no_grad()
+def head_from_model(model, head_name: str = "sentence_classification_head") -> Optional[Dict[str, torch.Tensor]]:
+    """The float classification head (``dense``, ``out_proj`` weights and biases, float32) or None."""
     heads = getattr(model, "classification_heads", {})
-    if head_name in heads:
-        h = heads[head_name]
-        dense_w = h.dense.weight.detach().float()
-        head = {"dense.weight": dense_w, "dense.bias": h.dense.bias.detach().float(),
-                "out_proj.weight": h.out_proj.weight.detach().float(),
-                "out_proj.bias": h.out_proj.bias.detach().float()}
-    wb = int(getattr(cfg, "weight_bits", 8))
-    return QState(tok_w=se.embed_tokens.weight.detach(), pos_w=se.embed_positions.weight.detach(),
-                  padding_idx=int(se.padding_idx), embed_range=_range(se.embed_act),
-                  emb_ln=_ln_state(se.layernorm_embedding), layers=layers,
-                  act_bits=int(cfg.act_bits), residual_bits=int(cfg.residual_bits),
-                  embed_act_bits=int(cfg.embed_act_bits), head=head, weight_bits=wb, ternary=wb == 2,
-                  tok_int=(tok_rows.round().to(torch.int8), s_tok.float().reshape(1)),
-                  pos_int=(pos_rows.round().to(torch.int8), s_pos.float().reshape(1)))
+    if head_name not in heads:
+        return None
+    h = heads[head_name]
+    return {"dense.weight": h.dense.weight.detach().float(), "dense.bias": h.dense.bias.detach().float(),
+            "out_proj.weight": h.out_proj.weight.detach().float(), "out_proj.bias": h.out_proj.bias.detach().float()}
+
+
+@torch.no_grad()
+def compile_model(model, head_name: str = "sentence_classification_head") -> IntModel:
+    """:class:`IntModel` of an ``ibert_roberta`` model in symmetric mode, from its ``int_form()``."""
+    cfg = _cfg_of(model)
+    _check_cfg(cfg)
+    se = model.encoder.sentence_encoder
+    try:
+        f = se.int_form()
+    except ValueError as exc:  # uninitialised ranges and the like: the modules' own one-line reasons
+        raise EngineError(str(exc)) from exc
+    tok_w, s_tok = f["embed_tokens"]
+    pos_w, s_pos = f["embed_positions"]
+    ea = f["embed_act"]
+    tm, te = _scalar_me(ea.m, ea.e, "embed_act")
+    pm, pe = _scalar_me(ea.m_id, ea.e_id, "embed_act")
+    D = tok_w.shape[1]
+    layers = [_layer(lf, lay.self_attn.num_heads, D, f"layers.{i}.") for i, (lf, lay) in
+              enumerate(zip(f["layers"], se.layers))]
+    wb = int(cfg.weight_bits)
+    return IntModel(tok_w=tok_w, pos_w=pos_w, padding_idx=int(se.padding_idx), emb_tok_m=tm, emb_tok_e=te,
+                    emb_pos_m=pm, emb_pos_e=pe, emb_ln=_ln(f["layernorm_embedding"]), layers=layers,
+                    act_bits=int(cfg.act_bits), residual_bits=int(cfg.residual_bits),
+                    embed_act_bits=int(cfg.embed_act_bits), head=head_from_model(model, head_name), weight_bits=wb,
+                    ternary=wb == 2, info={"s_tok": s_tok, "s_pos": s_pos, "s_emb": ea.s_out,
+                                           "nonlinear_constants": cfg.nonlinear_constants})
 
 
 def from_model(model, threads: Optional[int] = None, route: str = "auto"):
@@ -398,14 +229,14 @@ def from_model(model, threads: Optional[int] = None, route: str = "auto"):
 
     if model.training:
         raise EngineError("convert the model in eval mode (model.eval())")
-    return IntegerEngine(compile_qstate(qstate_from_model(model)), threads=threads, route=route)
+    return IntegerEngine(compile_model(model), threads=threads, route=route)
 
 
 def load_qat_checkpoint(path: str, dict_size: Optional[int] = None):
     """(model in eval mode, cfg) of a fairseq ``ibert_roberta`` checkpoint, with clear errors."""
     if not os.path.isfile(path):
         raise EngineError(f"checkpoint not found: {path}")
-    from ibert_plugin.quant.packing import load_checkpoint_model
+    from ibert_plugin.wiring.checkpoint import load_checkpoint_model  # the fairseq side, imported on demand
 
     try:
         model, cfg = load_checkpoint_model(path)

@@ -17,6 +17,7 @@ import torch
 
 from . import EngineError, gemm, kernels, selftest
 from .convert import IntModel
+from ..quant.primitives import dequantize
 
 I64 = torch.int64
 
@@ -46,7 +47,7 @@ class IntegerEngine:
     """Runs an :class:`IntModel` on integers.
 
     Args:
-        im: compiled integer model (:func:`convert.compile_qstate`).
+        im: compiled integer model (:func:`convert.compile_model`).
         threads: torch/OpenMP threads (fbgemm GEMMs and the fused kernels) and ORT intra-op threads of the ORT
             linear routes; the attention GEMMs always run on one ORT thread.
         route: ``"auto"`` (the fastest exact route per weight among those that passed the self-test: fbgemm16 for
@@ -98,7 +99,8 @@ class IntegerEngine:
             for k in ("qkv", "o", "fc1", "fc2"):
                 n += getattr(lay, k).weight_bytes + nb(lay.bias[k])
             n += nb(L.lut) + sum(nb(t) for t in (L.in_m, L.in_e, L.qkv_m, L.qkv_e, L.ar_m, L.ar_e, L.h_m, L.h_e,
-                                                 L.gelu_b, L.gelu_c, L.gelu_one, L.g_m, L.g_e, L.fr_m, L.fr_e,
+                                                 L.gelu_k, L.gelu_b, L.gelu_c, L.gelu_one, L.g_m, L.g_e, L.fr_m,
+                                                 L.fr_e,
                                                  L.attn_ln.b_int, L.ffn_ln.b_int))
         if im.head and include_head:
             n += sum(nb(t) for t in im.head.values())
@@ -220,7 +222,8 @@ class IntegerEngine:
             t0 = self._t("gemm_fc1", t0)
             F = L.fc1.w_int.shape[0]
             gq = torch.empty(M, F, dtype=I64) if collect else e
-            K.gelu_u8(buf["acc_f"], lay.bias["fc1"], L.gelu_b, L.gelu_c, L.gelu_one, L.g_m, L.g_e, qmax8, g, gq)
+            K.gelu_u8(buf["acc_f"], lay.bias["fc1"], L.gelu_k, L.gelu_b, L.gelu_c, L.gelu_one, L.g_m, L.g_e, qmax8,
+                      g, gq)
             t0 = self._t("gelu", t0)
             if collect:
                 acts[pre + "gelu"] = gq.view(B, T, F)
@@ -246,8 +249,9 @@ class IntegerEngine:
 
     @torch.no_grad()
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Real encoder output ``float(q * S)`` (float64 product, one rounding), as the QAT model hands its head."""
         q, s, _ = self.encode(tokens)
-        return q.to(torch.float32) * s
+        return dequantize(q.to(torch.float64), s)
 
     @torch.no_grad()
     def classify(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -255,7 +259,7 @@ class IntegerEngine:
         if not self.im.head:
             raise EngineError("the model has no classification head")
         q, s, _ = self.encode(tokens)
-        x = q[:, 0, :].to(torch.float32) * s
+        x = dequantize(q[:, 0, :].to(torch.float64), s)
         hd = self.im.head
         x = torch.tanh(torch.nn.functional.linear(x, hd["dense.weight"], hd["dense.bias"]))
         return torch.nn.functional.linear(x, hd["out_proj.weight"], hd["out_proj.bias"])

@@ -10,7 +10,6 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <vector>
@@ -43,13 +42,38 @@ inline i64 floordiv(i64 a, i64 b) {  // b > 0
   return q;
 }
 
-inline i64 isqrt_floor(i64 n) {
+// floor(sqrt(n)) by I-BERT Algorithm 4 (integer Newton), the algorithm of quant/primitives.isqrt: start at
+// 2^ceil(bits(n)/2) >= sqrt(n), iterate x <- floor((x + floor(n/x)) / 2) until the iterate stops decreasing.
+inline i64 isqrt_newton(i64 n) {
   if (n <= 0) return 0;
-  i64 r = (i64)std::sqrt((double)n);
-  while (r > 0 && r * r > n) --r;
-  while ((r + 1) * (r + 1) <= n) ++r;
-  return r;
+  const int bits = 64 - __builtin_clzll((unsigned long long)n);
+  i64 x = i64(1) << ((bits + 1) / 2);
+  for (;;) {
+    const i64 y = (x + n / x) >> 1;
+    if (y >= x) return x;
+    x = y;
+  }
 }
+
+// clamp(floor((z m + 2^(e-1)) / 2^e), -qmax, qmax), exact for every |z| < 2^62, |m| <= 2^20 (quant/primitives
+// requant_clamp without identity): z is first saturated at 2^(e + bits - 19) (beyond it the result saturates), then
+// split z = zh 2^s + zl with s = min(e - 1, 31): floor((zh m + 2^(e-1-s) + floor(zl m / 2^s)) / 2^(e-s)), every
+// term below 2^62.
+inline i64 requant_sat(i64 z, i64 m, i64 e, int bits, i64 qmax) {
+  if (e > 72) e = 72;  // |z m| < 2^71 after the saturation: the result is 0 for every larger shift too
+  const i64 bexp = e + bits - 19;
+  if (bexp < 62) {
+    const i64 bd = i64(1) << (bexp > 0 ? bexp : 0);
+    z = z < -bd ? -bd : (z > bd ? bd : z);
+  }
+  const i64 s = e - 1 < 31 ? e - 1 : 31;
+  const i64 zh = z >> s;
+  const i64 zl = z - (zh << s);
+  const i64 v = (zh * m + (i64(1) << (e - 1 - s)) + ((zl * m) >> s)) >> (e - s);
+  return v < -qmax ? -qmax : (v > qmax ? qmax : v);
+}
+
+inline int bit_width(i64 qmax) { return 64 - __builtin_clzll((unsigned long long)qmax) + 1; }
 
 void check(bool ok, const char* msg) { TORCH_CHECK(ok, msg); }
 
@@ -215,7 +239,7 @@ inline void ln_row(i64* q, const LNParams& P, bool zero_row, u8* out_u8, i64* ou
     const i64 ys = q[c] >> sh;
     var += ys * ys;
   }
-  i64 sd = isqrt_floor(var);
+  i64 sd = isqrt_newton(var);
   if (sd < 1) sd = 1;
   sd <<= sh;
   const i64 f = (i64(1) << 45) / sd;  // |y f| <= 2^45 sqrt(C)-ish: int64
@@ -312,17 +336,17 @@ void embed_ln(const at::Tensor& tokens, const at::Tensor& positions, const at::T
 }
 
 // i-GELU on the FC1 accumulator (+bias), then the fc2_act QuantAct(8) requant -> u8 (+128).
-// The requant of g = q * (y + one) needs up to ~75-bit products; it stays in int64 exactly:
-//  * |g| >= 2^(e-11) saturates the 8-bit output (|g m| / 2^e >= 2^8 since |m| >= 2^19), so g is clamped there first;
-//  * with s = max(0, e - 53): floor((g m + 2^(e-1)) / 2^e) = floor((floor(g m / 2^s) + 2^(e-s-1)) / 2^(e-s)),
-//    floor(g m / 2^s) = (g >> s) m + ((g mod 2^s) m >> s), every term below 2^63.
-void gelu_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& b_int, const at::Tensor& c_int,
-             const at::Tensor& one, const at::Tensor& m, const at::Tensor& e, int64_t qmax, at::Tensor& out,
-             at::Tensor& out_g) {
+// Per channel j (quant/nonlinear.int_gelu): the erf input u = |q| << k (k >= 0, saturated at -b_int) or |q| >> -k;
+// t = min(u, -b_int) + b_int; Y = max(0, (2^13 - c_int - t^2) >> 14); g = q (one - sgn(q) Y) (|g| < 2^51 for
+// |q| <= 2^32); the requant of g needs up to ~71-bit products and runs in the exact saturating split (requant_sat).
+void gelu_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& k_sh, const at::Tensor& b_int,
+             const at::Tensor& c_int, const at::Tensor& one, const at::Tensor& m, const at::Tensor& e, int64_t qmax,
+             at::Tensor& out, at::Tensor& out_g) {
   check(acc.scalar_type() == at::kInt && acc.is_contiguous() && acc.dim() == 2, "acc: int32 [M, N]");
   const i64 M = acc.size(0), N = acc.size(1);
   const i32* A = acc.data_ptr<i32>();
   const i64* Bi = bias.data_ptr<i64>();
+  const i64* KS = k_sh.data_ptr<i64>();
   const i64* BI = b_int.data_ptr<i64>();
   const i64* CI = c_int.data_ptr<i64>();
   const i64* ON = one.data_ptr<i64>();
@@ -331,22 +355,15 @@ void gelu_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& b_
   u8* O = out.data_ptr<u8>();
   const bool want_g = out_g.defined() && out_g.numel() > 0;
   i64* G = want_g ? out_g.data_ptr<i64>() : nullptr;
-  std::vector<i64> SH(N), EP(N), RND(N), BND(N), MM(N), NB(N);
+  const int bits = bit_width(qmax);
+  std::vector<i64> NB(N), SAT(N);
   for (i64 j = 0; j < N; ++j) {
-    const i64 ej = E[j];
-    check(std::llabs(Mm[j]) <= (i64(1) << 21), "gelu requant multiplier above 2^21");
-    if (ej > 95) {  // |g m| < 2^84 < 2^(e-1): the result is 0
-      SH[j] = 0; EP[j] = 1; RND[j] = 0; BND[j] = 0; MM[j] = 0;
-    } else {
-      SH[j] = ej > 53 ? ej - 53 : 0;
-      EP[j] = ej - SH[j];
-      RND[j] = i64(1) << (EP[j] - 1);
-      BND[j] = ej - 11 >= 62 ? (i64(1) << 62) : (ej > 11 ? (i64(1) << (ej - 11)) : i64(1));
-      MM[j] = Mm[j];
-    }
+    check(std::llabs(Mm[j]) <= (i64(1) << 20), "gelu requant multiplier above 2^20");
     NB[j] = -BI[j];
+    const i64 k = KS[j] > 62 ? 62 : KS[j];
+    SAT[j] = k >= 0 ? (NB[j] >> k) : 0;  // |q| above this saturates the erf (k >= 0)
   }
-  const i64 *pSH = SH.data(), *pEP = EP.data(), *pR = RND.data(), *pBD = BND.data(), *pM = MM.data(), *pNB = NB.data();
+  const i64 *pNB = NB.data(), *pSAT = SAT.data();
 #pragma omp parallel num_threads(nthreads()) if (M * N >= kParallelMin)
   {
     std::vector<i64> gbuf(N);
@@ -358,24 +375,18 @@ void gelu_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& b_
       for (i64 j = 0; j < N; ++j) {
         const i64 q = i64(a[j]) + Bi[j];
         const i64 aq = q < 0 ? -q : q;
-        const i64 t = (aq < pNB[j] ? aq : pNB[j]) - pNB[j];
+        const i64 k = KS[j];
+        i64 u;
+        if (k >= 0) u = aq > pSAT[j] ? pNB[j] : (aq << k);
+        else u = -k >= 63 ? 0 : (aq >> -k);
+        const i64 t = (u < pNB[j] ? u : pNB[j]) - pNB[j];
         // integer erf y = -sgn(q) Y, Y = max(0, floor((2^13 - c_int - t^2) / 2^14)) (rounded half away from 0)
         i64 Y = (i64(8192) - CI[j] - t * t) >> 14;
         Y = Y > 0 ? Y : 0;
         gb[j] = q * (ON[j] - (q > 0 ? Y : (q < 0 ? -Y : 0)));
       }
       if (G) std::copy(gb, gb + N, G + i * N);
-      for (i64 j = 0; j < N; ++j) {
-        i64 g = gb[j];
-        const i64 bd = pBD[j];
-        g = g < -bd ? -bd : (g > bd ? bd : g);
-        const i64 sh = pSH[j];
-        const i64 gh = g >> sh;
-        const i64 gl = g - (gh << sh);
-        const i64 tt = gh * pM[j] + ((gl * pM[j]) >> sh);
-        const i64 v = (tt + pR[j]) >> pEP[j];
-        o[j] = (u8)(clampi(v, -qmax, qmax) + 128);
-      }
+      for (i64 j = 0; j < N; ++j) o[j] = (u8)(requant_sat(gb[j], Mm[j], E[j], bits, qmax) + 128);
     }
   }
 }

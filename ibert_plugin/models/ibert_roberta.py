@@ -35,7 +35,7 @@ from fairseq.models.roberta.model import (
 from fairseq.models.transformer import TransformerEncoder
 from fairseq.modules.transformer_sentence_encoder import init_bert_params
 
-from ..quant.config import QuantConfig
+from ..quant.config import NONLINEAR_CONSTANT_SETS, QuantConfig
 from ..quant.modules import (
     DynamicActQuant,
     IntGELU,
@@ -45,6 +45,7 @@ from ..quant.modules import (
     QuantEmbedding,
     QuantLinear,
 )
+from ..quant.primitives import context_scale, dequantize, exact_int_matmul, score_scale
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +53,12 @@ QTensor = Tuple[torch.Tensor, Optional[torch.Tensor]]
 
 
 def _real(x: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
-    """Real value of a ``(x, scale)`` carrier (``scale is None`` means ``x`` is already real), in the scale's dtype.
+    """Real value of a ``(x, scale)`` carrier (``scale is None`` means ``x`` is already real): ``float(q * S)``.
 
-    Accumulators travel as float64 integers; their real values go back to the model's float32.
+    Integer carriers (float32 or float64 integers) are multiplied by the float32 scale in float64 and rounded once
+    to float32 (:func:`~ibert_plugin.quant.primitives.dequantize`), which the engine does for the float head too.
     """
-    return x if scale is None else (x * scale).to(scale.dtype)
+    return x if scale is None else dequantize(x.to(torch.float64), scale)
 
 
 def _dropout_carrier(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -131,8 +133,11 @@ class QuantSelfAttention(nn.Module):
             q = q * self.scaling
         q, k, v = self._heads(q, tgt_len, bsz), self._heads(k, tgt_len, bsz), self._heads(v, tgt_len, bsz)
 
-        scores = torch.matmul(q, k.transpose(-1, -2))
-        s_scores = s_q * s_k * self.scaling if symmetric else None
+        if symmetric:  # exact integer GEMMs at every allowed activation width (float32 chunks < 2^24)
+            scores = exact_int_matmul(q, k, a_bits=self.cfg.act_bits, b_bits=self.cfg.act_bits)
+            s_scores = score_scale(s_q, s_k, self.head_dim)
+        else:
+            scores, s_scores = torch.matmul(q, k.transpose(-1, -2)), None
         probs, s_probs = self.softmax(scores, s_scores, key_padding_mask)
         real_scores = _real(scores, s_scores)
         if key_padding_mask is not None:
@@ -144,12 +149,32 @@ class QuantSelfAttention(nn.Module):
             v, s_v = v * s_v, None
         elif s_probs is None:
             probs = probs.type_as(v)
-        ctx = torch.matmul(probs, v)  # B x H x T x D
-        s_ctx = s_probs * s_v if (s_probs is not None and s_v is not None) else None
+        if s_probs is not None and s_v is not None:  # unsigned probabilities: |p| <= n(out_bits + 1)
+            ctx = exact_int_matmul(probs, v.transpose(-1, -2), a_bits=self.softmax.out_bits + 1,
+                                   b_bits=self.cfg.act_bits)
+            s_ctx = context_scale(s_probs, s_v)
+        else:
+            ctx, s_ctx = torch.matmul(probs, v), None  # B x H x T x D
         ctx = ctx.permute(2, 0, 1, 3).reshape(tgt_len, bsz, self.embed_dim)
         if symmetric:
             ctx, s_ctx = self.attn_act(ctx, s_ctx)
         return self.out_proj(ctx, s_ctx), real_scores
+
+    @torch.no_grad()
+    def int_form(self, scale: torch.Tensor) -> dict:
+        """Integer constants of the symmetric forward for the per-tensor input scale ``scale``, from the modules'
+        own ``int_form`` and the scale functions the forward calls: ``q_proj``/``k_proj``/``v_proj``/``out_proj``
+        (:class:`LinearIntForm`), ``q_act``/``k_act``/``v_act``/``attn_act`` (:class:`ActIntForm`), ``s_scores``,
+        ``softmax`` (:class:`SoftmaxIntForm`) and ``s_ctx_in`` (the context accumulator scale)."""
+        f = {n: getattr(self, n).int_form(scale) for n in ("q_proj", "k_proj", "v_proj")}
+        for n in ("q", "k", "v"):
+            f[f"{n}_act"] = getattr(self, f"{n}_act").int_form(f[f"{n}_proj"].s_acc)
+        f["s_scores"] = score_scale(f["q_act"].s_out, f["k_act"].s_out, self.head_dim)
+        f["softmax"] = self.softmax.int_form(f["s_scores"])
+        f["s_ctx_in"] = context_scale(f["softmax"].s_out, f["v_act"].s_out)
+        f["attn_act"] = self.attn_act.int_form(f["s_ctx_in"])
+        f["out_proj"] = self.out_proj.int_form(f["attn_act"].s_out)
+        return f
 
 
 class QuantEncoderLayer(nn.Module):
@@ -233,6 +258,27 @@ class QuantEncoderLayer(nn.Module):
         x, scale = self.final_layer_norm(x, scale)
         return (x, scale), scores
 
+    @torch.no_grad()
+    def int_form(self, scale: torch.Tensor) -> dict:
+        """Integer constants of :meth:`_forward_integer` for the incoming scale (``(C,)`` from the previous
+        LayerNorm), keyed by module name (``self_attn`` holds :meth:`QuantSelfAttention.int_form`); ``"s_out"`` is
+        the layer's output scale."""
+        f = {"input_act": self.input_act.int_form(scale)}
+        s_x = f["input_act"].s_out
+        f["self_attn"] = att = self.self_attn.int_form(s_x)
+        f["attn_residual_act"] = self.attn_residual_act.int_form(att["out_proj"].s_acc, s_x)
+        f["self_attn_layer_norm"] = self.self_attn_layer_norm.int_form()
+        f["fc1_act"] = self.fc1_act.int_form(f["self_attn_layer_norm"].s_out)
+        s_h = f["fc1_act"].s_out
+        f["fc1"] = self.fc1.int_form(s_h)
+        f["gelu"] = self.gelu.int_form(f["fc1"].s_acc)
+        f["fc2_act"] = self.fc2_act.int_form(f["gelu"].s_out)
+        f["fc2"] = self.fc2.int_form(f["fc2_act"].s_out)
+        f["ffn_residual_act"] = self.ffn_residual_act.int_form(f["fc2"].s_acc, s_h)
+        f["final_layer_norm"] = self.final_layer_norm.int_form()
+        f["s_out"] = f["final_layer_norm"].s_out
+        return f
+
 
 class QuantPositionalEmbedding(QuantEmbedding):
     """Learned positions (fairseq ``LearnedPositionalEmbedding`` layout: rows start at ``padding_idx + 1``).
@@ -274,6 +320,23 @@ class QuantTransformerEncoder(TransformerEncoder):
 
     def build_encoder_layer(self, cfg):
         return QuantEncoderLayer(self.layer_args, self.qcfg)
+
+    @torch.no_grad()
+    def int_form(self) -> dict:
+        """Integer constants of the symmetric-mode encoder: ``embed_tokens`` / ``embed_positions`` (int8 tables
+        and scales), ``embed_act`` (:class:`ActIntForm`, tokens with positions as identity),
+        ``layernorm_embedding`` (:class:`LayerNormIntForm`) and ``layers`` (:meth:`QuantEncoderLayer.int_form`,
+        each fed the previous output scale)."""
+        if not self.qcfg.symmetric:
+            raise ValueError(f"int_form needs quant_mode symmetric, got {self.qcfg.quant_mode!r}")
+        f = {"embed_tokens": self.embed_tokens.int_form(), "embed_positions": self.embed_positions.int_form()}
+        f["embed_act"] = self.embed_act.int_form(f["embed_tokens"][1], f["embed_positions"][1])
+        f["layernorm_embedding"] = self.layernorm_embedding.int_form()
+        scale, f["layers"] = f["layernorm_embedding"].s_out, []
+        for layer in self.layers:
+            f["layers"].append(layer.int_form(scale))
+            scale = f["layers"][-1]["s_out"]
+        return f
 
     def forward(  # type: ignore[override]
         self,
@@ -416,6 +479,8 @@ class IBertRobertaModel(RobertaModel):
                             help="TernaryBERT clipping range for weights and activations")
         parser.add_argument("--act-range", choices=["symmetric", "minmax"], default="symmetric",
                             help="TernaryBERT activation quantizer: symmetric max or min-max")
+        parser.add_argument("--nonlinear-constants", choices=list(NONLINEAR_CONSTANT_SETS), default="paper",
+                            help="i-GELU / i-exp coefficients: paper (I-BERT's) or refit")
 
     @classmethod
     def build_model(cls, args, task):
@@ -490,6 +555,7 @@ def ibert_base_architecture(args):
     args.input_bits = getattr(args, "input_bits", 8)
     args.clip_val = getattr(args, "clip_val", 2.5)
     args.act_range = getattr(args, "act_range", "symmetric")
+    args.nonlinear_constants = getattr(args, "nonlinear_constants", "paper")
     base_architecture(args)
 
 

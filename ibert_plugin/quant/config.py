@@ -25,6 +25,10 @@ FORCE_DEQUANT = ("none", "gelu", "softmax", "layernorm", "nonlinear")
 WEIGHT_METHODS = ("sym", "twn", "lat")
 ACT_RANGES = ("symmetric", "minmax")
 EMBEDDING_GRANULARITIES = ("row", "tensor")
+#: i-GELU / i-exp coefficient sets (``quant.nonlinear``): I-BERT's published ones, or the refit.
+NONLINEAR_CONSTANT_SETS = ("paper", "refit")
+#: Widest symmetric-mode activation whose integer products stay exact in float32 GEMMs (n(13)^2 < 2^24).
+SYMMETRIC_MAX_ACT_BITS = 13
 
 
 def _check_bits(name: str, value: Any, lo: int, hi: int) -> None:
@@ -65,6 +69,8 @@ class QuantConfig:
             beta2; :meth:`from_namespace` takes it from ``--adam-betas``; default 0.999, fairseq's Adam default).
         lat_eps: LAT curvature ``D = sqrt(v) + lat_eps`` (the optimizer's eps; from ``--adam-eps``; default 1e-8).
         lat_iters: number of ``(alpha, b)`` alternations of the LAT closed form after the TWN start (5).
+        nonlinear_constants: i-GELU / i-exp coefficients: ``"paper"`` (I-BERT's ``a = -0.2888, b = -1.769`` and
+            ``0.35815147, 0.96963238, 1``) or ``"refit"`` (``-0.287, -1.775``; ``0.3671, 0.9736, 1``).
 
     Raises:
         ValueError: on any out-of-range or inconsistent field, with one sentence naming it.
@@ -88,6 +94,7 @@ class QuantConfig:
     lat_beta2: float = 0.999
     lat_eps: float = 1e-8
     lat_iters: int = 5
+    nonlinear_constants: str = "paper"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -128,6 +135,12 @@ class QuantConfig:
         if isinstance(e, bool) or not isinstance(e, (int, float)) or not e > 0:
             raise ValueError(f"lat_eps must be a positive number, got {e!r}")
         _check_bits("lat_iters", self.lat_iters, 1, 100)
+        _check_choice("nonlinear_constants", self.nonlinear_constants, NONLINEAR_CONSTANT_SETS)
+        if self.quant_mode == "symmetric" and self.act_bits > SYMMETRIC_MAX_ACT_BITS:
+            raise ValueError(
+                f"act_bits {self.act_bits} is not supported in symmetric mode: the integer attention products "
+                f"(n(act_bits)^2 > 2^24) cannot be computed exactly; use at most {SYMMETRIC_MAX_ACT_BITS}"
+            )
 
     # ------------------------------------------------------------------------------------------------------------
     @property
@@ -199,6 +212,7 @@ class QuantConfig:
             act_range=str(get("act_range", defaults.act_range)),
             lat_beta2=beta2,
             lat_eps=eps,
+            nonlinear_constants=str(get("nonlinear_constants", defaults.nonlinear_constants)),
         )
 
 

@@ -21,6 +21,7 @@ Modules and papers (``docs/integer_spec.md`` is the contract for symmetric mode)
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -28,15 +29,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import QuantConfig
-from .nonlinear import int_gelu, int_layernorm, int_softmax, layernorm_shift_update
+from .distributed import all_reduce_max, sync_min_max
+from .nonlinear import (
+    ExpConstants,
+    GeluConstants,
+    exp_lut,
+    gelu_constants,
+    int_gelu,
+    int_layernorm,
+    int_softmax,
+    layernorm_constants,
+    layernorm_shift_update,
+    softmax_constants,
+    softmax_output_scale,
+)
 from .primitives import (
     SCALE_EPS,
+    accumulator_scale,
+    bias_integer,
     dequantize,
-    dyadic,
     exact_int_matmul,
     qmax,
     quantize,
     requant_clamp,
+    requant_constants,
     symmetric_scale,
 )
 from .weight import SymWeightQuantizer, WeightQuantizer, build_weight_quantizer
@@ -51,6 +67,10 @@ __all__ = [
     "IntLayerNorm",
     "DynamicActQuant",
     "QUANT_MODULE_TYPES",
+    "ActIntForm",
+    "LinearIntForm",
+    "SoftmaxIntForm",
+    "LayerNormIntForm",
 ]
 
 QTensor = Tuple[torch.Tensor, Optional[torch.Tensor]]
@@ -74,6 +94,57 @@ def _need_quantized(module: str, scale: Optional[torch.Tensor], per_tensor: bool
         raise ValueError(
             f"{module} in symmetric mode needs a per-tensor input scale of shape (1,), got {tuple(scale.shape)}"
         )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# integer forms: what each module hands the inference engine, computed by the code its forward runs
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class ActIntForm:
+    """QuantAct constants: output scale ``s_out`` float32 ``(1,)``; dyadic ``(m, e)`` of the input (float64
+    ``(1,)`` or ``(C,)``) and ``(m_id, e_id)`` of the residual (None without one); ``bits`` of the output."""
+
+    s_out: torch.Tensor
+    m: torch.Tensor
+    e: torch.Tensor
+    m_id: Optional[torch.Tensor]
+    e_id: Optional[torch.Tensor]
+    bits: int
+
+
+@dataclass
+class LinearIntForm:
+    """QuantLinear constants: ``w_int`` int8 ``(C_out, C_in)``, ``s_acc`` float32 ``(C_out,)``, ``b_int`` int64
+    ``(C_out,)`` (zeros without bias), ``w_bits`` the weight bit-width bound (2 = ternary)."""
+
+    w_int: torch.Tensor
+    s_acc: torch.Tensor
+    b_int: torch.Tensor
+    w_bits: int
+
+
+@dataclass
+class SoftmaxIntForm:
+    """IntSoftmax constants for a score scale: the i-exp constants, the engine's table ``lut`` (int32,
+    ``lut[i] = i-exp(-i)``) and the float32 ``(1,)`` probability scale ``s_out``."""
+
+    exp: ExpConstants
+    lut: torch.Tensor
+    s_out: torch.Tensor
+
+
+@dataclass
+class LayerNormIntForm:
+    """IntLayerNorm constants: ``shift`` (int), ``b_int`` int64 ``(C,)``, ``s_out`` float32 ``(C,)``."""
+
+    shift: int
+    b_int: torch.Tensor
+    s_out: torch.Tensor
+
+
+def _uninitialised(module: str) -> ValueError:
+    return ValueError(f"{module}: uninitialised activation range (x_min = x_max = 0): calibrate or train the model "
+                      f"before exporting its integer form")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -117,6 +188,24 @@ class QuantAct(nn.Module):
         """Current output scale ``symmetric_scale(x_min, x_max, bits)`` (float32 ``(1,)``)."""
         return symmetric_scale(self.x_min, self.x_max, self.bits)
 
+    @staticmethod
+    def _ratios(scale, identity_scale, s_out):
+        m, e = requant_constants(scale, s_out)
+        m_id = e_id = None
+        if identity_scale is not None:
+            m_id, e_id = requant_constants(identity_scale, s_out)
+        return m, e, m_id, e_id
+
+    @torch.no_grad()
+    def int_form(self, scale: torch.Tensor, identity_scale: Optional[torch.Tensor] = None) -> ActIntForm:
+        """The integer constants of the symmetric-mode forward for input scale ``scale`` (``(1,)``/``(C,)``) and
+        optional residual scale: output scale and dyadic ratios (``ValueError`` when never calibrated)."""
+        if not (bool(self.x_min.ne(0).any()) or bool(self.x_max.ne(0).any())):
+            raise _uninitialised(type(self).__name__)
+        s_out = symmetric_scale(self.x_min, self.x_max, self.bits)
+        m, e, m_id, e_id = self._ratios(scale, identity_scale, s_out)
+        return ActIntForm(s_out, m, e, m_id, e_id, self.bits)
+
     @torch.no_grad()
     def _observe(self, x, scale, identity, identity_scale) -> None:
         if identity is None and scale is not None:
@@ -136,8 +225,8 @@ class QuantAct(nn.Module):
                 real = real + dequantize(identity.detach(), identity_scale)
             lo, hi = torch.aminmax(real)
             cur_min, cur_max = lo.reshape(1), hi.reshape(1)
-        cur_min = cur_min.to(self.x_min.dtype)
-        cur_max = cur_max.to(self.x_max.dtype)
+        # data parallel: every rank takes the global batch's range (no-op on one worker)
+        cur_min, cur_max = sync_min_max(cur_min.to(self.x_min.dtype), cur_max.to(self.x_max.dtype))
         uninit = (self.x_min == 0) & (self.x_max == 0)
         if self.momentum == -1:
             new_min, new_max = torch.minimum(self.x_min, cur_min), torch.maximum(self.x_max, cur_max)
@@ -176,11 +265,7 @@ class QuantAct(nn.Module):
             self._observe(x, scale, identity, identity_scale)
         s_out = symmetric_scale(self.x_min, self.x_max, self.bits)
         if scale is not None and (identity is None or identity_scale is not None):
-            s_out64 = s_out.to(torch.float64)
-            m, e = dyadic(scale.detach().to(torch.float64) / s_out64)
-            m_id = e_id = None
-            if identity is not None:
-                m_id, e_id = dyadic(identity_scale.detach().to(torch.float64) / s_out64)
+            m, e, m_id, e_id = self._ratios(scale, identity_scale, s_out)
             q = requant_clamp(x, m, e, self.bits, identity, m_id, e_id)
             return q, s_out
         real = dequantize(x, scale)
@@ -196,31 +281,35 @@ class _SymClipFakeQuant(torch.autograd.Function):
     """TernaryBERT ``SymQuantizer`` (layer-wise): clip, max-abs scale, round; STE zeroed outside the clip."""
 
     @staticmethod
-    def forward(ctx, x, clip_val, bits):
+    def forward(ctx, x, clip_val, bits, sync):
         inside = (x > -clip_val) & (x < clip_val)
         ctx.save_for_backward(inside)
         xc = x.clamp(-clip_val, clip_val)
-        s = qmax(bits) / xc.abs().amax().clamp(min=SCALE_EPS)
+        m = xc.abs().amax()
+        # training: the global batch's max over data-parallel ranks, as one worker on the whole batch (no-op alone)
+        s = qmax(bits) / (all_reduce_max(m) if sync else m).clamp(min=SCALE_EPS)
         return torch.round(xc * s) / s
 
     @staticmethod
     def backward(ctx, grad):
         (inside,) = ctx.saved_tensors
-        return grad * inside.to(grad.dtype), None, None
+        return grad * inside.to(grad.dtype), None, None, None
 
 
 class _MinMaxFakeQuant(torch.autograd.Function):
     """Asymmetric min-max fake quantization over the whole tensor (``2^bits - 1`` levels); identity STE."""
 
     @staticmethod
-    def forward(ctx, x, bits):
+    def forward(ctx, x, bits, sync):
         lo, hi = torch.aminmax(x)
+        if sync:  # training: the global batch's range over data-parallel ranks (no-op alone)
+            lo, hi = sync_min_max(lo, hi)
         s = (hi - lo).clamp(min=SCALE_EPS) / float(2**bits - 1)
         return torch.round((x - lo) / s) * s + lo
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
+        return grad, None, None
 
 
 class DynamicActQuant(nn.Module):
@@ -250,8 +339,8 @@ class DynamicActQuant(nn.Module):
             return x, scale
         real = dequantize(x, scale)
         if self.cfg.act_range == "minmax":
-            return _MinMaxFakeQuant.apply(real, self.bits), None
-        return _SymClipFakeQuant.apply(real, float(self.cfg.clip_val), self.bits), None
+            return _MinMaxFakeQuant.apply(real, self.bits, self.training), None
+        return _SymClipFakeQuant.apply(real, float(self.cfg.clip_val), self.bits, self.training), None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -317,15 +406,28 @@ class QuantLinear(nn.Linear):
             w_hat = w_int * s_w.reshape(-1, 1).to(w_int.dtype)
             return F.linear(xq, w_hat, self.bias), None
         _need_quantized("QuantLinear", scale, per_tensor=True)
-        w_int, s_w = self.weight_quantizer(self.weight)
-        w_bits = int(getattr(self.weight_quantizer, "bits", self.cfg.weight_bits))
-        s_w = s_w.detach().float().clamp(min=SCALE_EPS / qmax(w_bits))
-        s_acc = s_w * scale.detach().float().reshape(1)
-        b_int = None
-        if self.bias is not None:
-            b_int = quantize(self.bias.to(torch.float64), s_acc.to(torch.float64), self.cfg.bias_bits)
+        w_int, w_bits, s_acc, b_int = self._integer_params(scale)
         acc = exact_int_matmul(x, w_int, a_bits=self.cfg.act_bits, b_bits=w_bits, bias=b_int)
         return acc.to(torch.float64), s_acc
+
+    def _integer_params(self, scale: torch.Tensor):
+        """``(W_int, w_bits, S_acc, b_int)`` of the symmetric forward (differentiable ``W_int``/``b_int``)."""
+        w_int, s_w = self.weight_quantizer(self.weight)
+        w_bits = int(getattr(self.weight_quantizer, "bits", self.cfg.weight_bits))
+        s_w = s_w.detach().float().reshape(-1).clamp(min=SCALE_EPS / qmax(w_bits))
+        s_acc = accumulator_scale(s_w, scale)
+        b_int = None if self.bias is None else bias_integer(self.bias, s_acc, self.cfg.bias_bits)
+        return w_int, w_bits, s_acc, b_int
+
+    @torch.no_grad()
+    def int_form(self, scale: torch.Tensor) -> LinearIntForm:
+        """Integer weights, accumulator scale and 32-bit bias of the symmetric forward for input scale ``scale``
+        (float32 ``(1,)``)."""
+        w_int, w_bits, s_acc, b_int = self._integer_params(scale.detach().float().reshape(1))
+        n_out = w_int.shape[0]
+        b_int = torch.zeros(n_out, dtype=torch.float64) if b_int is None else b_int.expand(n_out)
+        return LinearIntForm(w_int.detach().round().to(torch.int8), s_acc.expand(n_out).contiguous(),
+                             b_int.to(torch.int64).contiguous(), w_bits)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -393,6 +495,13 @@ class QuantEmbedding(nn.Embedding):
         rows, s = wq.lookup(self.weight, ids, self.padding_idx)
         return rows * s.to(rows.dtype), None
 
+    @torch.no_grad()
+    def int_form(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Symmetric mode: the whole integer table (int8 ``(V, D)``, the forward on every id) and its float32
+        ``(1,)`` scale."""
+        rows, s = QuantEmbedding.forward(self, torch.arange(self.num_embeddings, device=self.weight.device))
+        return rows.round().to(torch.int8), s.float().reshape(1)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # nonlinear modules
@@ -420,9 +529,13 @@ class IntGELU(nn.Module):
         """Args: ``x`` ``(..., C)``; ``scale`` ``(C,)``/``(1,)`` or None. Returns the GELU pair."""
         if self.cfg.integer_gelu:
             _need_quantized("IntGELU", scale, per_tensor=False)
-            return int_gelu(x, scale)
+            return int_gelu(x, scale, self.cfg.nonlinear_constants)
         real = dequantize(x, scale)
         return F.gelu(real.float()).type_as(real), None
+
+    def int_form(self, scale: torch.Tensor) -> GeluConstants:
+        """i-GELU constants for the accumulator scale ``scale`` (``cfg.nonlinear_constants``)."""
+        return gelu_constants(scale, self.cfg.nonlinear_constants)
 
 
 class IntSoftmax(nn.Module):
@@ -455,11 +568,16 @@ class IntSoftmax(nn.Module):
         (True = padded key) or None. Returns the probability pair."""
         if self.cfg.integer_softmax:
             _need_quantized("IntSoftmax", scale, per_tensor=True)
-            return int_softmax(x, scale, key_padding_mask, self.out_bits)
+            return int_softmax(x, scale, key_padding_mask, self.out_bits, self.cfg.nonlinear_constants)
         real = dequantize(x, scale)
         if key_padding_mask is not None:
             real = real.masked_fill(key_padding_mask.to(torch.bool)[:, None, None, :], float("-inf"))
         return F.softmax(real.float(), dim=-1), None
+
+    def int_form(self, scale: torch.Tensor) -> SoftmaxIntForm:
+        """i-exp constants, the engine's i-exp table and the probability scale for the score scale ``scale``."""
+        c = self.cfg.nonlinear_constants
+        return SoftmaxIntForm(softmax_constants(scale, c), exp_lut(scale, c), softmax_output_scale(self.out_bits))
 
 
 class IntLayerNorm(nn.LayerNorm):
@@ -496,10 +614,20 @@ class IntLayerNorm(nn.LayerNorm):
             gamma = self.weight if self.weight is not None else x.new_ones(c, dtype=torch.float32)
             beta = self.bias if self.bias is not None else x.new_zeros(c, dtype=torch.float32)
             if self.training:
-                self.shift.copy_(layernorm_shift_update(x, self.shift))
+                # the shift grows monotonically with the batch's largest variance: MAX over data-parallel ranks
+                self.shift.copy_(all_reduce_max(layernorm_shift_update(x, self.shift)))
             return int_layernorm(x, scale, gamma, beta, self.shift)
         real = dequantize(x, scale)
         return F.layer_norm(real, self.normalized_shape, self.weight, self.bias, self.eps), None
+
+    @torch.no_grad()
+    def int_form(self) -> LayerNormIntForm:
+        """Shift, integer bias and output scale of the integer forward (the input scale cancels)."""
+        c = self.normalized_shape[0]
+        gamma = self.weight if self.weight is not None else torch.ones(c)
+        beta = self.bias if self.bias is not None else torch.zeros(c)
+        lc = layernorm_constants(gamma, beta, c)
+        return LayerNormIntForm(int(self.shift.reshape(-1)[0]), lc.b_int.to(torch.int64), lc.s_out)
 
 
 #: Module types the integer audit instruments.

@@ -1,45 +1,52 @@
-"""Integer-only nonlinear operations of I-BERT, as pure functions on ``(q, S)`` carriers.
+"""Integer-only nonlinear operations of I-BERT, as pure functions on ``(q, S)`` carriers, and the one definition
+of their integer constants.
 
-* :func:`int_gelu`: i-GELU, I-BERT Eq. 8-9 (second-order polynomial of erf, ``L(x) = sgn(x)[a(min(|x|,-b)+b)^2+1]``,
-  ``GELU(x) ~= x/2 [1 + L(x/sqrt 2)]``), Algorithm 2.
-* :func:`int_exp` / :func:`int_softmax`: i-exp with ``-ln2`` range reduction (I-BERT Eq. 10-12, Algorithm 3),
-  normalised to an unsigned ``softmax_out_bits`` probability.
-* :func:`int_layernorm`: integer LayerNorm with the integer Newton square root (I-BERT §3.5, Algorithm 4).
+* :func:`gelu_constants` / :func:`int_gelu`: i-GELU, I-BERT Eq. 8-9 (second-order polynomial of erf,
+  ``L(x) = sgn(x)[a(min(|x|,-b)+b)^2+1]``, ``GELU(x) ~= x/2 [1 + L(x/sqrt 2)]``), Algorithm 2, with the erf
+  evaluated at a normalised scale (any input scale).
+* :func:`softmax_constants` / :func:`exp_lut` / :func:`int_exp` / :func:`int_softmax`: i-exp with ``-ln2`` range
+  reduction (I-BERT Eq. 10-12, Algorithm 3), normalised to an unsigned ``softmax_out_bits`` probability.
+* :func:`layernorm_constants` / :func:`int_layernorm`: integer LayerNorm with the integer Newton square root
+  (I-BERT §3.5, Algorithm 4).
 
 Everything follows ``docs/integer_spec.md`` exactly: the outputs of these functions in eval mode are the integers
-the inference engine must reproduce. Integer intermediates are exact in float64 (all below 2^53); every
+the inference engine must reproduce, and the engine converter takes its constants from the ``*_constants``
+functions here (no second implementation). Integer intermediates are exact in float64 (all below 2^53); every
 scale-derived constant is computed in float64 from the float32 input scale with the expression order given in the
 spec. For QAT speed, i-GELU, the softmax and the LayerNorm are single autograd Functions: the forward runs the
 integer arithmetic in place (few float64 temporaries) and the backward is the closed form of the straight-through
 derivative that autograd would produce through ``floor_ste`` (identity) and ``isqrt_ste`` (as sqrt); tests check the
 two agree.
 
-Deviations from upstream I-BERT (all documented in the spec): the i-GELU polynomial uses ``a = -0.287,
-b = -1.775`` (paper ``-0.2888, -1.769``: L-inf 0.01815 over [-4, 4]; ours 0.0177 at the same L2 0.0082) and
-rounds its ``>> 14`` to nearest (half away from zero, keeping erf odd) instead of flooring; i-exp uses the minimax
-coefficients ``0.3671 x^2 + 0.9736 x + 1`` (paper least squares ``0.35815147, 0.96963238, 1``: max error 1.93e-3
-on (-ln2, 0]; ours 1.6e-3); the softmax normalises with ``2^40 / sum`` and rounds; IntLayerNorm uses
-``2^45 / sd`` instead of ``2^31 / sd`` (14 more bits of ``1/sd``).
+Polynomial coefficients come in two sets (``QuantConfig.nonlinear_constants``): ``"paper"`` (default; I-BERT's
+``a = -0.2888, b = -1.769`` and i-exp ``0.35815147, 0.96963238, 1``) and ``"refit"`` (``a = -0.287, b = -1.775``:
+L-inf 0.0177 instead of 0.01815 over [-4, 4] at the same L2; i-exp minimax ``0.3671, 0.9736, 1``: max error
+1.6e-3 instead of 1.93e-3). Other deviations from upstream (all in the spec): i-GELU evaluates its erf on
+``|q| 2^k`` at a scale ``S 2^-k`` in ``[2^-14, 2^-13)`` (upstream needs ``S`` of about 1e-3 or finer and collapses
+to a few erf levels otherwise) and rounds its ``>> 14`` to nearest (half away from zero, keeping erf odd) instead of
+flooring; the softmax normalises with ``2^40 / sum`` and rounds; IntLayerNorm uses ``2^45 / sd`` instead of
+``2^31 / sd`` (14 more bits of ``1/sd``).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 
+from .config import NONLINEAR_CONSTANT_SETS
 from .primitives import floor_ste, isqrt, pow2, qmax, true_div
 
 __all__ = [
+    "NONLINEAR_CONSTANT_SETS",
+    "NonlinearCoeffs",
+    "nonlinear_coeffs",
     "GELU_K",
-    "GELU_A",
-    "GELU_B",
     "GELU_C",
     "GELU_SHIFT",
+    "GELU_SCALE_EXP",
     "EXP_LN2",
-    "EXP_A",
-    "EXP_B",
-    "EXP_C",
     "EXP_CLIP",
     "EXP_BITS",
     "SOFTMAX_NORM_BITS",
@@ -47,25 +54,59 @@ __all__ = [
     "LN_GAMMA_EPS",
     "LN_FACTOR_BITS",
     "LN_OUT_SHIFT",
+    "GeluConstants",
+    "gelu_constants",
     "int_gelu",
+    "ExpConstants",
+    "softmax_constants",
+    "exp_lut",
     "int_exp",
     "int_softmax",
+    "softmax_output_scale",
+    "LayerNormConstants",
+    "layernorm_constants",
     "int_layernorm",
     "layernorm_shift_update",
 ]
 
-# i-GELU (I-BERT Eq. 8-9); a, b refit for L-inf <= 0.018 (paper: -0.2888, -1.769).
+
+@dataclass(frozen=True)
+class NonlinearCoeffs:
+    """Polynomial coefficients of i-GELU (erf: ``a (x + b)^2 + c``) and i-exp (``A x^2 + B x + C`` on (-ln2, 0])."""
+
+    gelu_a: float
+    gelu_b: float
+    exp_a: float
+    exp_b: float
+    exp_c: float
+
+
+_COEFFS = {
+    # I-BERT paper / upstream: erf polynomial (Eq. 8) and the least-squares i-exp quadratic (Eq. 12 / code).
+    "paper": NonlinearCoeffs(gelu_a=-0.2888, gelu_b=-1.769, exp_a=0.35815147, exp_b=0.96963238, exp_c=1.0),
+    # refit: L-inf 0.0177 (paper's polynomial 0.01815) at L2 0.0082; minimax i-exp with exp(0) = 1 (1.6e-3).
+    "refit": NonlinearCoeffs(gelu_a=-0.287, gelu_b=-1.775, exp_a=0.3671, exp_b=0.9736, exp_c=1.0),
+}
+assert tuple(_COEFFS) == NONLINEAR_CONSTANT_SETS  # the names QuantConfig.nonlinear_constants accepts
+
+
+def nonlinear_coeffs(name: str = "paper") -> NonlinearCoeffs:
+    """The coefficient set ``name`` (``"paper"`` or ``"refit"``); ``ValueError`` otherwise."""
+    try:
+        return _COEFFS[name]
+    except KeyError:
+        raise ValueError(f"unknown nonlinear constant set {name!r} (choose {', '.join(_COEFFS)})") from None
+
+
+# i-GELU (I-BERT Eq. 8-9)
 GELU_K = 1.4142
-GELU_A = -0.287
-GELU_B = -1.775
 GELU_C = 1.0
 GELU_SHIFT = 14
+#: The erf runs at the normalised scale ``S' = S 2^-k`` in ``[2^-(E+1), 2^-E)`` (E = 13: 6.1e-5 .. 1.2e-4).
+GELU_SCALE_EXP = 13
 
-# i-exp (I-BERT Eq. 10-12); minimax quadratic on (-ln2, 0] with exp(0) = 1 (paper: 0.35815147, 0.96963238, 1).
+# i-exp (I-BERT Eq. 10-12)
 EXP_LN2 = math.log(2.0)
-EXP_A = 0.3671
-EXP_B = 0.9736
-EXP_C = 1.0
 EXP_CLIP = 30  # inputs below -30 ln2 are clipped (exp < 1e-9)
 EXP_BITS = 16  # static shift T keeps exp values within 16 bits
 SOFTMAX_NORM_BITS = 40  # f = floor(2^40 / sum)
@@ -90,54 +131,98 @@ def _pow2_neg_f32(z: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # i-GELU
 # ----------------------------------------------------------------------------------------------------------------
-def int_gelu(q: torch.Tensor, scale: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """i-GELU (I-BERT Eq. 8-9, Algorithm 2) on an integer accumulator.
+@dataclass
+class GeluConstants:
+    """Per-channel integer constants of i-GELU for an input scale ``S`` ``(C,)`` (all float64 integers ``(C,)``
+    except ``s_out``).
 
-    With ``S' = S / k`` (float64): ``b_int = floor(b / S')``, ``c_int = floor((c/a) / S'^2)``,
-    ``t = min(|q|, -b_int) + b_int``, ``Y = max(0, floor((2^13 - c_int - t^2) / 2^14))``,
-    ``S_erf = a S'^2 2^14``, ``one = floor(1 / S_erf)``; output ``q_out = q (one - sgn(q) Y)`` with scale
-    ``S S_erf / 2``. This is ``q (y + one)`` with the integer erf ``y = -sgn(q) Y``: ``sgn(q) (t^2 + c_int) / 2^14``
-    rounded half away from zero, so that the erf stays odd (upstream floors). ``Y >= 0`` always holds for usable
-    (fine) scales; the ``max`` only pins the definition for absurdly coarse ones.
+    Attributes:
+        shift: ``k``: the erf input is ``|q| 2^k`` (``k >= 0``) or ``floor(|q| / 2^-k)`` (``k < 0``), at the scale
+            ``S' = S 2^-k`` in ``[2^-14, 2^-13)``.
+        b_int: ``floor(b / Sp)`` with ``Sp = S' / k_gelu`` (negative, ``|b_int| < 2^16``).
+        c_int: ``floor((c / a) / Sp^2)`` (negative, ``|c_int| < 2^31``).
+        one: ``floor(1 / S_erf)``, ``S_erf = a Sp^2 2^14`` (negative, ``|one| < 2^17``).
+        s_out: float32 output scale ``float(double(S) S_erf / 2)`` (negative).
+    """
 
-    Precondition: a fine accumulator scale (the 32-bit FC1 output, ``S = S_w S_x``, typically ``< 1e-3``); with an
-    8-bit input scale the ``>> 14`` destroys the resolution.
+    shift: torch.Tensor
+    b_int: torch.Tensor
+    c_int: torch.Tensor
+    one: torch.Tensor
+    s_out: torch.Tensor
+
+
+@torch.no_grad()
+def gelu_constants(scale: torch.Tensor, constants: str = "paper") -> GeluConstants:
+    """i-GELU constants for the input scale ``scale`` (float32 ``(C,)`` or ``(1,)``, positive), in float64.
+
+    ``mant, ex = frexp(double(S))``; ``k = ex + 13``; ``S' = double(S) 2^-k`` (exact, in ``[2^-14, 2^-13)``);
+    ``Sp = S' / 1.4142``; ``Sp2 = Sp Sp``; ``b_int = floor(b / Sp)``; ``c_int = floor((c / a) / Sp2)``;
+    ``S_erf = a Sp2 2^14``; ``one = floor(1 / S_erf)``; ``S_out = float(double(S) S_erf / 2)``.
 
     Args:
-        q: integer accumulator ``(..., C)`` (float64 or float32, exact integers, ``|q| < 2^31``).
+        scale: accumulator scale ``S``.
+        constants: coefficient set (:data:`NONLINEAR_CONSTANT_SETS`).
+    """
+    co = nonlinear_coeffs(constants)
+    s64 = scale.detach().to(torch.float64)
+    _, ex = torch.frexp(s64)
+    k = ex.to(torch.float64) + float(GELU_SCALE_EXP)
+    sn = s64 * pow2(-k)
+    sp = true_div(sn, GELU_K)
+    sp2 = sp * sp
+    b_int = torch.floor(true_div(co.gelu_b, sp))
+    c_int = torch.floor(true_div(GELU_C / co.gelu_a, sp2))
+    s_erf = co.gelu_a * sp2 * float(2**GELU_SHIFT)
+    one = torch.floor(true_div(1.0, s_erf))
+    s_out = (s64 * s_erf / 2.0).to(torch.float32)
+    return GeluConstants(shift=k, b_int=b_int, c_int=c_int, one=one, s_out=s_out)
+
+
+def int_gelu(q: torch.Tensor, scale: torch.Tensor, constants: str = "paper") -> Tuple[torch.Tensor, torch.Tensor]:
+    """i-GELU (I-BERT Eq. 8-9, Algorithm 2) on an integer accumulator, exact at every input scale.
+
+    With the constants of :func:`gelu_constants`: ``u = floor(|q| 2^k)``; ``t = min(u, -b_int) + b_int``;
+    ``Y = max(0, floor((2^13 - c_int - t^2) / 2^14))``; ``q_out = q (one - sgn(q) Y)`` with scale ``S_out``.
+    This is ``q (y + one)`` with the integer erf ``y = -sgn(q) Y`` of ``x / sqrt 2``: ``sgn(q) (t^2 + c_int) / 2^14``
+    rounded half away from zero, so that the erf stays odd (upstream floors). Upstream evaluates the erf on ``q``
+    itself (``k = 0``), which needs ``S`` of about 1e-3 or finer; the normalisation gives the erf the same
+    resolution (``S'`` below 1.3e-4) at every scale.
+
+    Bounds: ``|t| <= |b_int| < 2^16``, ``|c_int| < 2^31``, ``Y < 2^17``, ``|one| < 2^17``; for an accumulator
+    ``|q| <= 2^32`` (32-bit bias plus ``K n_a n_w`` for ``K <= 2^17`` at 8 bits) ``|q_out| < 2^50``: exact in
+    float64 here and in int64 in the engine.
+
+    Args:
+        q: integer accumulator ``(..., C)`` (float64 or float32, exact integers).
         scale: float32 ``(C,)`` per-channel or ``(1,)`` scale of ``q``.
+        constants: coefficient set (:data:`NONLINEAR_CONSTANT_SETS`).
 
     Returns:
-        ``(q_out, S_out)``: float64 integers (``|q_out|`` up to about ``|x| 8.5e-4 / S^3``, below 2^42 for
-        ``S >= 1e-5``) and the float32 ``(C,)``/``(1,)`` scale ``S S_erf / 2`` (negative: ``a < 0``).
+        ``(q_out, S_out)``: float64 integers and the float32 ``(C,)``/``(1,)`` scale (negative: ``a < 0``).
     """
-    s64 = scale.detach().to(torch.float64)
-    sp = true_div(s64, GELU_K)
-    sp2 = sp * sp
-    b_int = torch.floor(true_div(GELU_B, sp))
-    c_int = torch.floor(true_div(GELU_C / GELU_A, sp2))
-    s_erf = GELU_A * sp2 * float(2**GELU_SHIFT)
-    one = torch.floor(true_div(1.0, s_erf))
-    q_out = _IntGELU.apply(q, b_int, c_int, one)
-    s_out = (s64 * s_erf / 2.0).to(torch.float32)
-    return q_out, s_out
+    gc = gelu_constants(scale, constants)
+    q_out = _IntGELU.apply(q, gc.shift, gc.b_int, gc.c_int, gc.one)
+    return q_out, gc.s_out
 
 
 class _IntGELU(torch.autograd.Function):
     """Forward: the exact integer i-GELU (float64, in-place). Backward: the straight-through derivative of the
-    same expression with ``floor`` as identity: ``d q_out / d q = one - sgn(q) Y + q t / 2^13`` (``t = 0`` where
-    ``|q| >= -b_int``), the derivative of ``q (y + one)`` through the erf polynomial, as upstream's autograd."""
+    same expression with ``floor`` as identity: ``d q_out / d q = one - sgn(q) Y + q t 2^k / 2^13`` (``t = 0``
+    where the erf saturates), the derivative of ``q (y + one)`` through the erf polynomial, as upstream's autograd."""
 
     @staticmethod
-    def forward(ctx, q, b_int, c_int, one):
+    def forward(ctx, q, shift, b_int, c_int, one):
         qd = q.to(torch.float64)
-        t = qd.abs().clamp_(max=-b_int).add_(b_int)  # min(|q|, -b_int) + b_int, in [b_int, 0]
+        p2k = pow2(shift)
+        u = (qd.abs() * p2k).floor_()  # |q| 2^k, exact (k >= 0), or floor(|q| / 2^-k)
+        t = u.clamp_(max=-b_int).add_(b_int)  # min(u, -b_int) + b_int, in [b_int, 0]
         w = torch.addcmul(float(2 ** (GELU_SHIFT - 1)) - c_int, t, t, value=-1.0)
         torch.floor_divide(w, float(2**GELU_SHIFT), out=w).clamp_(min=0.0)  # Y >= 0
-        torch.sub(one, w.copysign_(qd), out=w)  # y + one = one - sgn(q) Y  (q = 0: q_out = 0 either way)
+        torch.sub(one, w.mul_(torch.sign(qd)), out=w)  # y + one = one - sgn(q) Y (sgn(0) = 0: slope at 0 is 1/2)
         q_out = qd * w
         if ctx.needs_input_grad[0]:
-            deriv = w.addcmul_(qd, t, value=float(2.0 ** -(GELU_SHIFT - 1)))  # one - sgn(q) Y + q t / 2^13
+            deriv = w.addcmul_(qd, t.mul_(p2k * float(2.0 ** -(GELU_SHIFT - 1))))  # one - sgn(q) Y + q t 2^k/2^13
             ctx.save_for_backward(deriv)  # float64: the incoming gradient is float64 (same-dtype multiply)
             ctx.q_dtype = q.dtype
         return q_out
@@ -145,49 +230,85 @@ class _IntGELU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (deriv,) = ctx.saved_tensors
-        return (grad.to(deriv.dtype) * deriv).to(ctx.q_dtype), None, None, None
+        return (grad.to(deriv.dtype) * deriv).to(ctx.q_dtype), None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # i-exp / softmax
 # ----------------------------------------------------------------------------------------------------------------
-def _exp_constants(scale: torch.Tensor):
+@dataclass
+class ExpConstants:
+    """Integer constants of i-exp for a per-tensor score scale (float64 ``(1,)`` integers).
+
+    Attributes:
+        x0: ``min(floor(-ln2 / S), -1)``.
+        b_int: ``floor((B / A) / S)``.
+        c_int: ``floor((C / A) / S^2)``.
+        shift: ``T = max(0, bits(c_int) - 16)``.
+    """
+
+    x0: torch.Tensor
+    b_int: torch.Tensor
+    c_int: torch.Tensor
+    shift: torch.Tensor
+
+
+@torch.no_grad()
+def softmax_constants(scale: torch.Tensor, constants: str = "paper") -> ExpConstants:
+    """i-exp constants (float64) for the float32 ``(1,)`` score scale ``S`` (see :class:`ExpConstants`)."""
+    co = nonlinear_coeffs(constants)
     s64 = scale.detach().to(torch.float64)
     x0 = torch.floor(true_div(-EXP_LN2, s64)).clamp(max=-1.0)
-    b_int = torch.floor(true_div(EXP_B / EXP_A, s64))
-    c_int = torch.floor(true_div(EXP_C / EXP_A, s64 * s64))
+    b_int = torch.floor(true_div(co.exp_b / co.exp_a, s64))
+    c_int = torch.floor(true_div(co.exp_c / co.exp_a, s64 * s64))
     _, bits = torch.frexp(c_int)
     shift_t = (bits.to(torch.float64) - EXP_BITS).clamp(min=0.0)
-    return s64, x0, b_int, c_int, shift_t
+    return ExpConstants(x0=x0, b_int=b_int, c_int=c_int, shift=shift_t)
 
 
-def _int_exp(qd: torch.Tensor, x0, b_int, c_int, shift_t) -> torch.Tensor:
+def _int_exp(qd: torch.Tensor, ec: ExpConstants) -> torch.Tensor:
+    x0 = ec.x0
     d = torch.maximum(qd, EXP_CLIP * x0)
     z = floor_ste(d / x0)
     r = d - x0 * z
-    big_l = r * (r + b_int) + c_int
+    big_l = r * (r + ec.b_int) + ec.c_int
     # No gradient reaches r (dr/dd = 1 - x0 * (1/x0) = 0); as upstream, d exp/dd flows through 2^-z, giving
     # e * ln2 / |x0| ~= e * S, the derivative of exp.
-    return floor_ste(big_l * _pow2(-(z + shift_t)))
+    return floor_ste(big_l * _pow2(-(z + ec.shift)))
 
 
-def int_exp(q: torch.Tensor, scale: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def int_exp(q: torch.Tensor, scale: torch.Tensor, constants: str = "paper") -> Tuple[torch.Tensor, torch.Tensor]:
     """i-exp (I-BERT Eq. 10-12, Algorithm 3) of non-positive integers.
 
     ``x0 = floor(-ln2 / S)`` (at most -1); ``d = max(q, 30 x0)``; ``z = floor(d / x0)``; ``r = d - x0 z`` in
-    ``(x0, 0]``; ``L = r (r + floor((b/a)/S)) + floor((c/a)/S^2)``; ``T = max(0, bits(floor((c/a)/S^2)) - 16)``;
-    ``e = floor(L / 2^(z + T))``, real value ``e * a S^2 2^T``.
+    ``(x0, 0]``; ``L = r (r + floor((B/A)/S)) + floor((C/A)/S^2)``; ``T = max(0, bits(floor((C/A)/S^2)) - 16)``;
+    ``e = floor(L / 2^(z + T))``, real value ``e * A S^2 2^T``.
 
     Args:
         q: integer-valued ``q <= 0`` (any shape, float32/float64).
         scale: float32 ``(1,)`` scale of ``q``.
+        constants: coefficient set (:data:`NONLINEAR_CONSTANT_SETS`).
 
     Returns:
-        ``(e, S_e)``: float64 integers in ``[0, 2^16)`` and the float32 ``(1,)`` scale ``a S^2 2^T``.
+        ``(e, S_e)``: float64 integers in ``[0, 2^16)`` and the float32 ``(1,)`` scale ``A S^2 2^T``.
     """
-    s64, x0, b_int, c_int, shift_t = _exp_constants(scale)
-    e = _int_exp(q.to(torch.float64), x0, b_int, c_int, shift_t)
-    return e, (EXP_A * s64 * s64 * _pow2(shift_t)).to(torch.float32)
+    ec = softmax_constants(scale, constants)
+    e = _int_exp(q.to(torch.float64), ec)
+    s64 = scale.detach().to(torch.float64)
+    return e, (nonlinear_coeffs(constants).exp_a * s64 * s64 * _pow2(ec.shift)).to(torch.float32)
+
+
+@torch.no_grad()
+def exp_lut(scale: torch.Tensor, constants: str = "paper") -> torch.Tensor:
+    """The i-exp table of the engine: ``lut[i] = int_exp(-i)`` for ``i`` in ``[0, 30 |x0|]`` (every distinct
+    value of ``d = max(s - M, 30 x0)``), int32, truncated after its last non-zero entry plus one 0 (indices past
+    the end are clamped to the last entry)."""
+    ec = softmax_constants(scale, constants)
+    size = int(EXP_CLIP * -float(ec.x0.reshape(-1)[0])) + 1
+    lut = _int_exp(-torch.arange(size, dtype=torch.float64), ec).to(torch.int32)
+    nz = torch.nonzero(lut).flatten()
+    last = int(nz[-1]) if nz.numel() else 0
+    return lut[: last + 2].clone()
 
 
 def int_softmax(
@@ -195,6 +316,7 @@ def int_softmax(
     scale: torch.Tensor,
     mask: Optional[torch.Tensor] = None,
     out_bits: int = 8,
+    constants: str = "paper",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Integer softmax over the last dim: i-exp of ``q - rowmax`` normalised to unsigned ``out_bits``.
 
@@ -206,16 +328,21 @@ def int_softmax(
         scale: float32 ``(1,)`` scale of the scores (``S_q S_k head_dim^-0.5``).
         mask: optional key padding mask ``(B, Tk)``, True (nonzero) on padded keys: probability 0.
         out_bits: unsigned output bit-width (8: ``p`` in ``[0, 255]``).
+        constants: i-exp coefficient set (:data:`NONLINEAR_CONSTANT_SETS`).
 
     Returns:
         ``(p, S_p)``: float32 integers in ``[0, 2^out_bits - 1]`` and the float32 ``(1,)`` scale
         ``1 / (2^out_bits - 1)``. A fully masked row gives all zeros.
     """
-    _, x0, b_int, c_int, shift_t = _exp_constants(scale)
+    ec = softmax_constants(scale, constants)
     km = None if mask is None else mask.to(torch.bool)[:, None, None, :]
-    p = _IntSoftmax.apply(q, km, x0, b_int, c_int, shift_t, out_bits)
-    s_p = torch.full((1,), 1.0 / float(2**out_bits - 1), dtype=torch.float32, device=q.device)
-    return p, s_p
+    p = _IntSoftmax.apply(q, km, ec.x0, ec.b_int, ec.c_int, ec.shift, out_bits)
+    return p, softmax_output_scale(out_bits, q.device)
+
+
+def softmax_output_scale(out_bits: int = 8, device=None) -> torch.Tensor:
+    """Scale of the unsigned ``out_bits`` probabilities: ``float(1 / (2^out_bits - 1))``, float32 ``(1,)``."""
+    return torch.full((1,), 1.0 / float(2**out_bits - 1), dtype=torch.float32, device=device)
 
 
 class _IntSoftmax(torch.autograd.Function):
@@ -305,6 +432,43 @@ def _gamma_guard(gamma: torch.Tensor) -> torch.Tensor:
     return torch.where(g >= 0, g.clamp(min=LN_GAMMA_EPS), g.clamp(max=-LN_GAMMA_EPS))
 
 
+@dataclass
+class LayerNormConstants:
+    """Integer constants of IntLayerNorm's affine step for ``C`` channels.
+
+    Attributes:
+        s_n: ``sqrt(C) / 2^30`` (Python float, float64), the scale of the normalised ``y_n``.
+        gamma: guarded ``gamma'`` widened to float64 ``(C,)``.
+        b_raw: ``floor(double(beta) / gamma' / S_n)`` before the clamp, float64 ``(C,)``.
+        b_int: ``clamp(b_raw, -n(32), n(32))``, float64 ``(C,)``.
+        s_out: float32 ``(C,)`` output scale ``float(S_n gamma')`` (negative where ``gamma < 0``).
+    """
+
+    s_n: float
+    gamma: torch.Tensor
+    b_raw: torch.Tensor
+    b_int: torch.Tensor
+    s_out: torch.Tensor
+
+
+@torch.no_grad()
+def layernorm_constants(gamma: torch.Tensor, beta: torch.Tensor, channels: int) -> LayerNormConstants:
+    """IntLayerNorm constants (see :class:`LayerNormConstants`):
+    ``gamma' = sign(gamma) max(|gamma|, 1e-8)`` (float32), ``b_int = clamp(floor(beta / gamma' / S_n), +-n(32))``.
+
+    Args:
+        gamma: LayerNorm weight ``(C,)``.
+        beta: LayerNorm bias ``(C,)``.
+        channels: ``C``.
+    """
+    s_n = math.sqrt(float(channels)) / float(2**LN_OUT_SHIFT)
+    g64 = _gamma_guard(gamma.detach()).to(torch.float64)
+    n32 = float(qmax(32))
+    b_raw = torch.floor(true_div(true_div(beta.detach().to(torch.float64), g64), s_n))
+    return LayerNormConstants(s_n=s_n, gamma=g64, b_raw=b_raw, b_int=b_raw.clamp(-n32, n32),
+                              s_out=(s_n * g64).to(torch.float32))
+
+
 def int_layernorm(
     q: torch.Tensor,
     scale: torch.Tensor,
@@ -337,12 +501,9 @@ def int_layernorm(
         ``(q_out, S_out)``: float64 integers (``|q_out| < 2^32``) and the detached float32 ``(C,)`` scale
         ``S_n gamma'`` (negative where ``gamma < 0``).
     """
-    c = q.shape[-1]
-    s_n = math.sqrt(float(c)) / float(2**30)
-    g = _gamma_guard(gamma.detach())
-    s_out = (s_n * g.to(torch.float64)).to(torch.float32)
-    q_out = _IntLayerNorm.apply(q, gamma, beta, shift.detach())
-    return q_out, s_out
+    lc = layernorm_constants(gamma, beta, q.shape[-1])
+    q_out = _IntLayerNorm.apply(q, gamma, beta, shift.detach(), lc)
+    return q_out, lc.s_out
 
 
 class _IntLayerNorm(torch.autograd.Function):
@@ -352,7 +513,7 @@ class _IntLayerNorm(torch.autograd.Function):
     output scale ``S_n gamma'`` (real output ``q_out S_n gamma'``; scales travel detached)."""
 
     @staticmethod
-    def forward(ctx, q, gamma, beta, shift):
+    def forward(ctx, q, gamma, beta, shift, lc):
         c = q.shape[-1]
         y = q.to(torch.float64, copy=True)
         mean = torch.floor(true_div(y.sum(dim=-1, keepdim=True).mul_(2.0).add_(c), 2.0 * c))
@@ -364,12 +525,8 @@ class _IntLayerNorm(torch.autograd.Function):
         sd = root.clamp(min=1.0).mul_(pow2(sh))
         f = torch.floor(true_div(float(2**LN_FACTOR_BITS), sd))
         y_n = (y * f).mul_(float(2.0 ** (LN_OUT_SHIFT - LN_FACTOR_BITS))).floor_()
-        s_n = math.sqrt(float(c)) / float(2**30)
-        g64 = _gamma_guard(gamma.detach()).to(torch.float64)
-        n32 = float(qmax(32))
-        b_raw = torch.floor(true_div(true_div(beta.detach().to(torch.float64), g64), s_n))
-        b_int = b_raw.clamp(-n32, n32)
-        q_out = y_n.add_(b_int)
+        s_n, g64, b_raw = lc.s_n, lc.gamma, lc.b_raw
+        q_out = y_n.add_(lc.b_int)
         if any(ctx.needs_input_grad[:3]):
             ctx.save_for_backward(y.to(torch.float32), ys.to(torch.float32), f, sd, root, q_out, g64, gamma,
                                   beta, b_raw)
@@ -400,4 +557,4 @@ class _IntLayerNorm(torch.autograd.Function):
             via_scale = (rows * q_out.reshape(-1, c)).sum(0) / g64
             via_bias = rows.sum(0) * live * beta.detach().to(torch.float64) / (g64 * g64 * s_n)
             grad_gamma = ((via_scale - via_bias) * guard).to(gamma.dtype)
-        return grad_q, grad_gamma, grad_beta, None
+        return grad_q, grad_gamma, grad_beta, None, None

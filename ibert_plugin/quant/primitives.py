@@ -34,6 +34,11 @@ __all__ = [
     "dyadic",
     "requant",
     "requant_clamp",
+    "requant_constants",
+    "accumulator_scale",
+    "bias_integer",
+    "score_scale",
+    "context_scale",
     "isqrt",
     "isqrt_ste",
     "exact_int_matmul",
@@ -247,6 +252,12 @@ def dyadic(ratio: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 _MAGIC = 6755399441055744.0  # 2^52 + 2^51
+#: Inputs of :func:`requant` are float64 integers below this bound (exact conversion to int64, see ``_f64_to_i64``).
+REQUANT_Z_BITS = 51
+#: Shifts above this give 0 for every input of the domain (``|z m| < 2^71 <= 2^(e-1)``); larger ones are capped.
+_REQUANT_E_CAP = 72
+#: Low part of the split requant: ``z = zh 2^s + zl`` with ``s <= 31`` keeps ``zl m < 2^51`` and ``zh m < 2^62``.
+_REQUANT_SPLIT = 31
 
 
 def _f64_to_i64(z: torch.Tensor) -> torch.Tensor:
@@ -255,20 +266,42 @@ def _f64_to_i64(z: torch.Tensor) -> torch.Tensor:
     return (z + _MAGIC).view(torch.int64).sub_(0x4338000000000000)
 
 
-def _requant_forward(z: torch.Tensor, m: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+def _requant_i64(z: torch.Tensor, m: torch.Tensor, e: torch.Tensor, sat_bits: Optional[int]) -> torch.Tensor:
+    """Exact ``floor((z m + 2^(e-1)) / 2^e)`` in int64 for float64 integers ``|z| < 2^51``, ``|m| <= 2^20``.
+
+    ``sat_bits``: the result is clamped to ``sat_bits`` bits afterwards, so ``z`` is first clamped to
+    ``+-2^max(0, e + sat_bits - 19)`` (beyond it ``|z m| / 2^e >= 2^sat_bits``: the clamped result is unchanged). Split
+    ``z = zh 2^s + zl`` (``s = min(e - 1, 31)``, ``0 <= zl < 2^s``): ``floor((z m + 2^(e-1)) / 2^e) =
+    floor((zh m + 2^(e-1-s) + floor(zl m / 2^s)) / 2^(e-s))``, every term below 2^62 whenever the result is
+    below ``2^(62 - 31)`` (always after the saturation clamp; the residual sums of the model stay far below).
+    """
+    e = e.clamp(max=float(_REQUANT_E_CAP))
+    if sat_bits is not None:
+        bound = pow2((e + float(sat_bits - 19)).clamp(min=0.0, max=float(REQUANT_Z_BITS)))
+        z = torch.minimum(torch.maximum(z, -bound), bound)
+    s = (e - 1.0).clamp(min=0.0, max=float(_REQUANT_SPLIT))
+    zh = (z * pow2(-s)).floor_()
+    zl = torch.addcmul(z, zh, pow2(s), value=-1.0)  # exact, in [0, 2^s)
+    mi = m.to(torch.int64)
+    si, ei = s.to(torch.int64), e.to(torch.int64)
+    out = (_f64_to_i64(zl) * mi).bitwise_right_shift_(si)
+    out.add_(_f64_to_i64(zh) * mi).add_(torch.bitwise_left_shift(torch.ones_like(ei), ei - 1 - si))
+    return out.bitwise_right_shift_(ei - si)
+
+
+def _requant_forward(z: torch.Tensor, m: torch.Tensor, e: torch.Tensor, sat_bits: Optional[int] = None
+                     ) -> torch.Tensor:
     """Exact ``floor((z*m + 2^(e-1)) / 2^e)``: float64 for float32 ``z`` (``|z*m| < 2^44``), int64 otherwise.
 
     Returns float64 (float32 input) or int64 (float64 input). Non-integer inputs (training-time dropout) are
     handled without a rounding pass: float32 ones are rounded by the dyadic rounding itself (``floor(z r + 1/2)``),
-    float64 ones (fine accumulator scales) are rounded to integers first (``|z| < 2^51``).
+    float64 ones are rounded to integers by the exact conversion (``|z| < 2^51``).
     """
     if z.dtype in (torch.float32, torch.float16, torch.bfloat16):
         # |z| < 2^24 and |m| <= 2^20: every intermediate is an exact float64 integer (see spec for e >= 53).
         out = torch.addcmul(pow2(e - 1.0), z, m)  # z m + 2^(e-1), float64, one pass
         return out.mul_(pow2(-e)).floor_()
-    ei = e.to(torch.int64).clamp(max=63)
-    out = torch.addcmul(torch.bitwise_left_shift(torch.ones_like(ei), ei - 1), _f64_to_i64(z), m.to(torch.int64))
-    return out.bitwise_right_shift_(ei)
+    return _requant_i64(z.to(torch.float64), m, e, sat_bits)
 
 
 class _Requant(torch.autograd.Function):
@@ -287,8 +320,9 @@ class _Requant(torch.autograd.Function):
 def requant(z: torch.Tensor, m: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     """Dyadic requantization ``floor((z * m + 2^(e-1)) / 2^e)`` (round half up), exact.
 
-    Computed in float64 for float32 ``z`` and in int64 (``(z*m + (1 << (e-1))) >> e`` with ``e`` capped at 63,
-    like the engine) for float64 ``z``. Domain: ``|z * m| < 2^62`` (e.g. ``|z| < 2^42``).
+    Computed in float64 for float32 ``z`` (``|z| < 2^24``) and in split int64 arithmetic for float64 ``z``
+    (``|z| < 2^51``, see ``_requant_i64``); exact whenever the result is below ``2^61`` (any ``z`` of the domain
+    when ``e > 32``). :func:`requant_clamp` without identity saturates instead (exact for every ``|z| < 2^51``).
     Backward (STE): ``grad * m / 2^e``; no gradient to ``m``/``e``.
 
     Args:
@@ -315,7 +349,8 @@ class _RequantClamp(torch.autograd.Function):
     def forward(ctx, z, m, e, z_id, m_id, e_id, n):
         ctx.save_for_backward(m, e, m_id, e_id)
         ctx.dtypes = (z.dtype, None if z_id is None else z_id.dtype)
-        out = _requant_forward(z, m, e)
+        # Without a residual the clamp is monotone in z: saturate z first (exact for every |z| < 2^51).
+        out = _requant_forward(z, m, e, sat_bits=None if z_id is not None else int(n).bit_length() + 1)
         if z_id is not None:
             other = _requant_forward(z_id, m_id, e_id)
             if out.dtype != other.dtype:
@@ -344,7 +379,8 @@ def requant_clamp(
 ) -> torch.Tensor:
     """QuantAct's integer path: ``clamp(requant(z, m, e) [+ requant(z_id, m_id, e_id)], -n(b), n(b))``.
 
-    Both requantizations and their sum are exact (int64 when an operand is float64). Gradients: ``grad * m/2^e`` to
+    Both requantizations and their sum are exact (int64 when an operand is float64); without ``z_id`` the result
+    saturates for every ``|z| < 2^51`` (no int64 overflow however fine the input scale). Gradients: ``grad * m/2^e`` to
     ``z`` and ``grad * m_id/2^e_id`` to ``z_id`` (straight through the clamp), in the operands' dtypes.
 
     Args:
@@ -356,6 +392,69 @@ def requant_clamp(
         float32 integers in ``[-n(b), n(b)]`` (``b <= 24``).
     """
     return _RequantClamp.apply(z, m, e, z_id, m_id, e_id, qmax(bits))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# derived scales and dyadic constants: the one definition used by the QAT forward and the engine converter
+# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def requant_constants(s_in: torch.Tensor, s_out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dyadic ``(m, e)`` that requantizes scale ``s_in`` to ``s_out``: ``dyadic(double(s_in) / double(s_out))``.
+
+    Args:
+        s_in: float32 input scale, ``(1,)`` or ``(C,)``.
+        s_out: float32 output scale ``(1,)``.
+
+    Returns:
+        float64 ``(m, e)`` with the shape of ``s_in`` (``|m| <= 2^20``, ``e >= 1``).
+    """
+    return dyadic(true_div(s_in.detach().to(torch.float64), s_out.detach().to(torch.float64)))
+
+
+@torch.no_grad()
+def accumulator_scale(s_w: torch.Tensor, s_x: torch.Tensor) -> torch.Tensor:
+    """Scale of a QuantLinear accumulator: ``S_acc = S_w * S_x`` in float32.
+
+    Args:
+        s_w: per-output-channel weight scale ``(C_out,)`` (or ``(1,)``).
+        s_x: per-tensor input scale ``(1,)``.
+
+    Returns:
+        float32 ``(C_out,)``.
+    """
+    return s_w.detach().float().reshape(-1) * s_x.detach().float().reshape(1)
+
+
+def bias_integer(bias: torch.Tensor, s_acc: torch.Tensor, bits: int) -> torch.Tensor:
+    """``b_int = clamp(round_half_even(double(b) / double(S_acc)), -n(bits), n(bits))`` in float64 (STE to ``b``).
+
+    Args:
+        bias: float bias ``(C_out,)``.
+        s_acc: float32 accumulator scale ``(C_out,)``.
+        bits: bias bit-width (32; float32 cannot hold ``2^31 - 1``, hence float64).
+
+    Returns:
+        float64 ``(C_out,)`` integers.
+    """
+    return quantize(bias.to(torch.float64), s_acc.detach().to(torch.float64), bits)
+
+
+@torch.no_grad()
+def score_scale(s_q: torch.Tensor, s_k: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Scale of the integer attention scores ``q_q @ q_k^T``: ``S_q * S_k * head_dim^-0.5`` in float32 (the
+    softmax temperature folded in), shape ``(1,)``."""
+    return (s_q.detach().float() * s_k.detach().float() * float(head_dim) ** -0.5).reshape(1)
+
+
+@torch.no_grad()
+def context_scale(s_probs: torch.Tensor, s_v: torch.Tensor) -> torch.Tensor:
+    """Scale of the attention context ``p @ q_v``: ``float(double(S_probs) * double(S_v))``, shape ``(1,)``.
+
+    Args:
+        s_probs: float32 ``(1,)`` probability scale (``1 / (2^softmax_out_bits - 1)``).
+        s_v: float32 ``(1,)`` scale of the 8-bit values.
+    """
+    return (s_probs.detach().to(torch.float64) * s_v.detach().to(torch.float64)).to(torch.float32).reshape(1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -479,5 +578,8 @@ def exact_int_matmul(
         )
     if bias is not None and (b_t.dim() != 2 or bias.dtype != torch.float64):
         raise ValueError("exact_int_matmul takes a float64 (N,) bias only with a 2-D b_t")
+    if qmax(a_bits) * qmax(b_bits) > _F32_EXACT:
+        raise ValueError(f"exact_int_matmul: {a_bits}-bit x {b_bits}-bit products exceed 2^24 and cannot be exact "
+                         f"in float32")
     chunk = max(1, min(MATMUL_CHUNK, _F32_EXACT // (qmax(a_bits) * qmax(b_bits))))
     return _ExactIntMatmul.apply(a, b_t, bias, chunk)
