@@ -28,6 +28,7 @@ from typing import Optional, Tuple
 import torch
 
 from .config import QuantConfig
+from .distributed import all_reduce_sum
 from .weight import WeightQuantizer, register_weight_quantizer
 
 __all__ = [
@@ -256,7 +257,9 @@ class LATWeightQuantizer(_TernaryBase):
     def update_second_moment(self, grad: torch.Tensor) -> None:
         """EMA of squared gradients (Adam's uncorrected ``v_t``); called from the STE's backward."""
         self._ensure_state(grad)
-        g = grad.detach().float()
+        # data parallel: fairseq's per-rank gradients are sums over the rank's sentences, so their SUM over ranks is
+        # the global batch's gradient, as a single worker sees it (no-op on one worker)
+        g = all_reduce_sum(grad.detach().float())
         self.lat_v.mul_(self.beta2).addcmul_(g, g, value=1.0 - self.beta2)
         self.lat_steps += 1
 
