@@ -125,3 +125,197 @@ def fairseq_train(data_bin: Path, save_dir: Path, arch="ibert_roberta_tiny", ext
     if proc.returncode != 0:
         raise AssertionError(f"fairseq-train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+# ---------------------------------------------------------------------------------------------------- bit-exactness
+#: QAT module names (last path component inside a layer) whose outputs the engine reports with ``collect=True``.
+HOOKED = ("input_act", "q_act", "k_act", "v_act", "attn_act", "softmax", "attn_residual_act", "self_attn_layer_norm",
+          "fc1_act", "gelu", "fc2_act", "ffn_residual_act", "final_layer_norm")
+HEAD = "sentence_classification_head"
+
+
+def perturb(model, seed):
+    """Give a randomly initialised model non-trivial, wide-range parameters (in place).
+
+    Every linear output row is rescaled log-normally (per-channel weight scales spread over ~2 decades), biases get
+    N(0, sigma) with a per-seed sigma and FC1 some large ones (|b| up to 6: GELU far in its tails), every LayerNorm
+    gets gamma in +-[0.2, 2.5] (about a fifth negative) and beta ~ N(0, 0.7), token embedding rows are rescaled
+    log-normally (wide dynamic range of the embedding sum). Seeds ``3k + 1`` also shrink a tenth of the FC1 rows by
+    0.1 (accumulator scales down to ~1e-6: GELU outputs near 2^50 for the requantization after it); seeds ``5k`` set
+    one gamma per LayerNorm to exactly 0 (the gamma guard).
+    """
+    from ibert_plugin.quant.modules import IntLayerNorm, QuantLinear
+
+    g = torch.Generator().manual_seed(10_000 + seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=g)
+
+    sigma_b = float(0.05 + 1.5 * rand(1))
+    enc = model.encoder.sentence_encoder
+    with torch.no_grad():
+        for name, mod in enc.named_modules():
+            if isinstance(mod, QuantLinear):
+                n_out = mod.weight.shape[0]
+                mod.weight.mul_(torch.exp(0.8 * randn(n_out, 1)))
+                mod.bias.copy_(sigma_b * randn(n_out))
+                if name.endswith("fc1"):
+                    if seed % 3 == 1:
+                        mod.weight[rand(n_out) < 0.1] *= 0.1
+                    big = rand(n_out) < 0.15
+                    mod.bias[big] = (2.0 + 4.0 * rand(int(big.sum()))) * torch.sign(randn(int(big.sum())))
+            elif isinstance(mod, IntLayerNorm):
+                c = mod.weight.shape[0]
+                sign = torch.where(rand(c) < 0.2, -1.0, 1.0)
+                mod.weight.copy_(sign * (0.2 + 2.3 * rand(c)))
+                if seed % 5 == 0:
+                    mod.weight[int(rand(1) * c)] = 0.0
+                mod.bias.copy_(0.7 * randn(c))
+        tok = enc.embed_tokens.weight
+        tok.mul_(torch.exp(0.7 * randn(tok.shape[0], 1)))
+        enc.embed_positions.weight.mul_(1.0 + 3.0 * rand(1))
+    return model
+
+
+def calibrate(model, batches):
+    """Set the activation ranges and LayerNorm shifts: train-mode forwards (no grad) on ``batches``; returns the model
+    in eval mode (ranges frozen)."""
+    model.train()
+    with torch.no_grad():
+        for tokens in batches:
+            model(tokens, features_only=True)
+    return model.eval()
+
+
+def wide_batches(dictionary, seed, n=3, max_len=48):
+    """Calibration batches of mixed lengths (up to ``max_len``, padded) for :func:`calibrate`."""
+    g = torch.Generator().manual_seed(seed)
+    return [random_batch(dictionary, bsz=4, tgt_len=int(torch.randint(6, max_len + 1, (1,), generator=g)),
+                         seed=seed * 31 + i) for i in range(n)]
+
+
+def qat_outputs(model, tokens):
+    """The QAT model's hooked integer outputs (``embed_act``, ``layernorm_embedding``, ``layers.{i}.<HOOKED>``) as
+    float64, layers transposed to B x T x ..., and the logits of the classification head."""
+    outs, hooks = {}, []
+    for name, mod in model.encoder.sentence_encoder.named_modules():
+        if name in ("embed_act", "layernorm_embedding") or (name.startswith("layers.")
+                                                            and name.split(".")[-1] in HOOKED):
+            hooks.append(mod.register_forward_hook(lambda m, i, o, n=name: outs.__setitem__(n, o[0].detach())))
+    try:
+        with torch.no_grad():
+            logits, _ = model(tokens, features_only=True, classification_head_name=HEAD)
+    finally:
+        for h in hooks:
+            h.remove()
+    for k, v in outs.items():
+        v = v.double()
+        if k.startswith("layers.") and not k.endswith("softmax"):
+            v = v.transpose(0, 1)  # QAT layers run T x B x C
+        outs[k] = v
+    return outs, logits
+
+
+def compare_engine(eng, model, tokens):
+    """Every hooked QAT integer output against the engine's ``encode(collect=True)`` with ``torch.equal``.
+
+    Rows of padding tokens are zeroed on both sides first (the QAT ``layernorm_embedding`` hook sees them before
+    they are zeroed, the engine reports them after; they never reach a real token). In the softmax output the
+    padding *keys* are compared unmasked (both sides must give them probability 0).
+
+    Returns ``(QAT outputs in the order the forward produced them, {name: number of differing integers}, QAT
+    logits)``.
+    """
+    outs, logits = qat_outputs(model, tokens)
+    _, _, acts = eng.encode(tokens, collect=True)
+    keep = tokens.ne(model.encoder.sentence_encoder.padding_idx)
+    bad = {}
+    for k, v in outs.items():
+        a = acts[k].double()
+        v = v.reshape(a.shape)
+        row = keep[:, None, :, None] if k.endswith("softmax") else keep[:, :, None]  # query rows
+        a, v = a * row, v * row
+        if not torch.equal(a, v):
+            bad[k] = int((a != v).sum())
+    return outs, bad, logits
+
+
+# ---------------------------------------------------------------------------------------------------- MiniLM assets
+def data_dir() -> Path:
+    from ibert_plugin.assets.common import data_dir as _data_dir
+
+    return _data_dir()
+
+
+def require_assets(*rel):
+    """Paths under the data folder; a missing one fails the test (``make test`` builds them first)."""
+    import pytest
+
+    paths = [data_dir() / r for r in rel]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        pytest.fail(f"assets missing: {', '.join(missing)} (run: python -m ibert_plugin.assets build)")
+    return paths
+
+
+def minilm_dictionary():
+    """The imported MiniLM's fairseq dictionary plus ``<mask>`` (as the sentence_prediction task loads it)."""
+    from fairseq.data import Dictionary
+
+    (dict_txt,) = require_assets("minilm/dict.txt")
+    d = Dictionary.load(str(dict_txt))
+    d.add_symbol("<mask>")
+    return d
+
+
+def minilm_model(dictionary, weight_bits):
+    """``ibert_roberta_minilm`` in symmetric (I-BERT) mode with ``weight_bits`` weights, loaded strictly from the
+    imported ``data/minilm/model.pt`` (the classification head stays randomly initialised, seed 0)."""
+    from fairseq import checkpoint_utils
+
+    (pt,) = require_assets("minilm/model.pt")
+    model = build_model("ibert_roberta_minilm", dictionary,
+                        extra=["--quant-mode", "symmetric", "--weight-bits", str(weight_bits), "--max-positions", "512"])
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(pt))["model"]
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def rt_sent_sentences(split="train"):
+    """RT-SENT sentences of ``split`` (``train`` or ``dev``) in file order."""
+    from ibert_plugin.assets import glue
+
+    (tsv,) = require_assets(f"glue/RT-SENT/{split}.tsv")
+    cols, _, _ = glue.read_split(tsv, glue.TASKS["RT-SENT"], split)
+    return cols[0]
+
+
+def wordpiece_rows(dictionary, sentences, lengths=None):
+    """``<s> sentence </s>`` id rows (WordPiece from ``data/minilm``). With ``lengths``, row ``i`` joins consecutive
+    sentences until it has ``lengths[i]`` tokens (truncated, ``</s>`` last): real text at long lengths."""
+    from ibert_plugin.assets import glue
+
+    enc = glue.BpeEncoder("wordpiece", data_dir() / "minilm")
+    ids = [dictionary.encode_line(s, append_eos=False, add_if_not_exist=False).tolist()
+           for s in enc.encode_all(sentences)]
+    if lengths is None:
+        return [torch.tensor([dictionary.bos()] + r + [dictionary.eos()]) for r in ids]
+    rows, it = [], iter(ids)
+    for n in lengths:
+        body = []
+        while len(body) < n - 2:
+            body += next(it)
+        rows.append(torch.tensor([dictionary.bos()] + body[: n - 2] + [dictionary.eos()]))
+    return rows
+
+
+def pad_rows(dictionary, rows, length=None):
+    """Right-padded ``[len(rows), max(length, longest)]`` token batch."""
+    T = max([len(r) for r in rows] + [length or 0])
+    out = torch.full((len(rows), T), dictionary.pad(), dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
