@@ -338,7 +338,7 @@ def _predict(args):
                       for i, (p, row) in enumerate(zip(pred, probs.tolist()))]
     else:
         out_lines += [json.dumps({"index": i, "prediction": names[p],
-                                  "probabilities": {n: round(v, 6) for n, v in zip(names, row)}})
+                                  "probabilities": dict(zip(names, row))})
                       for i, (p, row) in enumerate(zip(pred, probs.tolist()))]
     body = "\n".join(out_lines) + "\n"
     if args.output:
