@@ -13,7 +13,8 @@ install:
 assets: install
 	$(VENV_PY) -m ibert_plugin.assets build
 
-# pytest exit code 5 (no tests collected) is a failure like any other.
+# pytest exit code 5 (no tests collected) is a failure like any other. CI (.ci/run) exports IBERT_REQUIRE_FBGEMM=1,
+# so an fbgemm extension that does not build fails its tests there instead of skipping them.
 test: assets
 	@rc=0; OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS) $(VENV_PY) -m pytest -q tests $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)" >&2; fi; exit $$rc

@@ -1,10 +1,37 @@
-"""GEMM routes (fbgemm extension, ORT MatMulInteger) and the start-up self-test."""
+"""GEMM routes (fbgemm extension, ORT MatMulInteger) and the start-up self-test.
+
+The fbgemm tests skip where the extension does not build (the engine then falls back to ORT), except under
+``IBERT_REQUIRE_FBGEMM=1`` (set by ``.ci/run``), where a missing extension fails them.
+"""
 import pytest
 import torch
 
 from ibert_plugin.engine import gemm, kernels, selftest
 
-needs_fbgemm = pytest.mark.skipif(kernels.load_fbgemm() is None, reason="fbgemm extension unavailable")
+
+def _fbgemm_or_skip():
+    mod = kernels.load_fbgemm()
+    if mod is None:
+        why = f"fbgemm extension unavailable ({kernels.fbgemm_error()})"
+        if gemm.fbgemm_required():
+            pytest.fail(f"{gemm.REQUIRE_FBGEMM_ENV}=1 but {why}")
+        pytest.skip(why)
+    return mod
+
+
+@pytest.fixture
+def fbgemm():
+    """The fbgemm extension; where it does not build, a failure under ``IBERT_REQUIRE_FBGEMM=1``, else a skip."""
+    return _fbgemm_or_skip()
+
+
+@pytest.mark.parametrize("env,outcome", [("1", pytest.fail.Exception), ("", pytest.skip.Exception),
+                                         ("0", pytest.skip.Exception)])
+def test_missing_fbgemm_fails_only_when_required(monkeypatch, env, outcome):
+    monkeypatch.setenv(gemm.REQUIRE_FBGEMM_ENV, env)
+    monkeypatch.setattr(kernels, "load_fbgemm", lambda verbose=False: None)
+    with pytest.raises(outcome, match="fbgemm extension unavailable"):
+        _fbgemm_or_skip()
 
 
 def _ref(x, w):
@@ -16,13 +43,12 @@ def test_selftest_exact_routes_pass():
     assert r.ok["u8u8"] and r.ok["attn_qk"] and r.ok["attn_pv"], r.summary()
     # AVX2 (with or without VNNI) is exact on the fast routes for |w| <= 64
     assert r.ok["u8s8"] and r.fast_ok, r.summary()
-    if kernels.load_fbgemm() is not None:
+    if kernels.load_fbgemm() is not None or gemm.fbgemm_required():
         assert r.ok["fbgemm"], r.summary()
         assert r.fast_routes[0] in ("fbgemm16", "fbgemm")
 
 
-ROUTE_CASES = [("u8u8", -128, 127), ("u8s8", -63, 63), ("u8s8", -1, 1),
-               pytest.param("fbgemm", -64, 64, marks=needs_fbgemm), pytest.param("fbgemm", -1, 1, marks=needs_fbgemm)]
+ROUTE_CASES = [("u8u8", -128, 127), ("u8s8", -63, 63), ("u8s8", -1, 1), ("fbgemm", -64, 64), ("fbgemm", -1, 1)]
 
 
 def _exact(lin, x, out=None):
@@ -32,7 +58,9 @@ def _exact(lin, x, out=None):
 
 
 @pytest.mark.parametrize("route,lo,hi", ROUTE_CASES)
-def test_linear_routes_exact_random_and_adversarial(route, lo, hi):
+def test_linear_routes_exact_random_and_adversarial(route, lo, hi, request):
+    if route in gemm.FBGEMM_ROUTES:
+        request.getfixturevalue("fbgemm")
     g = torch.Generator().manual_seed(0)
     K, N = 3072, 40
     w = torch.randint(lo, hi + 1, (N, K), generator=g)
@@ -49,9 +77,16 @@ def test_linear_routes_exact_random_and_adversarial(route, lo, hi):
         assert torch.equal(y_exact, _ref(x, w))
 
 
-@needs_fbgemm
-def test_fbgemm_acc16_ternary_exact_and_large_m():
-    """int16 accumulation over K blocks of 128: exact for ternary weights at the u8 extremes and at batch-8 M."""
+def test_fbgemm_acc16_ternary_exact_and_large_m(fbgemm):
+    """int16 accumulation over K blocks of 128: exact for ternary weights at the u8 extremes and at batch-8 M.
+
+    The acc16 blocking is AVX2-only: on AVX-512 the route refuses to pack and the self-test keeps the engine off it.
+    """
+    if fbgemm.has_avx512():
+        with pytest.raises(RuntimeError, match="AVX2"):
+            gemm.make_linear(torch.ones(64, 128, dtype=torch.int64), "fbgemm16")
+        assert not selftest.run(threads=1).ok["fbgemm16"]
+        return
     g = torch.Generator().manual_seed(5)
     for M, K, N in ((1024, 768, 96), (5, 3072, 33)):
         w = torch.randint(-1, 2, (N, K), generator=g)
@@ -61,13 +96,20 @@ def test_fbgemm_acc16_ternary_exact_and_large_m():
         for xv, wv in ((127, 1), (127, -1), (-128, 1)):
             lin = gemm.make_linear(torch.full((N, K), wv), "fbgemm16")
             assert torch.equal(_exact(lin, torch.full((M, K), xv))[1], _ref(torch.full((M, K), xv), torch.full((N, K), wv)))
-    # the packed panel is one byte per weight when K and N are multiples of the blocking (roberta shapes)
-    for route, N, K in (("fbgemm16", 768, 768), ("fbgemm", 2304, 768), ("fbgemm", 768, 3072)):
-        assert gemm.make_linear(torch.ones(N, K, dtype=torch.int64), route).weight_bytes == N * K
+    assert gemm.make_linear(torch.ones(768, 768, dtype=torch.int64), "fbgemm16").weight_bytes == 768 * 768
 
 
-@needs_fbgemm
-def test_fbgemm_guards():
+def test_fbgemm_packed_panel_one_byte_per_weight(fbgemm):
+    """On AVX2 (roberta shapes are multiples of its blocking); AVX-512 blocking pads the panel by at most a third."""
+    for N, K in ((2304, 768), (768, 3072)):
+        nbytes = gemm.make_linear(torch.ones(N, K, dtype=torch.int64), "fbgemm").weight_bytes
+        if fbgemm.has_avx512():
+            assert N * K <= nbytes <= N * K * 4 // 3
+        else:
+            assert nbytes == N * K
+
+
+def test_fbgemm_guards(fbgemm):
     with pytest.raises(ValueError, match="not allowed"):
         gemm.make_linear(torch.tensor([[65, 0]]), "fbgemm")
     with pytest.raises(ValueError, match="not allowed"):

@@ -41,6 +41,8 @@ FBGEMM_ROUTES = ("fbgemm", "fbgemm16")
 FAST_ROUTES = ("fbgemm16", "fbgemm", "u8s8")
 # |w| bound for which the u8s8 route cannot saturate: 255 * 64 * 2 = 32640 <= 32767.
 FAST_MAX_ABS = 64
+#: Environment switch (set by ``.ci/run``): a missing fbgemm extension is an error, not a fallback to ORT.
+REQUIRE_FBGEMM_ENV = "IBERT_REQUIRE_FBGEMM"
 
 _DEFAULT_THREADS: Optional[int] = None
 
@@ -50,6 +52,11 @@ def default_threads() -> int:
         return _DEFAULT_THREADS
     env = os.environ.get("IBERT_ENGINE_THREADS")
     return int(env) if env else max(1, torch.get_num_threads())
+
+
+def fbgemm_required() -> bool:
+    """True under ``IBERT_REQUIRE_FBGEMM=1``: CI must not silently lose the fbgemm routes."""
+    return os.environ.get(REQUIRE_FBGEMM_ENV, "") == "1"
 
 
 def set_default_threads(n: int) -> None:
