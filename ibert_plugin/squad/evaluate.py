@@ -10,7 +10,8 @@ Back-ends (each a function ``tokens int64 [B, T] -> (start [B, T], end [B, T])``
   ``squad_span`` head;
 * :func:`engine_logits`: the integer engine (:class:`ibert_plugin.engine.engine.IntegerEngine`) on a symmetric-mode
   model: ``IntegerEngine.encode`` returns the final integer hidden states ``q int64 [B, T, D]`` and their per-channel
-  scale ``s float32 [D]``; the float span head runs on ``q * s``.
+  scale ``s float32 [D]``; the float span head runs on ``q * s`` (formed in float64, rounded to float32 once,
+  exactly as the QAT model's real output), so its logits equal the QAT model's bit for bit.
 """
 from __future__ import annotations
 
@@ -46,10 +47,10 @@ def model_logits(model, padding_idx: int) -> LogitsFn:
 
 def build_engine(model, threads: Optional[int] = None):
     """Integer engine of a symmetric-mode model in eval mode, with the span head's float weights as its head."""
-    from ..engine.convert import compile_qstate, qstate_from_model
+    from ..engine.convert import compile_model
     from ..engine.engine import IntegerEngine
 
-    return IntegerEngine(compile_qstate(qstate_from_model(model, head_name=SPAN_HEAD)), threads=threads)
+    return IntegerEngine(compile_model(model, head_name=SPAN_HEAD), threads=threads)
 
 
 def engine_logits(engine, padding_idx: int) -> LogitsFn:
@@ -59,7 +60,8 @@ def engine_logits(engine, padding_idx: int) -> LogitsFn:
 
     def fn(tokens):
         q, s, _ = engine.encode(tokens)
-        return span_logits_float(engine.im.head, q.to(torch.float32) * s, tokens.eq(padding_idx))
+        # q can exceed float32's 24-bit mantissa: form q * s in float64 and round once, as the QAT model does
+        return span_logits_float(engine.im.head, (q.to(torch.float64) * s).to(torch.float32), tokens.eq(padding_idx))
 
     return fn
 

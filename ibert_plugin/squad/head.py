@@ -3,7 +3,7 @@
 The head is the plugin's RoBERTa classification head with two outputs (``dense`` D x D, tanh, ``out_proj`` 2 x D),
 applied to *every* position instead of ``<s>`` only. Registering it in ``classification_heads`` means fairseq saves,
 reloads and upgrades it like any sentence head, the packed export keeps it, and the integer engine's converter reads
-it (``qstate_from_model(model, head_name=SPAN_HEAD)``). In TernaryBERT mode ``dense`` is a quantized linear, as for
+it (``compile_model(model, head_name=SPAN_HEAD)``). In TernaryBERT mode ``dense`` is a quantized linear, as for
 sentence heads; ``out_proj`` stays float. Padded positions get a logit of ``PAD_LOGIT`` (softmax weight 0, finite so
 that soft cross-entropy against a teacher stays finite).
 """
@@ -44,7 +44,7 @@ def span_logits_float(weights: Dict[str, torch.Tensor], features: torch.Tensor,
 
     Args:
         weights: the converter's head dict (``IntModel.head``).
-        features: ``q_out * s_out`` of the engine, float32 ``[B, T, D]``.
+        features: the engine's ``q_out * s_out`` as float32 ``[B, T, D]``.
     """
     B, T, D = features.shape
     x = torch.tanh(F.linear(features.reshape(B * T, D), weights["dense.weight"], weights["dense.bias"]))

@@ -249,7 +249,9 @@ def train_command(a, stage: str, save_dir: Path, restore: Optional[Path], n_wind
     if a.version_2_with_negative:
         cmd.append("--version-2-with-negative")
     if a.eval_step:
-        cmd += ["--validate-interval-updates", str(a.eval_step)]
+        # checkpoint (best selection) at every validation; keep one interval checkpoint on disk
+        cmd += ["--validate-interval-updates", str(a.eval_step), "--save-interval-updates", str(a.eval_step),
+                "--keep-interval-updates", "1"]
     if stage == "fp":
         cmd += ["--quant-mode", "none", "--criterion", "squad_span"]
     elif stage == "ibert":
