@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
+import run
+
 REPO = Path(__file__).resolve().parents[1]
+
+
+class Captured:
+    """The parts of a finished process the assertions read, for in-process ``run.cli`` calls."""
+
+    def __init__(self, returncode, stderr):
+        self.returncode, self.stderr = returncode, stderr
 
 
 def run_py(*args, env=None, cwd=None):
@@ -60,6 +69,62 @@ def test_bits_and_stage_flags(tiny_glue, tmp_path):
     assert_one_error_line(run_py(*base, "--quant-mode", "ternarybert", "--weight-bits", "4"), 2, "2 or 8")
     assert_one_error_line(run_py(*base, "--quant-mode", "ternarybert", "--input-bits", "16"), 2, "--input-bits")
     assert_one_error_line(run_py(*base, "--pred-distill"), 2, "needs --quant-mode ternarybert")
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--weight-bits", "8", "--weight-quant-method", "twn"], "--weight-quant-method twn ternarizes weights"),
+    (["--quant-mode", "ternarybert", "--weight-bits", "8", "--weight-quant-method", "lat"], "needs --weight-bits 2"),
+    (["--quant-mode", "ternarybert", "--weight-quant-method", "twn", "--clip-val", "-3"], "--clip-val must be > 0"),
+    (["--clip-val", "0"], "--clip-val must be > 0"),
+    (["--quant-mode", "none", "--weight-bits", "4"], "--weight-bits has no effect with --quant-mode none"),
+    (["--quant-mode", "none", "--force-dequant", "gelu"], "--force-dequant has no effect"),
+    (["--quant-mode", "ternarybert", "--force-dequant", "softmax"], "--force-dequant only applies"),
+    (["--act-range", "minmax"], "--act-range selects TernaryBERT's float activation quantizer"),
+    (["--quant-mode", "ternarybert", "--integer-only", "--act-range", "minmax"], "--act-range"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
+])
+def test_impossible_flag_combinations(flags, needle, tiny_glue, tmp_path, capsys):
+    ck = tmp_path / "ck.pt"
+    ck.write_bytes(b"flags are checked before the restore file")
+    rc = run.cli(["--task", "RTE", "--arch", "tiny", "--data-dir", str(tiny_glue), "--restore-file", str(ck),
+                  "--output-dir", str(tmp_path), "--dry-run", *flags])
+    assert_one_error_line(Captured(rc, capsys.readouterr().err), 2, needle)
+
+
+def _bad_restore_files(tmp_path):
+    import torch
+
+    files = {}
+    files["corrupt"] = tmp_path / "corrupt.pt"
+    files["corrupt"].write_bytes(b"PK\x03\x04" + b"\0" * 64)  # a zip header and nothing else
+    files["state dict"] = tmp_path / "state_dict.pt"
+    torch.save({"encoder.weight": torch.zeros(2)}, files["state dict"])  # a torch file, not a fairseq checkpoint
+    files["foreign object"] = tmp_path / "object.pt"
+    torch.save({"model": {}, "args": Path("x")}, files["foreign object"])
+    files["packed"] = tmp_path / "model_packed.pt"
+    torch.save({"format": "ibert_plugin.packed", "version": 1, "quantized": {}}, files["packed"])
+    return files
+
+
+@pytest.mark.parametrize("mode", ["symmetric", "ternarybert", "none"])
+def test_restore_file_that_does_not_load(mode, tiny_glue, tmp_path, capsys):
+    """Checked before fairseq-train starts: one line, no log or run folder written (no --dry-run)."""
+    out = tmp_path / "out"
+    for kind, bad in _bad_restore_files(tmp_path).items():
+        rc = run.cli(["--task", "RTE", "--arch", "tiny", "--data-dir", str(tiny_glue), "--output-dir", str(out),
+                      "--cpu", "--quant-mode", mode, "--restore-file", str(bad)])
+        err = capsys.readouterr().err
+        needle = "is a packed model" if kind == "packed" else "is not a valid checkpoint"
+        assert_one_error_line(Captured(rc, err), 2, f"--restore-file: {bad} {needle}")
+        assert "weights_only" not in err, kind
+    assert not out.exists()
+
+
+def test_corrupt_restore_file_from_the_shell(tiny_glue, tmp_path, run_env):
+    bad = _bad_restore_files(tmp_path)["corrupt"]
+    p = run_py("--task", "RTE", "--arch", "tiny", "--data-dir", str(tiny_glue), "--output-dir", str(tmp_path / "o"),
+               "--cpu", "--restore-file", str(bad), env=run_env)
+    assert_one_error_line(p, 2, f"--restore-file: {bad} is not a valid checkpoint (unreadable by torch.load: ")
 
 
 def test_fairseq_failure_points_at_log(tiny_glue, tmp_path, run_env):

@@ -56,12 +56,15 @@ def read_checkpoint(path: str) -> Any:
         raise CheckpointError(f"{path} is not a valid checkpoint (unreadable by torch.load: {reason})") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError,
             zipfile.BadZipFile) as e:
-        raise CheckpointError(f"{path} is not a valid checkpoint (torch.load: {_first_line(e)})") from None
+        raise CheckpointError(f"{path} is not a valid checkpoint (unreadable by torch.load: {_first_line(e)})") from None
 
 
 def _first_line(e) -> str:
+    """The first sentence of an exception's message (torch appends paragraphs of advice)."""
     text = str(e).strip()
-    return text.splitlines()[0][:160] if text else type(e).__name__
+    if not text:
+        return type(e).__name__
+    return text.splitlines()[0].split(". ")[0].rstrip(".")[:160]
 
 
 def check_fairseq_checkpoint(path: str) -> Dict[str, Any]:
