@@ -100,6 +100,40 @@ def test_requant_is_exact_against_python_integers(dtype, zmax):
     assert out.to(torch.int64).tolist() == expect
 
 
+@pytest.mark.parametrize("bits", [8, 16, 22])
+def test_requant_clamp_saturates_exactly_for_any_input_below_2_51(bits):
+    """No int64 overflow however fine the input scale: |z| up to 2^51 and shifts up to 90 (products to 2^71)."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randint(-2**50, 2**50, (300,), generator=g, dtype=torch.int64) >> torch.randint(0, 50, (300,),
+                                                                                                generator=g)
+    z[:4] = torch.tensor([2**51 - 1, -(2**51 - 1), 0, 1])
+    ratios = torch.tensor([3e-16, 1e-12, 7e-9, 2e-5, 0.4, 1e-20, 1e-27], dtype=torch.float64)
+    m, e = dyadic(ratios)
+    assert int(e.max()) > 62
+    n = 2 ** (bits - 1) - 1
+    out = requant_clamp(z.to(torch.float64)[:, None], m, e, bits)
+    mi, ei = [int(v) for v in m.tolist()], [int(v) for v in e.tolist()]
+    expect = [[max(-n, min(n, _ref_requant(zz, mi[j], ei[j]))) for j in range(len(mi))] for zz in z.tolist()]
+    assert out.to(torch.int64).tolist() == expect
+
+
+@pytest.mark.parametrize("acc_scale", [1e-5, 5e-6, 1e-6, 1e-7])
+def test_gelu_outputs_requantize_correctly_at_fine_accumulator_scales(acc_scale):
+    """Issue 9: at an FC1 accumulator scale of 5e-6, GELU(3) and GELU(6) requantized to -1 instead of 63 / 127
+    (int64 overflow of z * m); they must saturate or land on the nearest 8-bit level, as the engine does."""
+    from ibert_plugin.quant.nonlinear import int_gelu
+
+    s = torch.tensor([acc_scale])
+    x = torch.tensor([3.0, 6.0, -3.0, -6.0, 40.0, 0.7], dtype=torch.float64)
+    g, s_g = int_gelu(torch.round(x / s.double()), s)
+    s_out = torch.tensor([6.0 / 127])
+    m, e = dyadic(s_g.double() / s_out.double())
+    out = requant_clamp(g, m, e, 8)
+    want = (torch.nn.functional.gelu(x) / float(s_out)).clamp(-127, 127)
+    assert (out.double() - want).abs().max() <= 1, (out, want)  # i-GELU error 0.018 < one 8-bit step 0.047
+    assert out[1] == 127 and out[4] == 127
+
+
 def test_requant_half_up_ties_and_backward():
     m, e = torch.tensor([1.0], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64)  # ratio 1/2
     z = torch.tensor([-3.0, -1.0, 1.0, 3.0], requires_grad=True)

@@ -36,6 +36,11 @@ inline i64 requant_wide(i64 z, i64 m, int e) {
 
 inline i64 clampi(i64 v, i64 lo, i64 hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
+// Shift of the plain int64 requants (QKV, context, residual and embedding sums), whose operands have |z| < 2^40 and
+// |m| <= 2^20: |z m| < 2^61, so every shift e >= 62 gives 0, as e = 62 does (no shift by 64 or more).
+constexpr i64 kMaxShift = 62;
+inline i64 cap_shift(i64 e) { return e < kMaxShift ? e : kMaxShift; }
+
 inline i64 floordiv(i64 a, i64 b) {  // b > 0
   i64 q = a / b;
   if ((a % b != 0) && (a < 0)) --q;
@@ -90,15 +95,15 @@ void requant_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor&
   const i64* Mm = m.data_ptr<i64>();
   const i64* E = e.data_ptr<i64>();
   u8* O = out.data_ptr<u8>();
-  std::vector<i64> rnd(N);
-  for (i64 j = 0; j < N; ++j) rnd[j] = i64(1) << (E[j] - 1);
-  const i64* R = rnd.data();
+  std::vector<i64> rnd(N), sh(N);
+  for (i64 j = 0; j < N; ++j) sh[j] = cap_shift(E[j]), rnd[j] = i64(1) << (sh[j] - 1);
+  const i64 *R = rnd.data(), *SH = sh.data();
 #pragma omp parallel for schedule(static) num_threads(nthreads()) if (M * N >= kParallelMin)
   for (i64 i = 0; i < M; ++i) {
     const i32* a = A + i * N;
     u8* o = O + i * N;
     for (i64 j = 0; j < N; ++j) {
-      i64 v = ((i64(a[j]) + B[j]) * Mm[j] + R[j]) >> E[j];
+      i64 v = ((i64(a[j]) + B[j]) * Mm[j] + R[j]) >> SH[j];
       o[j] = (u8)(clampi(v, -qmax, qmax) + 128);
     }
   }
@@ -117,9 +122,9 @@ void requant_qkv(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor
   u8* Q = q.data_ptr<u8>();
   u8* K = kT.data_ptr<u8>();
   u8* V = v.data_ptr<u8>();
-  std::vector<i64> rnd(N);
-  for (i64 j = 0; j < N; ++j) rnd[j] = i64(1) << (E[j] - 1);
-  const i64* R = rnd.data();
+  std::vector<i64> rnd(N), sh(N);
+  for (i64 j = 0; j < N; ++j) sh[j] = cap_shift(E[j]), rnd[j] = i64(1) << (sh[j] - 1);
+  const i64 *R = rnd.data(), *SH = sh.data();
 #pragma omp parallel num_threads(nthreads()) if (Bsz * T * N >= kParallelMin)
   {
     std::vector<u8> row(N);
@@ -128,7 +133,7 @@ void requant_qkv(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor
       const i64 b = r / T, t = r % T;
       const i32* a = A + r * N;
       for (i64 j = 0; j < N; ++j) {
-        i64 val = ((i64(a[j]) + Bi[j]) * Mm[j] + R[j]) >> E[j];
+        i64 val = ((i64(a[j]) + Bi[j]) * Mm[j] + R[j]) >> SH[j];
         row[j] = (u8)(clampi(val, -qmax, qmax) + 128);
       }
       for (i64 h = 0; h < H; ++h) {
@@ -196,6 +201,7 @@ void requant_ctx(const at::Tensor& ctx, int64_t m, int64_t e, int64_t qmax, at::
   const i64 Bsz = ctx.size(0), H = ctx.size(1), T = ctx.size(2), dh = ctx.size(3);
   const i32* C = ctx.data_ptr<i32>();
   u8* O = out.data_ptr<u8>();
+  e = cap_shift(e);
   const i64 rnd = i64(1) << (e - 1);
 #pragma omp parallel for schedule(static) num_threads(nthreads()) if (Bsz * T * H * dh >= kParallelMin)
   for (i64 r = 0; r < Bsz * T; ++r) {
@@ -274,9 +280,10 @@ void resid_ln(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& m
   u8* OU = want_u8 ? out_u8.data_ptr<u8>() : nullptr;
   i64* OQ = want_q ? out_q.data_ptr<i64>() : nullptr;
   i64* OQ22 = want_q22 ? out_q22.data_ptr<i64>() : nullptr;
-  std::vector<i64> rnd(C);
-  for (i64 c = 0; c < C; ++c) rnd[c] = i64(1) << (Ea[c] - 1);
-  const i64* R = rnd.data();
+  std::vector<i64> rnd(C), sh(C);
+  for (i64 c = 0; c < C; ++c) sh[c] = cap_shift(Ea[c]), rnd[c] = i64(1) << (sh[c] - 1);
+  const i64 *R = rnd.data(), *SH = sh.data();
+  e_r = cap_shift(e_r);
   const i64 rr = i64(1) << (e_r - 1);
 #pragma omp parallel num_threads(nthreads()) if (M * C >= kParallelMin)
   {
@@ -286,7 +293,7 @@ void resid_ln(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& m
       const i32* a = A + i * C;
       const u8* rz = Rz + i * C;
       for (i64 c = 0; c < C; ++c) {
-        const i64 v1 = ((i64(a[c]) + Bi[c]) * Ma[c] + R[c]) >> Ea[c];
+        const i64 v1 = ((i64(a[c]) + Bi[c]) * Ma[c] + R[c]) >> SH[c];
         const i64 v2 = ((i64(rz[c]) - 128) * m_r + rr) >> e_r;
         q[c] = clampi(v1 + v2, -qmax22, qmax22);
       }
@@ -316,6 +323,8 @@ void embed_ln(const at::Tensor& tokens, const at::Tensor& positions, const at::T
   u8* OU = want_u8 ? out_u8.data_ptr<u8>() : nullptr;
   i64* OQ = want_q ? out_q.data_ptr<i64>() : nullptr;
   i64* OQ16 = want_q16 ? out_q16.data_ptr<i64>() : nullptr;
+  e_t = cap_shift(e_t);
+  e_p = cap_shift(e_p);
   const i64 rt = i64(1) << (e_t - 1), rp = i64(1) << (e_p - 1);
 #pragma omp parallel num_threads(nthreads()) if (M * C >= kParallelMin)
   {
