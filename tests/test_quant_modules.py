@@ -423,3 +423,52 @@ def test_state_dict_round_trip_of_quantization_buffers():
     qb, sb = b(x)
     assert torch.equal(qa, qb) and torch.equal(sa, sb)
     assert a.ln.shift.item() > 0 and torch.equal(a.ln.shift, b.ln.shift)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# exact attention at every activation width the config allows in symmetric mode
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("act_bits", [8, 12, 13])
+def test_symmetric_attention_matmuls_are_exact_at_every_allowed_width(act_bits):
+    """Scores and context equal int64 matmuls of the QuantAct integers (plain float32 GEMMs are not exact beyond
+    8 bits: 12-bit q.k^T partial sums reach 2^28)."""
+    from ibert_plugin.models.ibert_roberta import QuantSelfAttention
+
+    torch.manual_seed(0)
+    cfg = QuantConfig(quant_mode="symmetric", act_bits=act_bits)
+    att = QuantSelfAttention(32, 2, 0.0, cfg)
+    for lin in (att.q_proj, att.k_proj, att.v_proj):
+        lin.weight.data *= 20
+    act = QuantAct(act_bits, cfg)
+    x = torch.randn(40, 2, 32) * 3
+    seen = {}
+    att.softmax.register_forward_pre_hook(lambda m, a: seen.__setitem__("scores", a[0]))
+    att.attn_act.register_forward_pre_hook(lambda m, a: seen.__setitem__("ctx", a[0]))
+    for name in ("q_act", "k_act", "v_act"):
+        getattr(att, name).register_forward_hook(lambda m, a, o, n=name: seen.__setitem__(n, o[0]))
+    att.softmax.register_forward_hook(lambda m, a, o: seen.__setitem__("p", o[0]))
+    att.train()
+    act.train()
+    att(*act(x), None)
+    att.eval()
+    act.eval()
+    att(*act(x), None)
+
+    def heads(t):  # T x B x C -> B x H x T x D, int64
+        return t.reshape(40, 2, 2, 16).permute(1, 2, 0, 3).to(torch.int64)
+
+    q, k, v = heads(seen["q_act"]), heads(seen["k_act"]), heads(seen["v_act"])
+    assert q.abs().max() > 2 ** (act_bits - 2)  # wide operands indeed
+    assert torch.equal(seen["scores"].to(torch.int64), q @ k.transpose(-1, -2))
+    ctx = (seen["p"].to(torch.int64) @ v).permute(2, 0, 1, 3).reshape(40, 2, 32)
+    assert torch.equal(seen["ctx"].to(torch.int64), ctx)
+
+
+def test_config_refuses_symmetric_activations_that_cannot_be_exact():
+    with pytest.raises(ValueError, match="act_bits 14 is not supported in symmetric mode"):
+        QuantConfig(quant_mode="symmetric", act_bits=14)
+    QuantConfig(quant_mode="ternarybert", act_bits=16)  # fake quantization: no integer GEMM
+    from ibert_plugin.quant.primitives import exact_int_matmul
+
+    with pytest.raises(ValueError, match="cannot be exact"):
+        exact_int_matmul(torch.ones(2, 3), torch.ones(4, 3), a_bits=14, b_bits=14)
