@@ -35,7 +35,8 @@ def _sweep(wb):
     template = mh.build_model("ibert_roberta", d, extra=mh.TINY_DIMS + ["--quant-mode", "symmetric",
                                                                         "--weight-bits", wb])
     res = {}
-    threads = torch.get_num_threads()  # the engine sets torch's pool size; one thread suits tiny shapes
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the engine sets torch's pool size anyway; one thread suits tiny shapes on a busy host
     try:
         for seed in SEEDS:
             res[seed] = _one_seed(template, d, seed)
