@@ -1,15 +1,24 @@
-"""QAT overhead: training-step time of a symmetric (I-BERT integer) encoder vs the same encoder in float.
+"""QAT overhead of the shipped model: ``ibert_roberta`` training steps, I-BERT and TernaryBERT vs full precision.
 
-fairseq's model is wired elsewhere; this benchmark builds a stand-alone post-LN encoder layer stack from the
-``ibert_plugin.quant`` modules with the dataflow of ``docs/integer_spec.md`` ("Encoder wiring"), in
-``quant_mode="none"`` (plain float, numerically ``nn.Linear``/``nn.LayerNorm``/``F.gelu``/``F.softmax``) and in
-``quant_mode="symmetric"``, and times full training steps (forward, backward, Adam) interleaved in one process.
+Builds the fairseq ``ibert_roberta`` architecture through fairseq's own parser (``ibert_roberta_base``: vocabulary
+50265, 12 layers x 768, FFN 3072; ``ibert_roberta_minilm``: the demo's all-MiniLM-L6-v2, vocabulary 30523, 6 layers x
+384, FFN 1536) with a 2-class sentence classification head, and times one training step, exactly what
+``fairseq-train`` runs per batch apart from the trainer's bookkeeping: the criterion's forward (loss, logging
+outputs), ``backward()``, and an Adam step over every parameter. Three modes, all from the same FP weights:
 
-Prints a table, then ONE JSON object as the last line: ``ratio`` is the median over interleaved pairs of the
-symmetric / float ratio of per-step process CPU time (single-threaded, so CPU time is the step's cost and does not
-count time the process waits for a core on a shared machine); ``ratio_wall`` is the same with wall-clock time.
-The order of the two modes alternates each pair.
-Usage: ``OMP_NUM_THREADS=1 python benchmarks/qat_overhead.py [--layers 2 --batch 8 --seq 128 --steps 5]``.
+* ``fp``: ``--quant-mode none`` with fairseq's ``sentence_prediction`` criterion;
+* ``symmetric``: I-BERT W8A8 integer-only QAT (``--quant-mode symmetric``), same criterion;
+* ``ternary_distill``: TernaryBERT W2A8 (``--quant-mode ternarybert --weight-bits 2``, TWN) with the plugin's
+  ``ternary_distill`` criterion, ``--pred-distill --intermediate-distill`` (the FP teacher's forward, every hidden
+  state and every layer's attention scores included in the step, as in the demo).
+
+Steps are interleaved (the mode order rotates every repetition) and each repetition gives one ratio per quantized
+mode against the FP step timed next to it; the table reports the median ratio with its min and max. ``ratio`` is
+process CPU time (robust on a shared machine; with several threads it counts every thread), ``ratio_wall`` wall
+time. Targets: symmetric at most 1.5x FP, ternary distillation at most 2x FP.
+
+Prints a table, then ONE JSON object as the last line.
+Usage: ``OMP_NUM_THREADS=1 python benchmarks/qat_overhead.py [--shapes minilm,roberta_base] [--reps 3]``.
 """
 from __future__ import annotations
 
@@ -19,179 +28,164 @@ import os
 import statistics
 import sys
 import time
-from typing import Optional, Tuple
+from typing import Dict, List
 
 import torch
-from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ibert_plugin.quant import (  # noqa: E402
-    IntGELU,
-    IntLayerNorm,
-    IntSoftmax,
-    QuantAct,
-    QuantConfig,
-    QuantLinear,
-)
-from ibert_plugin.quant.primitives import dequantize, exact_int_matmul  # noqa: E402
+HEAD = "sentence_classification_head"
+ARCHS = {"roberta_base": "ibert_roberta_base", "minilm": "ibert_roberta_minilm"}
+VOCAB = {"roberta_base": 50265, "minilm": 30523}
+#: batch x sequence length per shape: roberta_base at GLUE's usual 128 tokens; MiniLM at the demo's RT-SENT batches
+#: (32 sentences, about 25 WordPiece tokens each, padded to the longest).
+BATCH = {"roberta_base": (4, 128), "minilm": (32, 40)}
+MODES = {
+    "fp": ["--quant-mode", "none"],
+    "symmetric": ["--quant-mode", "symmetric"],
+    "ternary_distill": ["--quant-mode", "ternarybert", "--weight-bits", "2", "--weight-quant-method", "twn"],
+}
+TARGETS = {"symmetric": 1.5, "ternary_distill": 2.0}
 
 
-def _matmul(a, sa, b_t, sb, a_bits, b_bits) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``a @ b_t^T``: exact integer GEMM with scale ``sa*sb`` for carriers, plain matmul for real tensors."""
-    if sa is None or sb is None:
-        return torch.matmul(dequantize(a, sa), dequantize(b_t, sb).transpose(-1, -2)), None
-    return exact_int_matmul(a, b_t, a_bits, b_bits), sa * sb
+class _Task:
+    """What the model's ``build_model`` and the criteria read from a ``sentence_prediction`` task."""
+
+    def __init__(self, vocab: int):
+        from fairseq.data import Dictionary
+
+        self.source_dictionary = Dictionary()
+        for i in range(vocab - len(self.source_dictionary) - 1):
+            self.source_dictionary.add_symbol(f"w{i}")
+        self.source_dictionary.add_symbol("<mask>")
+        self.label_dictionary = Dictionary()
+        for lab in ("0", "1"):
+            self.label_dictionary.add_symbol(lab)
+
+    def max_positions(self):
+        return 512
 
 
-class EncoderLayer(nn.Module):
-    """Post-LN transformer encoder layer (RoBERTa), integer dataflow of the spec in symmetric mode.
+def _build(shape: str, mode: str, task: _Task, layers: int):
+    import ibert_plugin  # noqa: F401  (registers the architectures and the criterion)
+    from fairseq import options
+    from fairseq.models import ARCH_MODEL_REGISTRY
 
-    Input/output ``(x, scale)`` of shape ``(B, T, C)``; ``mask`` ``(B, T)`` True on padding.
-    """
-
-    def __init__(self, cfg: QuantConfig, dim: int, heads: int, ffn: int, dropout: float = 0.0):
-        super().__init__()
-        self.cfg, self.heads, self.head_dim, self.dropout = cfg, heads, dim // heads, dropout
-        self.scaling = self.head_dim**-0.5
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (QuantLinear(dim, dim, cfg=cfg) for _ in range(4))
-        self.fc1, self.fc2 = QuantLinear(dim, ffn, cfg=cfg), QuantLinear(ffn, dim, cfg=cfg)
-        self.self_attn_layer_norm, self.final_layer_norm = IntLayerNorm(dim, cfg=cfg), IntLayerNorm(dim, cfg=cfg)
-        self.softmax, self.gelu = IntSoftmax(cfg), IntGELU(cfg)
-        a, r = cfg.act_bits, cfg.residual_bits
-        self.input_act, self.q_act, self.k_act, self.v_act, self.attn_act = (QuantAct(a, cfg) for _ in range(5))
-        self.fc1_act, self.fc2_act = QuantAct(a, cfg), QuantAct(a, cfg)
-        self.attn_residual_act, self.ffn_residual_act = QuantAct(r, cfg), QuantAct(r, cfg)
-
-    def _heads(self, x):
-        b, t, _ = x.shape
-        return x.reshape(b, t, self.heads, self.head_dim).transpose(1, 2)
-
-    def _drop(self, x):
-        return nn.functional.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
-
-    def forward(self, x, scale, mask=None):
-        b, t, c = x.shape
-        a = self.cfg.act_bits
-        x, scale = self.input_act(x, scale)
-        res, res_s = x, scale
-        q, sq = self.q_act(*self.q_proj(x, scale))
-        k, sk = self.k_act(*self.k_proj(x, scale))
-        v, sv = self.v_act(*self.v_proj(x, scale))
-        scores, ss = _matmul(self._heads(q), sq, self._heads(k), sk, a, a)
-        if ss is None:
-            scores = scores * self.scaling
-        else:
-            ss = ss * self.scaling
-        p, sp = self.softmax(scores, ss, mask)
-        p = self._drop(p)
-        vt = self._heads(v).transpose(-1, -2)
-        ctx, sc = _matmul(p, sp, vt, sv, self.cfg.softmax_out_bits + 1, a)
-        ctx = ctx.transpose(1, 2).reshape(b, t, c)
-        x, scale = self.out_proj(*self.attn_act(ctx, sc))
-        x, scale = self.attn_residual_act(self._drop(x), scale, identity=res, identity_scale=res_s)
-        x, scale = self.self_attn_layer_norm(x, scale)
-        x, scale = self.fc1_act(x, scale)
-        res, res_s = x, scale
-        x, scale = self.gelu(*self.fc1(x, scale))
-        x, scale = self.fc2(*self.fc2_act(x, scale))
-        x, scale = self.ffn_residual_act(self._drop(x), scale, identity=res, identity_scale=res_s)
-        return self.final_layer_norm(x, scale)
+    arch = ARCHS[shape]
+    argv = ["unused", "--task", "sentence_prediction", "--num-classes", "2", "--arch", arch, "--max-positions", "512",
+            "--dropout", "0.1", "--attention-dropout", "0.1", *MODES[mode]]
+    if layers:
+        argv += ["--encoder-layers", str(layers)]
+    args = options.parse_args_and_arch(options.get_training_parser(), argv)
+    torch.manual_seed(0)
+    model = ARCH_MODEL_REGISTRY[arch].build_model(args, task)
+    model.register_classification_head(HEAD, num_classes=2)
+    return model
 
 
-class EncoderStack(nn.Module):
-    """``layers`` encoder layers on a real input, real output ``q * S`` (the float head's input)."""
+def _criterion(mode: str, task: _Task, teacher):
+    from fairseq.criterions.sentence_prediction import SentencePredictionConfig, SentencePredictionCriterion
 
-    def __init__(self, cfg: QuantConfig, layers: int, dim: int, heads: int, ffn: int, dropout: float = 0.0):
-        super().__init__()
-        self.layers = nn.ModuleList(EncoderLayer(cfg, dim, heads, ffn, dropout) for _ in range(layers))
+    from ibert_plugin.criterions.distill import TernaryDistillConfig, TernaryDistillCriterion
 
-    def forward(self, x, mask=None):
-        scale = None
-        for layer in self.layers:
-            x, scale = layer(x, scale, mask)
-        return dequantize(x, scale)
+    if mode == "ternary_distill":
+        return TernaryDistillCriterion(TernaryDistillConfig(pred_distill=True, intermediate_distill=True), task,
+                                       teacher=teacher)
+    return SentencePredictionCriterion(SentencePredictionConfig(), task)
 
 
-def _train_step(model, opt, x, mask, target) -> Tuple[float, float]:
-    """One training step; returns (wall seconds, process CPU seconds)."""
+def _sample(task: _Task, bsz: int, seq: int) -> Dict:
+    d = task.source_dictionary
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(d.nspecial, len(d) - 1, (bsz, seq), generator=g)
+    tokens[:, 0] = d.bos()
+    lengths = torch.linspace(seq, max(4, seq // 2), bsz).long()  # padded batch, as fairseq's collater makes
+    for i, n in enumerate(lengths.tolist()):
+        tokens[i, n - 1] = d.eos()
+        tokens[i, n:] = d.pad()
+    return {"net_input": {"src_tokens": tokens, "src_lengths": lengths}, "target": torch.arange(bsz) % 2,
+            "ntokens": int(lengths.sum()), "nsentences": bsz}
+
+
+def _step(model, criterion, opt, sample):
     t0, c0 = time.perf_counter(), time.process_time()
     opt.zero_grad(set_to_none=True)
-    out = model(x, mask)
-    loss = (out * target).mean()
+    loss, sample_size, _ = criterion(model, sample)
     loss.backward()
     opt.step()
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--dim", type=int, default=768)
-    ap.add_argument("--heads", type=int, default=12)
-    ap.add_argument("--ffn", type=int, default=3072)
-    ap.add_argument("--dropout", type=float, default=0.1)
-    ap.add_argument("--steps", type=int, default=8, help="timed steps per mode (after 1 warm-up step each)")
-    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one symmetric step")
-    args = ap.parse_args(argv)
-    threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-
-    models, opts = {}, {}
-    for mode in ("none", "symmetric"):
-        cfg = QuantConfig(quant_mode=mode)
-        models[mode] = EncoderStack(cfg, args.layers, args.dim, args.heads, args.ffn, args.dropout).train()
-    models["symmetric"].load_state_dict(models["none"].state_dict(), strict=False)
-    for mode, m in models.items():
+def bench_shape(shape: str, reps: int, layers: int) -> Dict:
+    task = _Task(VOCAB[shape])
+    bsz, seq = BATCH[shape]
+    sample = _sample(task, bsz, seq)
+    fp = _build(shape, "fp", task, layers)
+    state = fp.state_dict()
+    teacher = _build(shape, "fp", task, layers)
+    teacher.load_state_dict(state)
+    models, crits, opts = {}, {}, {}
+    for mode in MODES:
+        m = fp if mode == "fp" else _build(shape, mode, task, layers)
+        if mode != "fp":
+            m.load_state_dict(dict(state), strict=True)  # loading fills missing buffers into the dict it is given
+        models[mode] = m.train()
+        crits[mode] = _criterion(mode, task, teacher)
         opts[mode] = torch.optim.Adam(m.parameters(), lr=1e-6, betas=(0.9, 0.98), eps=1e-6)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(args.batch, args.seq, args.dim, generator=g)
-    mask = torch.zeros(args.batch, args.seq, dtype=torch.bool)
-    mask[-1, args.seq * 3 // 4:] = True
-    target = torch.randn(args.batch, args.seq, args.dim, generator=g)
-
-    wall = {mode: [] for mode in models}
-    cpu = {mode: [] for mode in models}
-    for mode in models:  # warm-up (allocator, first-call overheads, range initialisation)
-        _train_step(models[mode], opts[mode], x, mask, target)
-    pair_wall, pair_cpu = [], []
-    for i in range(args.steps):  # interleaved, alternating which mode goes first; paired ratios cancel load drift
-        order = list(models) if i % 2 == 0 else list(models)[::-1]
-        for mode in order:
-            w, c = _train_step(models[mode], opts[mode], x, mask, target)
+    for mode in MODES:  # warm-up: allocator, first-call overheads, range initialisation, teacher placement
+        _step(models[mode], crits[mode], opts[mode], sample)
+    wall = {m: [] for m in MODES}
+    cpu = {m: [] for m in MODES}
+    order = list(MODES)
+    for r in range(reps):
+        for mode in order[r % len(order):] + order[:r % len(order)]:
+            w, c = _step(models[mode], crits[mode], opts[mode], sample)
             wall[mode].append(w)
             cpu[mode].append(c)
-        pair_wall.append(wall["symmetric"][-1] / wall["none"][-1])
-        pair_cpu.append(cpu["symmetric"][-1] / cpu["none"][-1])
-    med_w = {mode: statistics.median(t) for mode, t in wall.items()}
-    med_c = {mode: statistics.median(t) for mode, t in cpu.items()}
-    ratio_cpu, ratio_wall = statistics.median(pair_cpu), statistics.median(pair_wall)
+    out = {"shape": shape, "arch": ARCHS[shape], "layers": len(fp.encoder.sentence_encoder.layers),
+           "batch": bsz, "seq": seq, "step_cpu_s": {m: statistics.median(v) for m, v in cpu.items()},
+           "step_wall_s": {m: statistics.median(v) for m, v in wall.items()}}
+    for mode in TARGETS:
+        rc = [a / b for a, b in zip(cpu[mode], cpu["fp"])]
+        rw = [a / b for a, b in zip(wall[mode], wall["fp"])]
+        out[mode] = {"ratio": statistics.median(rc), "ratio_min": min(rc), "ratio_max": max(rc),
+                     "ratio_wall": statistics.median(rw), "target": TARGETS[mode],
+                     "meets_target": statistics.median(rc) <= TARGETS[mode]}
+    return out
 
-    shape = (f"{args.layers} post-LN layers, hidden {args.dim}, {args.heads} heads, FFN {args.ffn}, "
-             f"batch {args.batch} x seq {args.seq}, dropout {args.dropout}, Adam, {threads} thread(s)")
-    print(f"QAT overhead: {shape}")
-    print(f"{'mode':<12}{'wall med s':>12}{'wall min':>10}{'wall max':>10}{'cpu med s':>12}")
-    for mode in models:
-        print(f"{mode:<12}{med_w[mode]:>12.3f}{min(wall[mode]):>10.3f}{max(wall[mode]):>10.3f}{med_c[mode]:>12.3f}")
-    print(f"ratio symmetric / float: CPU time {ratio_cpu:.3f}, wall {ratio_wall:.3f} (medians of {args.steps} "
-          f"interleaved pairs; target <= 1.5)")
-    if args.profile:
-        from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            _train_step(models["symmetric"], opts["symmetric"], x, mask, target)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
-    print(json.dumps({
-        "benchmark": "qat_overhead", "ratio": round(ratio_cpu, 4), "ratio_wall": round(ratio_wall, 4),
-        "float_step_cpu_s": round(med_c["none"], 4), "symmetric_step_cpu_s": round(med_c["symmetric"], 4),
-        "float_step_wall_s": round(med_w["none"], 4), "symmetric_step_wall_s": round(med_w["symmetric"], 4),
-        "layers": args.layers, "hidden": args.dim, "heads": args.heads, "ffn": args.ffn,
-        "batch": args.batch, "seq": args.seq, "steps": args.steps, "threads": threads, "device": "cpu",
-    }))
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="minilm,roberta_base", help="comma-separated: minilm, roberta_base")
+    ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions per mode (after one warm-up each)")
+    ap.add_argument("--layers", type=int, default=0, help="override the encoder depth (0: the architecture's)")
+    args = ap.parse_args(argv)
+    shapes = [s for s in args.shapes.split(",") if s]
+    bad = [s for s in shapes if s not in ARCHS]
+    if bad or not shapes:
+        print(f"error: unknown shape {', '.join(bad) or '(none)'}; choose from {', '.join(ARCHS)}", file=sys.stderr)
+        return 2
+    if args.reps < 1 or args.layers < 0:
+        print("error: --reps must be >= 1 and --layers >= 0", file=sys.stderr)
+        return 2
+    threads = torch.get_num_threads()
+    results: List[Dict] = [bench_shape(s, args.reps, args.layers) for s in shapes]
+    print(f"QAT overhead: shipped ibert_roberta training step (criterion forward + backward + Adam), {threads} "
+          f"thread(s), {args.reps} interleaved repetitions, median [min, max] of the per-repetition ratios")
+    print(f"{'shape':<14}{'mode':<17}{'step cpu s':>11}{'step wall s':>12}{'ratio (cpu)':>24}{'wall':>7}  target")
+    for r in results:
+        name = f"{r['shape']} {r['layers']}L b{r['batch']}x{r['seq']}"
+        print(f"{name:<14}{'fp':<17}{r['step_cpu_s']['fp']:>11.3f}{r['step_wall_s']['fp']:>12.3f}")
+        for mode in TARGETS:
+            q = r[mode]
+            ratio = f"{q['ratio']:.2f} [{q['ratio_min']:.2f}, {q['ratio_max']:.2f}]"
+            print(f"{'':<14}{mode:<17}{r['step_cpu_s'][mode]:>11.3f}{r['step_wall_s'][mode]:>12.3f}{ratio:>24}"
+                  f"{q['ratio_wall']:>7.2f}  <= {q['target']} {'ok' if q['meets_target'] else 'MISSED'}")
+    print(json.dumps({"benchmark": "qat_overhead", "threads": threads, "reps": args.reps, "device": "cpu",
+                      "results": results,
+                      "meets_targets": all(r[m]["meets_target"] for r in results for m in TARGETS)}))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -171,3 +171,54 @@ def test_fairseq_train_user_dir_quantized(tmp_path, mode):
         # ranges were calibrated by training and saved; the LayerNorm overflow shift travels with them
         assert state["model"]["encoder.sentence_encoder.layers.0.input_act.x_max"].item() > 0
         assert "encoder.sentence_encoder.layers.1.final_layer_norm.shift" in state["model"]
+
+
+@pytest.mark.parametrize("extra", [("--quant-mode", "symmetric"),
+                                   ("--quant-mode", "ternarybert", "--weight-bits", "2", "--weight-quant-method", "lat")])
+def test_eval_reuses_quantized_weights_until_they_change(dictionary, fp_roberta, extra):
+    from ibert_plugin.quant.modules import QuantLinear
+
+    model = build_model("ibert_roberta_tiny", dictionary, extra=list(extra))
+    model.load_state_dict(fp_roberta.state_dict(), strict=True)
+    model.train()
+    with torch.no_grad():
+        model(random_batch(dictionary), classification_head_name=HEAD)  # calibrate the ranges
+    model.eval()
+    calls = []
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.weight_quantizer.register_forward_hook(lambda mod, inp, out: calls.append(mod))
+    n_linear = sum(isinstance(m, QuantLinear) for m in model.modules())
+    tokens = random_batch(dictionary, seed=4)
+    first, _ = _logits(model, tokens)
+    assert len(calls) == n_linear
+    again, _ = _logits(model, tokens)
+    assert len(calls) == n_linear and torch.equal(first, again)  # second eval forward: no re-quantization
+    fc1 = model.encoder.sentence_encoder.layers[0].fc1
+    with torch.no_grad():
+        fc1.weight.mul_(-1.0)  # a parameter change (as an optimizer step or load_state_dict makes) invalidates
+    changed, _ = _logits(model, tokens)
+    assert len(calls) == n_linear + 1 and not torch.equal(changed, first)
+    model.load_state_dict(fp_roberta.state_dict(), strict=False)
+    restored, _ = _logits(model, tokens)
+    assert torch.equal(restored, first)
+    model.train()  # training re-quantizes every forward (the STE needs the graph)
+    before = len(calls)
+    model(tokens, classification_head_name=HEAD)[0].sum().backward()
+    assert len(calls) == before + n_linear
+
+
+def test_attention_scores_are_built_only_when_requested(dictionary, fp_roberta):
+    model = build_model("ibert_roberta_tiny", dictionary, extra=["--quant-mode", "ternarybert", "--weight-bits", "2"])
+    model.load_state_dict(fp_roberta.state_dict(), strict=True)
+    tokens = random_batch(dictionary)
+    plain, extra = _logits(model, tokens)
+    assert "attn_scores" not in extra
+    enc = model.encoder.sentence_encoder(tokens)
+    assert enc["attn_scores"] == []
+    layer = model.encoder.sentence_encoder.layers[0]
+    x = torch.randn(tokens.shape[1], tokens.shape[0], 64)
+    (_, _), scores = layer(x, None, tokens.eq(dictionary.pad()))
+    assert scores is None
+    with_scores, extra = _logits(model, tokens, return_attn_scores=True)
+    assert torch.equal(plain, with_scores) and len(extra["attn_scores"]) == 2

@@ -35,7 +35,14 @@ from fairseq.models.roberta.model import (
 from fairseq.models.transformer import TransformerEncoder
 from fairseq.modules.transformer_sentence_encoder import init_bert_params
 
-from ..quant.config import NONLINEAR_CONSTANT_SETS, QuantConfig
+from ..quant.config import (
+    ACT_RANGES,
+    FORCE_DEQUANT,
+    NONLINEAR_CONSTANT_SETS,
+    QUANT_MODES,
+    WEIGHT_METHODS,
+    QuantConfig,
+)
 from ..quant.modules import (
     DynamicActQuant,
     IntGELU,
@@ -111,12 +118,14 @@ class QuantSelfAttention(nn.Module):
         x: torch.Tensor,
         scale: Optional[torch.Tensor],
         key_padding_mask: Optional[torch.Tensor],
-    ) -> Tuple[QTensor, torch.Tensor]:
+        need_scores: bool = False,
+    ) -> Tuple[QTensor, Optional[torch.Tensor]]:
         """Attention over ``x`` (T x B x C).
 
         Returns:
             ``((out, out_scale), scores)``: the out_proj output (integer accumulator with per-channel scale in
-            symmetric mode, real otherwise) and the real-valued pre-softmax scores (B x H x T x T, padded keys -inf).
+            symmetric mode, real otherwise) and, when ``need_scores`` (distillation), the real-valued pre-softmax
+            scores (B x H x T x T, padded keys -inf); otherwise None (not built).
         """
         tgt_len, bsz, _ = x.shape
         symmetric = self.cfg.quant_mode == "symmetric"
@@ -139,8 +148,8 @@ class QuantSelfAttention(nn.Module):
         else:
             scores, s_scores = torch.matmul(q, k.transpose(-1, -2)), None
         probs, s_probs = self.softmax(scores, s_scores, key_padding_mask)
-        real_scores = _real(scores, s_scores)
-        if key_padding_mask is not None:
+        real_scores = _real(scores, s_scores) if need_scores else None
+        if need_scores and key_padding_mask is not None:
             real_scores = real_scores.masked_fill(key_padding_mask[:, None, None, :].to(torch.bool), float("-inf"))
         probs = _dropout_carrier(probs, self.attention_dropout, self.training)
         if self.cfg.quant_mode == "ternarybert":
@@ -217,19 +226,21 @@ class QuantEncoderLayer(nn.Module):
                     state_dict[f"{name}.{new}.{param}"] = state_dict.pop(key)
 
     def forward(
-        self, x: torch.Tensor, scale: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor]
-    ) -> Tuple[QTensor, torch.Tensor]:
+        self, x: torch.Tensor, scale: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
+        need_scores: bool = False,
+    ) -> Tuple[QTensor, Optional[torch.Tensor]]:
         """Args: ``x`` T x B x C (integer with ``scale`` in symmetric mode, real otherwise).
 
-        Returns ``((x, scale), scores)`` with the real pre-softmax attention scores for distillation.
+        Returns ``((x, scale), scores)`` with the real pre-softmax attention scores for distillation when
+        ``need_scores`` (else None).
         """
         if self.cfg.quant_mode == "symmetric":
-            return self._forward_integer(x, scale, key_padding_mask)
-        return self._forward_float(_real(x, scale), key_padding_mask)
+            return self._forward_integer(x, scale, key_padding_mask, need_scores)
+        return self._forward_float(_real(x, scale), key_padding_mask, need_scores)
 
-    def _forward_float(self, x, key_padding_mask):
+    def _forward_float(self, x, key_padding_mask, need_scores=False):
         residual = x
-        (x, _), scores = self.self_attn(x, None, key_padding_mask)
+        (x, _), scores = self.self_attn(x, None, key_padding_mask, need_scores)
         x = F.dropout(x, p=self.dropout, training=self.training)
         x = self.self_attn_layer_norm(residual + x, None)[0]
         residual = x
@@ -240,10 +251,10 @@ class QuantEncoderLayer(nn.Module):
         x = self.final_layer_norm(residual + x, None)[0]
         return (x, None), scores
 
-    def _forward_integer(self, x, scale, key_padding_mask):
+    def _forward_integer(self, x, scale, key_padding_mask, need_scores=False):
         x, scale = self.input_act(x, scale)
         residual, residual_scale = x, scale
-        (x, scale), scores = self.self_attn(x, scale, key_padding_mask)
+        (x, scale), scores = self.self_attn(x, scale, key_padding_mask, need_scores)
         x = _dropout_carrier(x, self.dropout, self.training)
         x, scale = self.attn_residual_act(x, scale, identity=residual, identity_scale=residual_scale)
         x, scale = self.self_attn_layer_norm(x, scale)
@@ -363,7 +374,7 @@ class QuantTransformerEncoder(TransformerEncoder):
         if return_all_hiddens:
             states.append(_real(x, scale))
         for layer in self.layers:
-            (x, scale), layer_scores = layer(x, scale, key_padding_mask)
+            (x, scale), layer_scores = layer(x, scale, key_padding_mask, return_attn_scores)
             if return_all_hiddens:
                 states.append(_real(x, scale))
             if return_attn_scores:
@@ -465,19 +476,19 @@ class IBertRobertaModel(RobertaModel):
     @staticmethod
     def add_args(parser):
         RobertaModel.add_args(parser)
-        parser.add_argument("--quant-mode", choices=["none", "symmetric", "ternarybert"], default="none",
+        parser.add_argument("--quant-mode", choices=list(QUANT_MODES), default="none",
                             help="none: full precision; symmetric: I-BERT integer-only; ternarybert: TernaryBERT "
                                  "fake quantization")
-        parser.add_argument("--force-dequant", choices=["none", "gelu", "softmax", "layernorm", "nonlinear"],
+        parser.add_argument("--force-dequant", choices=list(FORCE_DEQUANT),
                             default="none", help="keep these nonlinear ops in float in symmetric mode")
         parser.add_argument("--weight-bits", type=int, default=8,
                             help="weight bit-width: 8 (I-BERT), 7 (fast exact CPU kernels), 2 = ternary")
-        parser.add_argument("--weight-quant-method", choices=["sym", "twn", "lat"], default=None,
+        parser.add_argument("--weight-quant-method", choices=list(WEIGHT_METHODS), default=None,
                             help="weight quantizer (default: twn for --weight-bits 2, sym otherwise)")
         parser.add_argument("--input-bits", type=int, default=8, help="activation bit-width")
         parser.add_argument("--clip-val", type=float, default=2.5,
                             help="TernaryBERT clipping range for weights and activations")
-        parser.add_argument("--act-range", choices=["symmetric", "minmax"], default="symmetric",
+        parser.add_argument("--act-range", choices=list(ACT_RANGES), default="symmetric",
                             help="TernaryBERT activation quantizer: symmetric max or min-max")
         parser.add_argument("--nonlinear-constants", choices=list(NONLINEAR_CONSTANT_SETS), default="paper",
                             help="i-GELU / i-exp coefficients: paper (I-BERT's) or refit")

@@ -402,7 +402,7 @@ class QuantLinear(nn.Linear):
             return F.linear(dequantize(x, scale), self.weight, self.bias), None
         if mode == "ternarybert":
             xq, _ = self.input_quant(dequantize(x, scale))
-            w_int, s_w = self.weight_quantizer(self.weight)
+            w_int, s_w = self._quantized_weight()
             w_hat = w_int * s_w.reshape(-1, 1).to(w_int.dtype)
             return F.linear(xq, w_hat, self.bias), None
         _need_quantized("QuantLinear", scale, per_tensor=True)
@@ -412,12 +412,27 @@ class QuantLinear(nn.Linear):
 
     def _integer_params(self, scale: torch.Tensor):
         """``(W_int, w_bits, S_acc, b_int)`` of the symmetric forward (differentiable ``W_int``/``b_int``)."""
-        w_int, s_w = self.weight_quantizer(self.weight)
+        w_int, s_w = self._quantized_weight()
         w_bits = int(getattr(self.weight_quantizer, "bits", self.cfg.weight_bits))
         s_w = s_w.detach().float().reshape(-1).clamp(min=SCALE_EPS / qmax(w_bits))
         s_acc = accumulator_scale(s_w, scale)
         b_int = None if self.bias is None else bias_integer(self.bias, s_acc, self.cfg.bias_bits)
         return w_int, w_bits, s_acc, b_int
+
+    def _quantized_weight(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``weight_quantizer(weight)``. In eval without autograd the result is cached until the weight or one of
+        the quantizer's buffers changes (version counters: optimizer steps, ``load_state_dict``, in-place edits),
+        or the parameter is replaced; training always re-quantizes (the STE builds the graph, LAT needs it)."""
+        if self.training or torch.is_grad_enabled():
+            self._wq_cache = None
+            return self.weight_quantizer(self.weight)
+        w = self.weight
+        key = (id(w), w.data_ptr(), w._version,
+               tuple((b.data_ptr(), b._version) for b in self.weight_quantizer.buffers()))
+        cache = getattr(self, "_wq_cache", None)
+        if cache is None or cache[0] != key:
+            cache = self._wq_cache = (key, self.weight_quantizer(w))
+        return cache[1]
 
     @torch.no_grad()
     def int_form(self, scale: torch.Tensor) -> LinearIntForm:
