@@ -10,9 +10,6 @@ import model_helpers as mh  # noqa: E402
 
 from ibert_plugin.engine import EngineError, convert  # noqa: E402
 
-HOOKED = ("input_act", "q_act", "k_act", "v_act", "attn_act", "softmax", "attn_residual_act", "self_attn_layer_norm",
-          "fc1_act", "gelu", "fc2_act", "ffn_residual_act", "final_layer_norm")
-
 BASE_1L = ["--encoder-layers", "1", "--encoder-embed-dim", "768", "--encoder-ffn-embed-dim", "3072",
            "--encoder-attention-heads", "12"]
 
@@ -20,37 +17,12 @@ BASE_1L = ["--encoder-layers", "1", "--encoder-embed-dim", "768", "--encoder-ffn
 def _calibrated(d, dims, wb, seed=0):
     model = mh.build_model("ibert_roberta", d, extra=dims + ["--quant-mode", "symmetric", "--weight-bits", wb],
                            seed=seed)
-    model.train()
-    with torch.no_grad():
-        for s in range(3):
-            model(mh.random_batch(d, bsz=4, tgt_len=16, seed=s), features_only=True)
-    return model.eval()
-
-
-def _qat_acts(model, tokens):
-    outs, hooks = {}, []
-    for name, mod in model.encoder.sentence_encoder.named_modules():
-        if name in ("embed_act", "layernorm_embedding") or (name.startswith("layers.")
-                                                            and name.split(".")[-1] in HOOKED):
-            hooks.append(mod.register_forward_hook(lambda m, i, o, n=name: outs.__setitem__(n, o[0].detach())))
-    with torch.no_grad():
-        logits, _ = model(tokens, features_only=True, classification_head_name="sentence_classification_head")
-    for h in hooks:
-        h.remove()
-    return outs, logits
+    return mh.calibrate(model, [mh.random_batch(d, bsz=4, tgt_len=16, seed=s) for s in range(3)])
 
 
 def _compare(eng, model, tokens):
-    outs, logits = _qat_acts(model, tokens)
-    _, _, acts = eng.encode(tokens, collect=True)
-    bad = []
-    for k, v in outs.items():
-        a = acts[k]
-        if v.dim() == 3 and k.startswith("layers."):
-            v = v.transpose(0, 1)  # QAT layers run T x B x C
-        if not torch.equal(a.double(), v.double().reshape(a.shape)):
-            bad.append(k)
-    return outs, bad, logits
+    outs, bad, logits = mh.compare_engine(eng, model, tokens)
+    return outs, sorted(bad), logits
 
 
 @pytest.mark.parametrize("wb", ["7", "8", "2"])
@@ -64,8 +36,8 @@ def test_tiny_all_layers_bit_exact(wb):
     tokens = mh.random_batch(d, bsz=3, tgt_len=14, seed=9)
     outs, bad, logits = _compare(eng, model, tokens)
     assert len(outs) == 2 + 13 * 2 and not bad, bad
-    # the float head on the integer features gives the QAT model's logits
-    torch.testing.assert_close(eng.classify(tokens), logits.float(), rtol=1e-4, atol=1e-5)
+    # the float head on the integer features gives the QAT model's logits, exactly
+    assert torch.equal(eng.classify(tokens), logits)
 
 
 @pytest.mark.parametrize("route,wb", [("ort", "7"), ("ort", "2"), ("u8u8", "2")])
