@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -58,50 +59,53 @@ def test_fp_stage(fp_run):
 
 
 def test_qat_restore_interrupt_resume(fp_run, tiny_glue, tmp_path):
+    """SIGTERM once the first mid-run checkpoint is saved (the run has updates left), then resume from it."""
     p, fp_out, env = fp_run
     assert p.returncode == 0
     (fp_ckpt,) = fp_out.glob("none/MRPC-tiny/*/*_ckpt/checkpoint_best.pt")
     out = tmp_path / "out"
-    own = ["--task", "MRPC", "--restore-file", str(fp_ckpt), "--lr", "1e-4", "--max-update", "12",
+    total = 40  # long enough that the signal always lands mid-run (it is sent at the first save, update 4)
+    own = ["--task", "MRPC", "--restore-file", str(fp_ckpt), "--lr", "1e-4", "--max-update", str(total),
            *common(tiny_glue, out)]
     passthrough = ["--", "--num-workers", "0", "--log-interval", "4", "--save-interval-updates", "4"]
     args = own + passthrough
     cfg_dir = out / "symmetric" / "MRPC-tiny" / "wd0.1_ad0.1_d0.1_lr0.0001"
 
-    # first launch: interrupt it (SIGTERM to run.py) once a checkpoint_last.pt exists
     proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 150
-    while time.time() < deadline and proc.poll() is None and not list(cfg_dir.glob("*_ckpt/checkpoint_last.pt")):
+    deadline = time.time() + 180
+    saved = None
+    while time.time() < deadline and proc.poll() is None and saved is None:
+        for log in cfg_dir.glob("*.log"):
+            m = re.search(r"Saved checkpoint \S*checkpoint_last\.pt \(epoch \d+ @ (\d+) updates", log.read_text())
+            saved = int(m.group(1)) if m else None
         time.sleep(0.05)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+    assert saved is not None and proc.poll() is None, "no mid-run checkpoint before the run ended"
+    proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stdout[-2000:] + stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "error: interrupted; relaunch the same command to resume"
     (rec_path,) = cfg_dir.glob("*.json")
-    rec = json.loads(rec_path.read_text())
-    if proc.returncode == 0:  # finished before the signal landed: simulate a crash after the last checkpoint
-        rec["status"] = "interrupted"
-        rec_path.write_text(json.dumps(rec))
-    else:
-        assert proc.returncode == 130, stdout[-2000:] + stderr[-2000:]
-        assert rec["status"] == "interrupted" and "resume" in stderr
+    assert json.loads(rec_path.read_text())["status"] == "interrupted"
     first_log = (cfg_dir / f"{rec_path.stem}.log").read_text()
     assert "loading pretrained model from " + str(fp_ckpt) in first_log  # FP weights into the quantized arch
-    assert list(cfg_dir.glob("*_ckpt/checkpoint_last.pt"))
+    assert f"num_updates {total}" not in first_log and "done training" not in first_log
 
     # a dry run now resumes that run; --fresh would not
     assert run.main(own + ["--dry-run"] + passthrough).resumed
     assert not run.main(own + ["--dry-run", "--fresh"] + passthrough).resumed
 
-    # relaunch with the same arguments: resumes from checkpoint_last.pt of the same run directory
+    # relaunch with the same arguments: continues from checkpoint_last.pt of the same run directory
     p2 = run_py(args, env)
     assert p2.returncode == 0, p2.stdout[-3000:] + p2.stderr[-3000:]
     assert len(list(cfg_dir.glob("*.log"))) == 1
     log = (cfg_dir / f"{rec_path.stem}.log").read_text()
     resumed = log.split("[run.py] resume", 1)[1]
-    assert "Loaded checkpoint " + str(cfg_dir / f"{rec_path.stem}_ckpt" / "checkpoint_last.pt") in resumed
+    last = cfg_dir / f"{rec_path.stem}_ckpt" / "checkpoint_last.pt"
+    m = re.search(rf"Loaded checkpoint {re.escape(str(last))} \(epoch \d+ @ (\d+) updates\)", resumed)
+    assert m and int(m.group(1)) >= saved > 0, resumed[:3000]  # not from scratch: from the interrupted run's save
     assert "loading pretrained model" not in resumed
-    assert "num_updates 12" in resumed
+    assert f"num_updates {total}" in resumed
     assert json.loads(rec_path.read_text())["status"] == "finished"
     assert p2.stdout.strip().splitlines()[-1].startswith("summary: MRPC [symmetric]")
 
