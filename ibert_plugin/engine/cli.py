@@ -103,6 +103,8 @@ def _load_checkpoint(path: str):
     import pickle
     import zipfile
 
+    from ibert_plugin.wiring.checkpoint_file import CheckpointError
+
     from . import convert
 
     try:
@@ -111,7 +113,9 @@ def _load_checkpoint(path: str):
         cause = exc.__cause__
         if cause is None or isinstance(cause, EngineError):
             raise
-        # torch's own message is an essay that ends in "re-run with weights_only=False": name the file's problem
+        if isinstance(cause, CheckpointError):  # already one sentence: "<path> is not a valid checkpoint (...)"
+            raise EngineError(str(cause)) from None
+        # torch's own messages are essays ending in "re-run with weights_only=False": name the file's problem
         if not zipfile.is_zipfile(path):
             why = "not a torch zip archive: corrupt or truncated"
         elif isinstance(cause, pickle.UnpicklingError):
@@ -120,7 +124,7 @@ def _load_checkpoint(path: str):
             why = "unreadable torch archive"
         else:
             why = "no fairseq ibert_roberta model in it"
-        raise EngineError(f"not a valid checkpoint: {path} ({why})") from None
+        raise EngineError(f"{path} is not a valid checkpoint ({why})") from None
 
 
 def _setup_task(cfg, data_bin: str):
@@ -376,10 +380,10 @@ def _eval(args):
             raise EngineError("--checkpoint needs --data-bin")
         if not os.path.isdir(args.data_bin):
             raise EngineError(f"data directory not found: {args.data_bin}")
+        cols, labels = _read_tsv(args, None) if args.tsv else (None, None)  # bad TSV rows fail before loading
         eng, model, task = _qat_engine(args)
         names = _label_names(task, eng.im.head["out_proj.weight"].shape[0])
         if args.tsv:
-            cols, labels = _read_tsv(args, None)
             text = _text_encoder(task, args.bpe, args.bpe_dir, len(cols))
             targets = None if labels is None else _targets(labels, names, args.tsv)
             batches = _batches_with_targets(text, _encode(text, cols), targets, args.batch_size)
