@@ -8,7 +8,7 @@ module it checks that
 * ``q`` is finite and integer-valued (``q == round(q)`` exactly) and exactly representable in its dtype
   (``|q| <= 2^24`` in float32, ``2^53`` in float64),
 * ``q`` lies in the module's declared bit range (e.g. ``[-127, 127]`` out of an 8-bit QuantAct, ``[0, 255]`` out of
-  the softmax, 8-bit inputs into QuantLinear, 22-bit into IntLayerNorm, ``|q| < 2^42`` into requantization),
+  the softmax, 8-bit inputs into QuantLinear, 22-bit into IntLayerNorm, ``|q| < 2^51`` into requantization),
 * ``S`` is finite, nonzero and of shape ``(1,)`` or ``(C,)``;
 
 and, in symmetric mode, that no float-only op sits between quantizers: a module that needs a quantized input
@@ -43,7 +43,7 @@ from .primitives import qmax
 __all__ = ["Violation", "AuditReport", "integer_audit"]
 
 _EXACT = {torch.float16: 2**11, torch.bfloat16: 2**8, torch.float32: 2**24, torch.float64: 2**53}
-REQUANT_DOMAIN = 2**42  # |z| bound of requant (|z * m| < 2^62)
+REQUANT_DOMAIN = 2**51  # |z| bound of requant (exact split int64 arithmetic, primitives.REQUANT_Z_BITS)
 
 
 @dataclass
