@@ -9,7 +9,8 @@ Usage::
 
 Stages (each a ``fairseq-train --user-dir <abs ibert_plugin> --task squad`` sub-process, then an in-process
 evaluation of ``checkpoint_best.pt`` on the whole dev file, which writes ``predictions.json`` (official format) and
-``eval.json`` into the stage folder ``<output_dir>/<stage>/``):
+``eval.json`` into the stage folder ``<output_dir>/<stage>/``; ``--test_file`` adds a held-out file scored with the
+same checkpoint, for reporting on data the checkpoint was not selected on):
 
 * ``fp``: full-precision finetuning from the pretrained encoder (``--restore_file``, default ``data/minilm/model.pt``
   for ``--arch minilm``, ``<model_dir>/roberta.base/model.pt`` for ``roberta_base``; ``tiny`` trains from scratch),
@@ -50,6 +51,7 @@ from .data import SquadError
 REPO = Path(__file__).resolve().parents[2]
 USER_DIR = Path(__file__).resolve().parents[1]
 STAGES = ("fp", "ternary", "ibert", "export", "engine")
+QUANT_MODE_STAGES = {"none": ("fp",), "symmetric": ("ibert", "engine"), "ternarybert": ("ternary",)}
 TASKS = {"SQUAD1": False, "SQUAD2": True}  # task -> version_2_with_negative
 #: --arch -> (fairseq arch, default tokenizer dir, default pretrained checkpoints)
 ARCHS = {
@@ -78,14 +80,20 @@ def _flag(p, name: str, **kw):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m ibert_plugin.squad", description=__doc__.split("\n\n")[0])
     _flag(p, "task", required=True, help="SQUAD1 (v1.1) or SQUAD2 (v2.0-style, Disfl-QA)")
-    _flag(p, "stages", default=",".join(STAGES), help=f"comma list of {','.join(STAGES)}")
+    _flag(p, "stages", default=None, help=f"comma list of {','.join(STAGES)} (default all)")
+    _flag(p, "quant_mode", default=None, choices=sorted(QUANT_MODE_STAGES),
+          help="run.py spelling of the stage: none = fp, symmetric = ibert + engine, ternarybert = ternary "
+               "(+ export with --save_quantized_model); --restore_file is then the FP checkpoint for the last two")
     _flag(p, "arch", default="minilm", help=f"one of {', '.join(ARCHS)}")
     _flag(p, "data_dir", default=None, help="folder holding <TASK>/train.json, dev.json (default <data>/squad)")
     _flag(p, "train_file", default=None, help="training JSON (default <data_dir>/<TASK>/train.json)")
     _flag(p, "dev_file", default=None, help="dev JSON (default <data_dir>/<TASK>/dev.json)")
+    _flag(p, "test_file", default=None,
+          help="held-out JSON also scored with each stage's best checkpoint (test_predictions.json, eval.json 'test')")
     _flag(p, "tokenizer_dir", default=None, help="BPE folder with dict.txt (default per arch)")
     _flag(p, "model_dir", default="models", help="where roberta.base/ lives")
-    _flag(p, "restore_file", default=None, help="pretrained model.pt for the fp stage")
+    _flag(p, "restore_file", default=None,
+          help="pretrained model.pt for the fp stage; with --quant_mode symmetric|ternarybert the FP checkpoint")
     _flag(p, "output_dir", default=None, help="default outputs/squad/<TASK>-<arch>")
     _flag(p, "version_2_with_negative", action="store_true", help="SQuAD v2.0 (implied by --task SQUAD2)")
     _flag(p, "max_seq_length", type=int, default=384)
@@ -94,14 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "n_best_size", type=int, default=20)
     _flag(p, "max_answer_length", type=int, default=30)
     _flag(p, "null_score_diff_threshold", type=float, default=0.0)
-    _flag(p, "per_gpu_batch_size", type=int, default=16, help="windows per update (TernaryBERT's batch size)")
+    p.add_argument("--per_gpu_batch_size", "--per-gpu-batch-size", "--bs", dest="per_gpu_batch_size", type=int,
+                   default=16, help="windows per update (TernaryBERT's batch size)")
     _flag(p, "learning_rate", type=float, default=5e-5, help="fp stage learning rate")
     _flag(p, "num_train_epochs", type=float, default=2.0, help="fp stage epochs")
     _flag(p, "ternary_learning_rate", type=float, default=2e-5, help="TernaryBERT learning rate (upstream 2e-5)")
     _flag(p, "ternary_epochs", type=float, default=3.0, help="TernaryBERT epochs (upstream 3)")
     _flag(p, "ibert_learning_rate", type=float, default=1e-6, help="I-BERT QAT learning rate (I-BERT: 1e-6)")
     _flag(p, "ibert_epochs", type=float, default=1.0)
-    _flag(p, "max_updates", default=None,
+    p.add_argument("--max_updates", "--max-updates", "--max-update", dest="max_updates", default=None,
           help="cap the updates per stage: one number, or fp=N,ternary=N,ibert=N (LR schedule follows the cap)")
     _flag(p, "eval_step", type=int, default=0, help="validate every N updates (0: at each epoch end)")
     _flag(p, "weight_bits", type=int, default=2, choices=[2, 8], help="TernaryBERT weight bits")
@@ -138,7 +147,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if a.arch not in ARCHS:
         raise RecipeError(f"unknown arch {a.arch!r}; choose {', '.join(ARCHS)}")
     a.version_2_with_negative = a.version_2_with_negative or TASKS[a.task]
-    a.stage_list = [s.strip() for s in a.stages.split(",") if s.strip()]
+    if a.quant_mode and a.stages:
+        raise RecipeError("give --stages or --quant_mode, not both")
+    if a.quant_mode:
+        a.stage_list = list(QUANT_MODE_STAGES[a.quant_mode])
+        if a.quant_mode == "ternarybert" and a.save_quantized_model:
+            a.stage_list.append("export")
+    else:
+        a.stage_list = [s.strip() for s in (a.stages or ",".join(STAGES)).split(",") if s.strip()]
     bad = [s for s in a.stage_list if s not in STAGES]
     if bad or not a.stage_list:
         raise RecipeError(f"--stages: unknown stage(s) {bad or [a.stages]}; choose from {','.join(STAGES)}")
@@ -154,6 +170,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     data_dir = Path(a.data_dir) if a.data_dir else _data_root() / "squad"
     a.train_path = Path(a.train_file or data_dir / a.task / "train.json").resolve()
     a.dev_path = Path(a.dev_file or data_dir / a.task / "dev.json").resolve()
+    a.test_path = Path(a.test_file).resolve() if a.test_file else None
     a.tok_dir = (Path(a.tokenizer_dir) if a.tokenizer_dir else _resolve(ARCHS[a.arch][1], Path("."))).resolve()
     if not (a.tok_dir / "dict.txt").is_file():
         raise RecipeError(f"{a.tok_dir}/dict.txt not found (build it with python -m ibert_plugin.assets build, or "
@@ -204,7 +221,9 @@ def _train_windows(a) -> int:
     cfg = argparse.Namespace(dict_path="", tokenizer_dir=str(a.tok_dir))
     d = load_dictionary(cfg)
     examples = read_squad(a.train_path, version_2=a.version_2_with_negative)
-    read_squad(a.dev_path, version_2=a.version_2_with_negative)  # fail before training, not after
+    for held_out in (a.dev_path, a.test_path):  # fail before training, not after
+        if held_out is not None:
+            read_squad(held_out, version_2=a.version_2_with_negative)
     return len(build_features(examples, OffsetTokenizer(a.tok_dir, d), a.max_seq_length, a.doc_stride,
                               a.max_query_length))
 
@@ -292,13 +311,21 @@ def _tokenizer(a):
 
 
 def _score(a, logits_fn, tok, out_dir: Path, extra: Optional[dict] = None) -> dict:
+    """Scores on the dev file (``predictions.json``) and, with ``--test_file``, the test file
+    (``test_predictions.json``, under ``"test"``); written to ``eval.json``."""
     from .evaluate import evaluate_file
 
+    def run(path, name):
+        return evaluate_file(path, tok, logits_fn, a.version_2_with_negative, a.max_seq_length, a.doc_stride,
+                             a.max_query_length, a.n_best_size, a.max_answer_length, a.null_score_diff_threshold,
+                             a.eval_batch_size, out_dir / name)
+
     t0 = time.time()
-    scores = evaluate_file(a.dev_path, tok, logits_fn, a.version_2_with_negative, a.max_seq_length, a.doc_stride,
-                           a.max_query_length, a.n_best_size, a.max_answer_length, a.null_score_diff_threshold,
-                           a.eval_batch_size, out_dir / "predictions.json")
-    rec = {"dev_file": str(a.dev_path), **scores, "eval_seconds": round(time.time() - t0, 1), **(extra or {})}
+    scores = run(a.dev_path, "predictions.json")
+    rec = {"dev_file": str(a.dev_path), **scores}
+    if a.test_path is not None:
+        rec["test"] = {"file": str(a.test_path), **run(a.test_path, "test_predictions.json")}
+    rec.update(eval_seconds=round(time.time() - t0, 1), **(extra or {}))
     (out_dir / "eval.json").write_text(json.dumps(rec, indent=1) + "\n")
     print(f"[squad] {out_dir.name}: EM {scores['exact']:.2f} F1 {scores['f1']:.2f} ({scores['total']} questions)",
           flush=True)
@@ -330,6 +357,8 @@ def main(argv: Sequence[str]) -> dict:
     n_windows = _train_windows(a) if train_stages else 0
     pretrained = _pretrained(a) if "fp" in a.stage_list else None
     fp_best = dirs["fp"] / "checkpoint_best.pt"
+    if a.restore_file and "fp" not in a.stage_list:
+        fp_best = _pretrained(a)  # an FP checkpoint given explicitly (run.py's --restore-file for QAT/ternary)
     tok = dict_ = None
     for stage in a.stage_list:
         d = dirs[stage]
@@ -392,10 +421,12 @@ def main(argv: Sequence[str]) -> dict:
 
             engine = build_engine(_load_model(src, len(dict_)), threads=a.threads)
             rec = _score(a, engine_logits(engine, dict_.pad()), tok, d, {"checkpoint": str(src)})
-            qat = json.loads((dirs["ibert"] / "predictions.json").read_text())
-            eng = json.loads((d / "predictions.json").read_text())
-            rec["same_predictions_as_qat"] = sum(eng.get(k) == v for k, v in qat.items())
-            rec["questions"] = len(qat)
+            for name in ("predictions.json",) + (("test_predictions.json",) if a.test_path else ()):
+                qat = json.loads((dirs["ibert"] / name).read_text())
+                eng = json.loads((d / name).read_text())
+                sub = rec if name == "predictions.json" else rec["test"]
+                sub["same_predictions_as_qat"] = sum(eng.get(k) == v for k, v in qat.items())
+                sub["questions"] = len(qat)
             (d / "eval.json").write_text(json.dumps(rec, indent=1) + "\n")
             stages[stage] = rec
     if a.dry_run:
