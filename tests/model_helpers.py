@@ -128,10 +128,7 @@ def fairseq_train(data_bin: Path, save_dir: Path, arch="ibert_roberta_tiny", ext
 
 
 # ---------------------------------------------------------------------------------------------------- bit-exactness
-#: QAT module names (last path component inside a layer) whose outputs the engine reports with ``collect=True``.
-HOOKED = ("input_act", "q_act", "k_act", "v_act", "attn_act", "softmax", "attn_residual_act", "self_attn_layer_norm",
-          "fc1_act", "gelu", "fc2_act", "ffn_residual_act", "final_layer_norm")
-HEAD = "sentence_classification_head"
+HEAD = "sentence_classification_head"  # the head build_model registers (= engine.qat_compare.HEAD)
 
 
 def perturb(model, seed):
@@ -195,52 +192,6 @@ def wide_batches(dictionary, seed, n=3, max_len=48):
     g = torch.Generator().manual_seed(seed)
     return [random_batch(dictionary, bsz=4, tgt_len=int(torch.randint(6, max_len + 1, (1,), generator=g)),
                          seed=seed * 31 + i) for i in range(n)]
-
-
-def qat_outputs(model, tokens):
-    """The QAT model's hooked integer outputs (``embed_act``, ``layernorm_embedding``, ``layers.{i}.<HOOKED>``) as
-    float64, layers transposed to B x T x ..., and the logits of the classification head."""
-    outs, hooks = {}, []
-    for name, mod in model.encoder.sentence_encoder.named_modules():
-        if name in ("embed_act", "layernorm_embedding") or (name.startswith("layers.")
-                                                            and name.split(".")[-1] in HOOKED):
-            hooks.append(mod.register_forward_hook(lambda m, i, o, n=name: outs.__setitem__(n, o[0].detach())))
-    try:
-        with torch.no_grad():
-            logits, _ = model(tokens, features_only=True, classification_head_name=HEAD)
-    finally:
-        for h in hooks:
-            h.remove()
-    for k, v in outs.items():
-        v = v.double()
-        if k.startswith("layers.") and not k.endswith("softmax"):
-            v = v.transpose(0, 1)  # QAT layers run T x B x C
-        outs[k] = v
-    return outs, logits
-
-
-def compare_engine(eng, model, tokens):
-    """Every hooked QAT integer output against the engine's ``encode(collect=True)`` with ``torch.equal``.
-
-    Rows of padding tokens are zeroed on both sides first (the QAT ``layernorm_embedding`` hook sees them before
-    they are zeroed, the engine reports them after; they never reach a real token). In the softmax output the
-    padding *keys* are compared unmasked (both sides must give them probability 0).
-
-    Returns ``(QAT outputs in the order the forward produced them, {name: number of differing integers}, QAT
-    logits)``.
-    """
-    outs, logits = qat_outputs(model, tokens)
-    _, _, acts = eng.encode(tokens, collect=True)
-    keep = tokens.ne(model.encoder.sentence_encoder.padding_idx)
-    bad = {}
-    for k, v in outs.items():
-        a = acts[k].double()
-        v = v.reshape(a.shape)
-        row = keep[:, None, :, None] if k.endswith("softmax") else keep[:, :, None]  # query rows
-        a, v = a * row, v * row
-        if not torch.equal(a, v):
-            bad[k] = int((a != v).sum())
-    return outs, bad, logits
 
 
 # ---------------------------------------------------------------------------------------------------- MiniLM assets

@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import model_helpers as mh  # noqa: E402
 
-from ibert_plugin.engine import convert  # noqa: E402
+from ibert_plugin.engine import convert, qat_compare  # noqa: E402
 
 TEST_LENGTHS = (128, 128, 113, 90, 64, 40, 23, 11)
 
@@ -40,7 +40,7 @@ def _compare(wb):
     try:
         model = mh.calibrate(mh.minilm_model(d, wb), calib)
         eng = convert.from_model(model, threads=1)
-        outs, bad, logits = mh.compare_engine(eng, model, test)
+        outs, bad, logits = qat_compare.compare(eng, model, test)
         return len(outs), bad, logits, eng.classify(test), eng.routes[0]
     finally:
         torch.set_num_threads(threads)
@@ -58,7 +58,7 @@ def test_batches_are_real_padded_text():
 @pytest.mark.parametrize("wb", ["8", "7", "2"])
 def test_minilm_every_module_bit_exact(wb):
     n_outs, bad, _, _, routes = _compare(wb)
-    assert n_outs == 2 + 6 * len(mh.HOOKED)
+    assert n_outs == 2 + 6 * len(qat_compare.HOOKED)
     assert not bad, f"weight bits {wb}, routes {routes}: differing integers per module {bad}"
 
 

@@ -20,7 +20,7 @@ import model_helpers as mh  # noqa: E402
 
 from fairseq.modules.transformer_sentence_encoder import init_bert_params  # noqa: E402
 
-from ibert_plugin.engine import EngineError, convert  # noqa: E402
+from ibert_plugin.engine import EngineError, convert, qat_compare  # noqa: E402
 
 SEEDS = range(50)
 WEIGHT_BITS = ("8", "7", "2")
@@ -56,8 +56,8 @@ def _one_seed(template, d, seed):
         eng = convert.from_model(model, threads=1)
     except EngineError as exc:
         return f"conversion refused: {exc}", None, False
-    outs, bad, logits = mh.compare_engine(eng, model, tokens)
-    assert len(outs) == 2 + 2 * len(mh.HOOKED), list(outs)
+    outs, bad, logits = qat_compare.compare(eng, model, tokens)
+    assert len(outs) == 2 + 2 * len(qat_compare.HOOKED), list(outs)
     sat = any(int(v.abs().max()) == 127 for k, v in outs.items() if k.split(".")[-1] in EIGHT_BIT)
     first = next((k for k in outs if k in bad), None)  # the first differing module in dataflow order
     fail = None if not bad else f"{len(bad)} modules differ, first {first} ({bad[first]} integers)"

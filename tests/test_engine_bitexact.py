@@ -8,7 +8,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import model_helpers as mh  # noqa: E402
 
-from ibert_plugin.engine import EngineError, convert  # noqa: E402
+from ibert_plugin.engine import EngineError, convert, qat_compare  # noqa: E402
 
 BASE_1L = ["--encoder-layers", "1", "--encoder-embed-dim", "768", "--encoder-ffn-embed-dim", "3072",
            "--encoder-attention-heads", "12"]
@@ -21,7 +21,7 @@ def _calibrated(d, dims, wb, seed=0):
 
 
 def _compare(eng, model, tokens):
-    outs, bad, logits = mh.compare_engine(eng, model, tokens)
+    outs, bad, logits = qat_compare.compare(eng, model, tokens)
     return outs, sorted(bad), logits
 
 
