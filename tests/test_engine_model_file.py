@@ -134,6 +134,11 @@ def test_token_ids_equal_fairseq_preprocessing_on_rt_sent(kind):
     bad = [i for i, (g, w) in enumerate(zip(got, want)) if g != w]
     assert not bad, f"{len(bad)} sentences differ, first: {sents[bad[0]]!r}"
     assert sum(r.count(d.unk()) for r in got) < len(got)  # the dictionary lookup is really used
+    # sentence pairs: <s> a </s> </s> b </s>, as sentence_prediction concatenates input0 and input1
+    pair = dataclasses.replace(text, num_inputs=2)
+    a, b = sents[:200], sents[200:400]
+    got, _ = pair.encode([a, b])
+    assert got == [want[i] + [d.eos()] + want[200 + i][1:] for i in range(200)]
 
 
 def test_minilm_rt_sent_from_file_matches_qat(tmp_path):
