@@ -5,6 +5,8 @@ Training goes through ``fairseq_cli.train`` *in process* (the same parser, ``--u
 shared tiny dataset of ``model_helpers.make_tiny_glue``.
 """
 import logging
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -78,13 +80,61 @@ def trained(tmp_path_factory):
     return root, teacher, root / "ck_tb" / "checkpoint_last.pt", "\n".join(records)
 
 
-def test_student_trains_with_all_distillation_losses_logged(trained):
+def _logged_updates(log):
+    """``[{loss, pred_loss, att_loss, rep_loss}, ...]`` per update from fairseq's train_inner lines."""
+    rows = []
+    for line in log.splitlines():
+        if "num_updates=" in line and "pred_loss=" in line:
+            fields = dict(re.findall(r"(\w+)=([^,\s]+)", line))
+            rows.append({k: float(fields[k]) for k in ("loss", "pred_loss", "att_loss", "rep_loss")})
+    return rows
+
+
+def test_student_trains_with_finite_summing_decreasing_losses(trained):
     _, _, student, log = trained
-    for key in ("pred_loss", "att_loss", "rep_loss", "accuracy"):
-        assert key in log, key
+    rows = _logged_updates(log)
+    assert len(rows) == 3, log[-2000:]  # one line per update (--log-interval 1)
+    for r in rows:
+        assert all(math.isfinite(v) for v in r.values()), r
+        assert r["att_loss"] >= 0 and r["rep_loss"] > 0 and r["pred_loss"] > 0
+        # loss = pred + att + rep (no label loss by default), each logged to 3 decimals
+        assert r["loss"] == pytest.approx(r["pred_loss"] + r["att_loss"] + r["rep_loss"], abs=2e-3)
+    assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["rep_loss"] < rows[0]["rep_loss"]
     state = torch.load(student, map_location="cpu", weights_only=False)
     assert not any("teacher" in k for k in state["model"])
     assert state.get("criterion") is None or not state["criterion"]
+
+
+def test_distillation_moves_the_student_towards_the_teacher(trained):
+    """Learned effect on held-out data: the trained student's distillation losses on the validation set are below
+    those of the untrained student (the teacher's weights, ternarized)."""
+    from fairseq import checkpoint_utils, tasks
+
+    from ibert_plugin.criterions.distill import TernaryDistillConfig, TernaryDistillCriterion
+
+    _, teacher, student, _ = trained
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(student))
+    task = tasks.setup_task(state["cfg"].task)
+    task.load_dataset("valid")
+    ds = task.dataset("valid")
+    sample = ds.collater([ds[i] for i in range(len(ds))])
+    crit = TernaryDistillCriterion(
+        TernaryDistillConfig(teacher_path=str(teacher), pred_distill=True, intermediate_distill=True), task)
+    trained_model = task.build_model(state["cfg"].model)
+    trained_model.load_state_dict(state["model"], strict=True)
+    initial = task.build_model(state["cfg"].model)
+    fp_state = torch.load(teacher, map_location="cpu", weights_only=False)["model"]
+    initial.load_state_dict(fp_state, strict=True)
+
+    def losses(model):
+        model.eval()
+        with torch.no_grad():
+            _, n, out = crit(model, sample)
+        return {k: float(out[k]) / n for k in ("pred_loss", "att_loss", "rep_loss")}
+
+    before, after = losses(initial), losses(trained_model)
+    assert after["rep_loss"] < 0.9 * before["rep_loss"], (before, after)
+    assert after["rep_loss"] + after["att_loss"] + after["pred_loss"] < sum(before.values()), (before, after)
 
 
 def test_export_packs_and_reloads_exactly(trained, capsys):
