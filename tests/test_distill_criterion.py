@@ -150,3 +150,23 @@ def test_missing_attention_scores_is_a_clear_error():
     crit = _criterion(teacher, intermediate_distill=True)
     with pytest.raises(ValueError, match="attn_scores"):
         crit(student, _sample([[0, 5]], [0]))
+
+
+def test_lat_quantizers_take_adam_beta2_and_eps_from_the_fairseq_command_line():
+    """The shipped pipeline (a legacy fairseq model sees the whole command line): LAT's v is Adam's v."""
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.models import ARCH_MODEL_REGISTRY
+
+    from ibert_plugin.quant.ternary import LATWeightQuantizer
+    from ibert_plugin.wiring.checkpoint import _StubTask
+
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [
+        "data", "--task", "sentence_prediction", "--criterion", "sentence_prediction", "--num-classes", "2",
+        "--arch", "ibert_roberta_tiny", "--quant-mode", "ternarybert", "--weight-bits", "2",
+        "--weight-quant-method", "lat", "--optimizer", "adam", "--adam-betas", "(0.9, 0.97)", "--adam-eps", "1e-7"])
+    cfg = convert_namespace_to_omegaconf(args)
+    model = ARCH_MODEL_REGISTRY["ibert_roberta_tiny"].build_model(cfg.model, _StubTask(64))
+    lat = [m for m in model.modules() if isinstance(m, LATWeightQuantizer)]
+    assert lat and all((m.beta2, m.eps) == (0.97, 1e-7) for m in lat)
