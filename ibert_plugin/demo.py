@@ -95,7 +95,7 @@ def _schedule(updates: int, warmup: float, validate_every: Optional[int]) -> Lis
     """run.py flags: stop after ``updates``, fit the LR schedule (warmup, linear decay) into it, and validate (and
     save, so that ``checkpoint_best.pt`` can come from mid-epoch) every ``validate_every`` updates."""
     flags = ["--max-update", str(updates), "--", "--total-num-update", str(updates),
-             "--warmup-updates", str(int(updates * warmup)), "--log-interval", "10"]
+             "--warmup-updates", str(int(updates * warmup)), "--log-interval", str(max(1, min(10, updates // 5)))]
     if validate_every and validate_every < updates:
         flags += ["--validate-interval-updates", str(validate_every), "--save-interval-updates", str(validate_every),
                   "--keep-interval-updates", "1"]
