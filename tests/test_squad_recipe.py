@@ -1,0 +1,54 @@
+"""The SQuAD recipe's command line: TernaryBERT flags reach fairseq-train, run.py-style stage selection, errors."""
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+
+from ibert_plugin.squad import recipe
+from squad_data import synthetic_squad
+
+REPO = Path(__file__).resolve().parents[1]
+TOK = ["--tokenizer_dir", str(REPO / "data" / "minilm")]
+
+
+def test_stage_selection_and_errors():
+    a = recipe.parse_args(["--task", "SQUAD2", "--quant-mode", "ternarybert", "--save_quantized_model",
+                           "--pred_distill", *TOK])
+    assert a.stage_list == ["ternary", "export"] and a.version_2_with_negative
+    assert recipe.parse_args(["--task", "SQUAD1", "--quant_mode", "symmetric", *TOK]).stage_list == ["ibert", "engine"]
+    assert recipe.parse_args(["--task", "SQUAD1", "--pred_distill", *TOK]).stage_list == list(recipe.STAGES)
+    for argv, msg in ((["--task", "SQUAD3"], "unknown task 'SQUAD3'"),
+                      (["--task", "SQUAD1", "--stages", "fp", "--quant-mode", "none"], "not both"),
+                      (["--task", "SQUAD1", "--stages", "ternary"], "needs --pred_distill and/or"),
+                      (["--task", "SQUAD1", "--stages", "fp,bogus"], "unknown stage"),
+                      (["--task", "SQUAD1", "--stages", "fp", "--max_updates", "fp=x"], "expected N or fp=N"),
+                      (["--task", "SQUAD1", "--weight_bits", "3"], "invalid choice")):
+        with pytest.raises(recipe.RecipeError, match=msg):
+            recipe.parse_args(argv + TOK)
+
+
+def test_dry_run_passes_ternarybert_flags(tmp_path, capsys):
+    synthetic_squad(tmp_path / "SQUAD2" / "train.json", 2, 2, 4, seed=0, version_2=True)
+    synthetic_squad(tmp_path / "SQUAD2" / "dev.json", 1, 1, 4, seed=1, version_2=True)
+    fp = tmp_path / "fp.pt"
+    fp.write_bytes(b"x")
+    rc = recipe.run_squad(["--task", "SQUAD2", "--data_dir", str(tmp_path), "--quant-mode", "ternarybert",
+                           "--restore-file", str(fp), "--weight_bits", "2", "--input_bits", "8", "--pred_distill",
+                           "--intermediate_distill", "--max_seq_length", "64", "--doc_stride", "32",
+                           "--max_query_length", "16", "--null_score_diff_threshold", "0.5", "--bs", "4",
+                           "--max-update", "7", "--seed", "3", "--dry-run", *TOK])
+    assert rc == 0
+    argv = shlex.split(capsys.readouterr().out.strip().splitlines()[-1])
+    flags = dict(zip(argv, argv[1:]))
+    assert "--user-dir" in argv and Path(flags["--user-dir"]).is_absolute()
+    assert flags["--task"] == "squad" and flags["--criterion"] == "squad_span_distill"
+    assert flags["--quant-mode"] == "ternarybert" and flags["--weight-bits"] == "2" and flags["--input-bits"] == "8"
+    assert flags["--teacher-path"] == flags["--finetune-from-model"] == str(fp)
+    assert {"--pred-distill", "--intermediate-distill", "--version-2-with-negative"} <= set(argv)
+    assert (flags["--max-seq-length"], flags["--doc-stride"], flags["--max-query-length"]) == ("64", "32", "16")
+    assert flags["--null-score-diff-threshold"] == "0.5" and flags["--max-update"] == "7"
+    assert flags["--batch-size"] == "4" and flags["--seed"] == "3"
+    assert flags["--best-checkpoint-metric"] == "f1" and "--maximize-best-checkpoint-metric" in argv
+    assert not (tmp_path / "outputs").exists()
