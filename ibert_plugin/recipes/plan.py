@@ -1,8 +1,9 @@
 """Planning one ``run.py`` stage: every path and flag of the fairseq-train command(s), nothing executed.
 
 Each function does one thing: :func:`resolve_restore` (the starting checkpoint), :func:`hyper_parameters`,
-:func:`quantization_flags`, :func:`criterion_flags`, :func:`distributed_commands`, :func:`output_layout` and the
-resume records (:func:`resume_key`, :func:`find_resumable`); :func:`make_plan` strings them together.
+:func:`training_command` (data, optimizer, schedule), :func:`quantization_flags`, :func:`criterion_flags`,
+:func:`distributed_commands`, :func:`output_layout` and the resume records (:func:`resume_key`,
+:func:`find_resumable`); :func:`make_plan` strings them together.
 """
 from __future__ import annotations
 
@@ -283,6 +284,31 @@ def use_cpu(a: argparse.Namespace) -> bool:
         return True
 
 
+def training_command(a: argparse.Namespace, spec: TaskSpec, hp: HyperParameters, bin_dir: Path,
+                     save_dir: Path) -> List[str]:
+    """fairseq-train with the data, task, architecture, batching, optimizer, schedule and checkpointing flags."""
+    opt = hp.optimizer
+    argv = fairseq_train_cmd() + [
+        str(bin_dir), "--user-dir", str(user_dir()),
+        "--task", "sentence_prediction", "--arch", ARCHS[a.arch][0], "--num-classes", str(spec.num_classes),
+        "--init-token", "0", "--separator-token", "2", "--max-positions", str(spec.max_positions),
+        "--valid-subset", spec.valid_subset,
+        "--batch-size", str(hp.bs), "--max-tokens", str(spec.max_tokens), "--required-batch-size-multiple", "1",
+        "--optimizer", "adam", "--adam-betas", str(opt["adam_betas"]), "--adam-eps", f"{opt['adam_eps']:.0e}",
+        "--weight-decay", f"{hp.weight_decay:g}", "--clip-norm", f"{opt['clip_norm']:.1f}",
+        "--lr-scheduler", "polynomial_decay", "--lr", f"{hp.lr:g}",
+        "--total-num-update", str(hp.total_updates), "--warmup-updates", str(hp.warmup), "--max-epoch", str(hp.epochs),
+        "--dropout", f"{a.dropout:g}", "--attention-dropout", f"{a.attn_dropout:g}", "--seed", str(a.seed),
+        "--save-dir", str(save_dir), "--no-epoch-checkpoints", "--find-unused-parameters",
+        "--log-format", "tqdm" if sys.stdout.isatty() else "simple",
+    ]
+    argv += ["--truncate-sequence"] if spec.truncate else []
+    argv += ["--max-update", str(a.max_update)] if a.max_update else []
+    interval = spec.validate_interval_updates(hp.bs)
+    argv += ["--validate-interval-updates", str(interval)] if interval else []
+    return argv + (["--no-save"] if a.no_save else [])
+
+
 def make_plan(a: argparse.Namespace) -> Plan:
     """The full plan of a validated ``run.py`` invocation (raises :class:`RunError` on missing inputs)."""
     spec = TASKS[a.task]
@@ -295,33 +321,13 @@ def make_plan(a: argparse.Namespace) -> Plan:
     resumed = stamp is not None
     stamp = stamp or new_stamp(config_dir)
     cpu = use_cpu(a)
-    ternary = a.quant_mode == "ternarybert"
-    opt = hp.optimizer
-    argv: List[str] = fairseq_train_cmd() + [
-        str(bin_dir), "--user-dir", str(user_dir()),
-        "--task", "sentence_prediction", "--arch", ARCHS[a.arch][0], "--num-classes", str(spec.num_classes),
-        "--init-token", "0", "--separator-token", "2", "--max-positions", str(spec.max_positions),
-        "--valid-subset", spec.valid_subset,
-        "--batch-size", str(hp.bs), "--max-tokens", str(spec.max_tokens), "--required-batch-size-multiple", "1",
-        "--optimizer", "adam", "--adam-betas", str(opt["adam_betas"]), "--adam-eps", f"{opt['adam_eps']:.0e}",
-        "--weight-decay", f"{hp.weight_decay:g}", "--clip-norm", f"{opt['clip_norm']:.1f}",
-        "--lr-scheduler", "polynomial_decay", "--lr", f"{hp.lr:g}",
-        "--total-num-update", str(hp.total_updates), "--warmup-updates", str(hp.warmup), "--max-epoch", str(hp.epochs),
-        "--dropout", f"{a.dropout:g}", "--attention-dropout", f"{a.attn_dropout:g}", "--seed", str(a.seed),
-        "--save-dir", str(config_dir / f"{stamp}_ckpt"), "--no-epoch-checkpoints", "--find-unused-parameters",
-        "--log-format", "tqdm" if sys.stdout.isatty() else "simple",
-    ]
-    argv += ["--truncate-sequence"] if spec.truncate else []
-    argv += ["--max-update", str(a.max_update)] if a.max_update else []
-    interval = spec.validate_interval_updates(hp.bs)
-    argv += ["--validate-interval-updates", str(interval)] if interval else []
+    argv = training_command(a, spec, hp, bin_dir, config_dir / f"{stamp}_ckpt")
     argv += quantization_flags(a, hp) + criterion_flags(a, spec, restore)
-    if restore is not None:
-        # first launch: weights only, everything else reset; relaunch: resumes from <save-dir>/checkpoint_last.pt
-        argv += ["--finetune-from-model", str(restore)]
-    argv += ["--no-save"] if a.no_save else []
+    # first launch: weights only, everything else reset; relaunch: resumes from <save-dir>/checkpoint_last.pt
+    argv += ["--finetune-from-model", str(restore)] if restore is not None else []
     argv += ["--cpu"] if cpu else []
     argvs, envs = distributed_commands(argv, a.distributed_world_size, cpu, a.extra)
+    ternary = a.quant_mode == "ternarybert"
     return Plan(task=a.task, mode=hp.mode, metric=spec.metric, config_dir=config_dir, stamp=stamp, resumed=resumed,
                 key=key, argvs=argvs, env_per_rank=envs, ternary=ternary, export=ternary and a.save_quantized_model,
                 keep_fp=(not ternary) or a.save_fp_model or not a.save_quantized_model, no_save=a.no_save)
