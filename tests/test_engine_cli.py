@@ -1,5 +1,5 @@
-"""``python -m ibert_plugin.engine`` on a tiny trained checkpoint: ``eval`` from the checkpoint (same accuracy as the QAT
-model), ``convert`` to an IBERT-INT file and ``predict`` / ``eval`` from it in processes that cannot import fairseq
+"""``python -m ibert_plugin.engine`` on a tiny trained checkpoint: ``eval`` from the checkpoint (same accuracy as the
+QAT model), ``convert`` to an IBERT-INT file and ``predict`` / ``eval`` from it in processes that cannot import fairseq
 (bit-exact with the checkpoint's engine, same predictions as the QAT model), clear errors."""
 import json
 import os
@@ -125,7 +125,8 @@ def test_eval_tsv_bad_input_exit_2(trained, tmp_path, capsys):
         return rc, capsys.readouterr().err.strip().splitlines()
 
     bad.write_text("sentence\tlabel\nw1 w2\t1\nw3 w4 only-one-field\n")
-    assert run("--tsv", str(bad), "--task", "RT-SENT") == (2, [f"error: {bad}:3: expected 2 tab-separated fields, got 1"])
+    want = f"error: {bad}:3: expected 2 tab-separated fields, got 1"
+    assert run("--tsv", str(bad), "--task", "RT-SENT") == (2, [want])
     bad.write_text("sentence\tlabel\nw1 w2\t7\n")
     rc, err = run("--tsv", str(bad), "--task", "RT-SENT")
     assert rc == 2 and len(err) == 1 and "bad label '7'" in err[0]

@@ -207,6 +207,8 @@ def _convert(args):
     data_bin = args.data_bin or (cfg["task"].get("data") if cfg.get("task") is not None else None)
     if not data_bin:
         raise EngineError("the checkpoint does not name its data directory: give --data-bin")
+    if args.data_bin is None and not os.path.isdir(data_bin):
+        raise EngineError(f"the checkpoint's data directory {data_bin} is not here: give --data-bin")
     task = _setup_task(cfg, data_bin)
     heads = getattr(model, "classification_heads", {})
     if args.head not in heads:

@@ -52,7 +52,8 @@ class TextEncoder:
         bos, pad, eos, unk: dictionary indices of ``<s>``, ``<pad>``, ``</s>``, ``<unk>``.
         init_token: index put before the first sentence (``--init-token``; None: nothing).
         separator_token: index put before every further sentence (``--separator-token``; None: nothing).
-        max_positions: longest id row the model takes; longer rows keep their first ``max_positions - 1`` ids + ``</s>``.
+        max_positions: longest id row the model takes; longer rows keep their first ``max_positions - 1`` ids and
+            ``</s>``.
         num_inputs: sentences per example (1, or 2 for pair tasks).
     """
 
