@@ -146,8 +146,6 @@ def test_ternary_stage_with_export(fp_run, tiny_glue, tmp_path):
     assert (ck / "model_packed.pt").is_file()
     assert not list(ck.glob("checkpoint*.pt"))  # float checkpoints removed without --save-fp-model
     assert str(ck / "model_packed.pt") in p.stdout.strip().splitlines()[-1]
-    import ibert_plugin  # noqa: F401  (registers the safe globals of the packed format's config)
-
     packed = torch.load(ck / "model_packed.pt", map_location="cpu", weights_only=True)
     # sentence classification never uses the masked-LM head: run.py leaves it out of the packed file
     assert packed["omitted"] and all(k.startswith("encoder.lm_head.") for k in packed["omitted"])
