@@ -59,7 +59,9 @@ class _Loader(importlib.abc.Loader):
             _pending = False
             register()
 
-    def __getattr__(self, name):  # resource readers, get_filename ... of the wrapped loader
+    def __getattr__(self, name):  # get_code, get_source, resource readers ... of the wrapped loader
+        if name == "_inner":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self._inner, name)
 
 
