@@ -3,10 +3,16 @@
 The fbgemm tests skip where the extension does not build (the engine then falls back to ORT), except under
 ``IBERT_REQUIRE_FBGEMM=1`` (set by ``.ci/run``), where a missing extension fails them.
 """
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from ibert_plugin.engine import gemm, kernels, selftest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import model_helpers as mh  # noqa: E402
 
 
 def _fbgemm_or_skip():
@@ -114,6 +120,65 @@ def test_fbgemm_guards(fbgemm):
         gemm.make_linear(torch.tensor([[65, 0]]), "fbgemm")
     with pytest.raises(ValueError, match="not allowed"):
         gemm.make_linear(torch.tensor([[2, 0]]), "fbgemm16")
+    with pytest.raises(ValueError, match="not allowed"):
+        gemm.make_linear(torch.tensor([[128, 0]]), "fbgemm8")
+    with pytest.raises(ValueError, match="unknown ORT"):
+        gemm.LinearGemm(torch.tensor([[1, 0]]), "fbgemm")
+
+
+def test_fbgemm8_exact_where_the_selftest_passes(fbgemm):
+    """Full-range 8-bit weights on fbgemm acc32: exact on VNNI CPUs (int32 ``vpdpbusd``); on the others int16 pair
+    saturation (255 * 127 * 2 > 32767) makes the self-test reject the route."""
+    r = selftest.run(threads=1)
+    assert r.ok["fbgemm8"] == bool(fbgemm.has_vnni()), r.summary()
+    if not r.ok["fbgemm8"]:
+        assert "fbgemm8" not in r.fast_routes
+        return
+    assert "fbgemm8" in r.fast_routes
+    g = torch.Generator().manual_seed(8)
+    K, N = 3072, 48
+    w = torch.randint(-127, 128, (N, K), generator=g)
+    x = torch.randint(-128, 128, (17, K), generator=g)
+    assert torch.equal(_exact(gemm.make_linear(w, "fbgemm8"), x)[1], _ref(x, w))
+    for xv, wv in ((127, 127), (127, -127), (-128, 127), (-128, -127)):
+        x, w = torch.full((3, K), xv), torch.full((N, K), wv)
+        assert torch.equal(_exact(gemm.make_linear(w, "fbgemm8"), x)[1], _ref(x, w))
+
+
+def _injected(**ok):
+    base = dict(u8u8=True, u8s8=True, fbgemm=True, fbgemm16=True, fbgemm8=False, attn_qk=True, attn_pv=True)
+    return selftest.SelfTestResult(ok=dict(base, **ok))
+
+
+def test_route_selection_follows_the_selftest_result():
+    w8, w7, w2 = torch.tensor([[127, -127, 5]]), torch.tensor([[64, -63]]), torch.tensor([[1, -1, 0]])
+    vnni = _injected(fbgemm16=False, fbgemm8=True)  # an AVX-512 VNNI CPU: no acc16 blocking, full-range acc32 exact
+    assert vnni.fast_routes == ("fbgemm", "u8s8", "fbgemm8")
+    assert [gemm.route_for(w, allowed=vnni.fast_routes) for w in (w8, w7, w2)] == ["fbgemm8", "fbgemm", "fbgemm"]
+    avx2 = _injected()  # AVX2 without VNNI: full 8-bit weights stay on the exact u8u8 route
+    assert [gemm.route_for(w, allowed=avx2.fast_routes) for w in (w8, w7, w2)] == ["u8u8", "fbgemm", "fbgemm16"]
+    no_fbgemm = _injected(fbgemm=False, fbgemm16=False)
+    assert [gemm.route_for(w, allowed=no_fbgemm.fast_routes) for w in (w8, w7, w2)] == ["u8u8", "u8s8", "u8s8"]
+
+
+@pytest.mark.parametrize("fbgemm8_ok", [True, False])
+def test_engine_takes_fbgemm8_for_8bit_weights_only_where_the_selftest_passed(monkeypatch, fbgemm8_ok, request):
+    """The self-test's result injected into the engine; where the real self-test passes, also bit-exact."""
+    from ibert_plugin.engine import convert, qat_compare
+
+    if fbgemm8_ok:
+        request.getfixturevalue("fbgemm")
+    real = selftest.run(threads=1)
+    monkeypatch.setattr(selftest, "run", lambda threads=None, **kw: selftest.SelfTestResult(
+        ok=dict(real.ok, fbgemm8=fbgemm8_ok)))
+    d = mh.make_dictionary()
+    model = mh.build_model("ibert_roberta", d, extra=mh.TINY_DIMS + ["--quant-mode", "symmetric", "--weight-bits", "8"])
+    mh.calibrate(model, mh.wide_batches(d, 1))
+    eng = convert.from_model(model, threads=1)
+    assert {r for lay in eng.routes for r in lay.values()} == {"fbgemm8" if fbgemm8_ok else "u8u8"}
+    if not fbgemm8_ok or real.ok["fbgemm8"]:
+        _, bad, _ = qat_compare.compare(eng, model, mh.random_batch(d, bsz=3, tgt_len=20, seed=2))
+        assert not bad, bad
 
 
 def test_route_choice_and_guard():
@@ -123,6 +188,8 @@ def test_route_choice_and_guard():
     assert gemm.route_for(torch.tensor([[63, -63]]), allowed=("u8s8",)) == "u8s8"
     assert gemm.route_for(torch.tensor([[63, -63]]), allowed=()) == "u8u8"
     assert gemm.route_for(torch.tensor([[127, -3]])) == "u8u8"
+    assert gemm.route_for(torch.tensor([[127, -3]]), allowed=("fbgemm8",)) == "fbgemm8"
+    assert gemm.route_for(torch.tensor([[63, -3]]), allowed=("fbgemm8", "fbgemm")) == "fbgemm"
     assert gemm.route_for(torch.tensor([[3, -3]]), allow_fast=False) == "u8u8"
     with pytest.raises(ValueError):
         gemm.LinearGemm(torch.tensor([[100, 0]]), "u8s8")

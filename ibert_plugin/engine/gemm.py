@@ -8,6 +8,9 @@ start-up self-test on this CPU):
 * ``fbgemm`` (``|w| <= 64``, 7-bit or ternary weights): fbgemm acc32 (u8 x s8 ``vpmaddubsw`` pairs, exact while
   255 * 64 * 2 <= 32767).
 * ``u8s8`` (``|w| <= 64``, ORT): used when the fbgemm extension cannot be built here.
+* ``fbgemm8`` (any 8-bit weight): fbgemm acc32 on full-range weights, exact only where u8 x s8 products accumulate in
+  int32 without int16 pair saturation (AVX-512 VNNI ``vpdpbusd``); used only where the self-test's full-range check
+  (all-255 activations times +-127 weights at K = 3072, plus random) passes.
 * ``u8u8`` (any 8-bit weight, ORT): exact 16-bit ``vpmaddwd`` kernels.
 
 fbgemm returns the raw sums of the u8 operand (x + 128); ``zp_correction = -128 * colsum(w)`` is folded into the
@@ -35,12 +38,16 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-ROUTES = ("u8u8", "u8s8", "fbgemm", "fbgemm16")
-FBGEMM_ROUTES = ("fbgemm", "fbgemm16")
-#: Fast linear routes, fastest first (each exact only for small weights; see the module docstring).
+ROUTES = ("u8u8", "u8s8", "fbgemm", "fbgemm16", "fbgemm8")
+FBGEMM_ROUTES = ("fbgemm", "fbgemm16", "fbgemm8")
+#: Fast linear routes exact on any AVX2 CPU for small weights, fastest first (see the module docstring).
 FAST_ROUTES = ("fbgemm16", "fbgemm", "u8s8")
+#: Fast routes for full 8-bit weights, exact only on CPUs whose self-test shows it (VNNI).
+FULL_RANGE_ROUTES = ("fbgemm8",)
 # |w| bound for which the u8s8 route cannot saturate: 255 * 64 * 2 = 32640 <= 32767.
 FAST_MAX_ABS = 64
+#: Largest |w| each route is exact for (given the self-test passed).
+ROUTE_MAX_ABS = {"fbgemm16": 1, "fbgemm": FAST_MAX_ABS, "u8s8": FAST_MAX_ABS, "fbgemm8": 128, "u8u8": 128}
 #: Environment switch (set by ``.ci/run``): a missing fbgemm extension is an error, not a fallback to ORT.
 REQUIRE_FBGEMM_ENV = "IBERT_REQUIRE_FBGEMM"
 
@@ -107,20 +114,20 @@ def _ptr(t: torch.Tensor) -> int:
 def route_for(w_int: torch.Tensor, allow_fast: bool = True, allowed=FAST_ROUTES) -> str:
     """Fastest exact route for an integer weight among ``allowed`` (the routes that passed the self-test).
 
-    ``max|w| <= 1``: fbgemm16, else fbgemm, else u8s8; ``max|w| <= 64``: fbgemm, else u8s8; otherwise (or with
-    ``allow_fast=False``) the exact u8u8 route.
+    Preference fbgemm16, fbgemm, u8s8, fbgemm8, each only within its ``ROUTE_MAX_ABS`` (``max|w| <= 1``, 64, 64,
+    128); otherwise (or with ``allow_fast=False``) the exact u8u8 route. The default ``allowed`` holds the routes
+    exact on every AVX2 CPU, so full 8-bit weights get u8u8 unless the caller's self-test allowed fbgemm8.
     """
     if not allow_fast:
         return "u8u8"
     amax = int(w_int.abs().max()) if w_int.numel() else 0
-    usable = FAST_ROUTES if amax <= 1 else (FAST_ROUTES[1:] if amax <= FAST_MAX_ABS else ())
-    return next((r for r in usable if r in allowed), "u8u8")
+    return next((r for r in FAST_ROUTES + FULL_RANGE_ROUTES if r in allowed and amax <= ROUTE_MAX_ABS[r]), "u8u8")
 
 
 def make_linear(w_int: torch.Tensor, route: str, threads: Optional[int] = None):
     """The GEMM object of ``route`` for weight ``w_int`` [N, K]: ``LinearGemm`` (ORT) or ``FbgemmLinear``."""
     if route in FBGEMM_ROUTES:
-        return FbgemmLinear(w_int, acc16=route == "fbgemm16")
+        return FbgemmLinear(w_int, route)
     return LinearGemm(w_int, route, threads)
 
 
@@ -130,23 +137,24 @@ class FbgemmLinear:
     ``Y + zp_correction`` equals ``x_s8 @ W^T`` for ``A_u8 = x_s8 + 128``. Only the packed panel stays resident.
     """
 
-    def __init__(self, w_int: torch.Tensor, acc16: bool = False):
+    def __init__(self, w_int: torch.Tensor, route: str = "fbgemm"):
         from . import kernels
 
+        if route not in FBGEMM_ROUTES:
+            raise ValueError(f"not an fbgemm route: {route!r}")
         fb = kernels.load_fbgemm()
         if fb is None:
             raise ValueError(f"fbgemm route unavailable: {kernels.fbgemm_error()}")
         w = w_int.detach()
         if w.dim() != 2:
             raise ValueError("weight must be [N, K]")
-        lim = 1 if acc16 else FAST_MAX_ABS
         w_min, w_max = (int(w.min()), int(w.max())) if w.numel() else (0, 0)
-        if max(-w_min, w_max) > lim:
-            raise ValueError(f"weight range {w_min}..{w_max} not allowed on route {'fbgemm16' if acc16 else 'fbgemm'}")
+        if max(-w_min, w_max) > ROUTE_MAX_ABS[route] or w_max > 127:
+            raise ValueError(f"weight range {w_min}..{w_max} not allowed on route {route}")
         self.N, self.K = w.shape
-        self.route = "fbgemm16" if acc16 else "fbgemm"
+        self.route = route
         self.zp_correction = -128 * w.to(torch.int64).sum(dim=1)
-        self._p = fb.PackedLinear(w.to(torch.int8).contiguous(), acc16)
+        self._p = fb.PackedLinear(w.to(torch.int8).contiguous(), route == "fbgemm16")
         self.weight_bytes = int(self._p.packed_bytes)
 
     def __call__(self, a_u8: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -161,14 +169,13 @@ class LinearGemm:
     """``Y[M, N] = x_s8[M, K] @ W_int[N, K]^T`` (int32) for one weight, A passed as u8 (x + 128)."""
 
     def __init__(self, w_int: torch.Tensor, route: str, threads: Optional[int] = None):
-        if route not in ROUTES:
-            raise ValueError(f"unknown GEMM route {route!r}")
+        if route not in ROUTES or route in FBGEMM_ROUTES:
+            raise ValueError(f"unknown ORT GEMM route {route!r}")
         w = w_int.detach()
         if w.dim() != 2:
             raise ValueError("weight must be [N, K]")
-        lim = FAST_MAX_ABS if route == "u8s8" else 128
         w_min, w_max = int(w.min()), int(w.max())
-        if max(-w_min, w_max) > lim or w_min < -128 or w_max > 127:
+        if max(-w_min, w_max) > ROUTE_MAX_ABS[route] or w_max > 127:
             raise ValueError(f"weight range {w_min}..{w_max} not allowed on route {route}")
         self.N, self.K = w.shape
         self.route = route

@@ -4,7 +4,9 @@ Each route is checked against an exact int64 reference on adversarial operands (
 times all weights at the route's extreme, K = 3072, where AVX2 ``vpmaddubsw`` saturation shows first) and on random
 full-range data. The fast routes (fbgemm acc32 and ORT u8s8) are exact on AVX2 only for ``|w| <= 64``, fbgemm acc16
 only for ternary weights; a route that fails (or an fbgemm extension that cannot be built) is not used, and the
-engine falls back to the next exact route and says so. A VNNI CPU passes everything.
+engine falls back to the next exact route and says so. ``fbgemm8`` (fbgemm acc32 on full-range 8-bit weights) is
+checked with all-255 activations times +-127 weights at K = 3072 plus random full-range operands: it passes on
+AVX-512 VNNI CPUs (``vpdpbusd`` accumulates in int32) and fails on AVX2 ones, which keep full 8-bit weights on u8u8.
 """
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ class SelfTestResult:
 
     @property
     def fast_routes(self) -> tuple:
-        """Fast linear routes that passed, for :func:`gemm.route_for`'s ``allowed``."""
-        return tuple(r for r in gemm.FAST_ROUTES if self.ok.get(r, False))
+        """Fast linear routes that passed (``fbgemm8`` included), for :func:`gemm.route_for`'s ``allowed``."""
+        return tuple(r for r in gemm.FAST_ROUTES + gemm.FULL_RANGE_ROUTES if self.ok.get(r, False))
 
     @property
     def exact_ok(self) -> bool:
@@ -122,8 +124,11 @@ def run(threads: Optional[int] = None, K: int = 3072, force: bool = False) -> Se
                             and _check_linear("fbgemm", 1, K, 32, gen, threads))
         res.ok["fbgemm16"] = (_check_linear("fbgemm16", 1, K, 64, gen, threads)
                               and _check_linear("fbgemm16", 1, 768, 40, gen, threads))
+        # full-range 8-bit weights: all-255 activations times +-127 weights at K, alternating pairs, random
+        res.ok["fbgemm8"] = (_check_linear("fbgemm8", 127, K, 64, gen, threads)
+                             and _check_linear("fbgemm8", 128, 768, 40, gen, threads))
     else:
-        res.ok["fbgemm"] = res.ok["fbgemm16"] = False
+        res.ok["fbgemm"] = res.ok["fbgemm16"] = res.ok["fbgemm8"] = False
         res.notes.append(f"fbgemm extension unavailable ({kernels.fbgemm_error()}): using ORT routes")
         logger.warning("ibert engine self-test: %s", res.notes[-1])
     res.ok.update(_check_attention(gen, threads))
@@ -137,27 +142,5 @@ def run(threads: Optional[int] = None, K: int = 3072, force: bool = False) -> Se
     return res
 
 
-def _check_fullrange_fast(gen: torch.Generator) -> bool:
-    """Is u8s8 exact even for full-range 8-bit weights (true on VNNI CPUs only)? Bypasses the route guard."""
-    K, N = 3072, 16
-    x = torch.full((4, K), 127, dtype=torch.int64)
-    w = torch.full((N, K), 127, dtype=torch.int64)
-    g = gemm.LinearGemm.__new__(gemm.LinearGemm)
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
-    b = numpy_helper.from_array(w.t().contiguous().numpy().astype(np.int8), "B")
-    a_zp = numpy_helper.from_array(np.array(128, dtype=np.uint8), "a_zp")
-    node = helper.make_node("MatMulInteger", ["A", "B", "a_zp"], ["Y"])
-    model = gemm._model([node], [helper.make_tensor_value_info("A", TensorProto.UINT8, ["M", K])],
-                        [helper.make_tensor_value_info("Y", TensorProto.INT32, ["M", N])], [b, a_zp])
-    g.sess, g.K, g.N = gemm._session(model, None), K, N
-    y = g(gemm.s8_to_u8(x))
-    return torch.equal(y.to(torch.int64), _ref(x, w))
-
-
 if __name__ == "__main__":  # pragma: no cover
-    r = run(force=True)
-    print("GEMM self-test:", r.summary())
-    # a full-range weight on the fast route must saturate on AVX2 without VNNI: show it (informative)
-    gen = torch.Generator().manual_seed(0)
-    print("u8s8 with full 8-bit weights exact on this CPU:", _check_fullrange_fast(gen))
+    print("GEMM self-test:", run(force=True).summary())
