@@ -17,6 +17,10 @@ Modules and papers (``docs/integer_spec.md`` is the contract for symmetric mode)
 * :class:`DynamicActQuant`: TernaryBERT per-tensor dynamic 8-bit activation quantizer with clipping.
 
 ``quant_mode="none"`` makes every module its float ``torch.nn`` / fairseq twin.
+
+Each symmetric-mode module exports its integer form (``int_form()``: :class:`ActIntForm`, :class:`LinearIntForm`,
+:class:`SoftmaxIntForm`, :class:`LayerNormIntForm`, ``GeluConstants``), computed by the very functions its forward
+calls; the inference engine's converter only collects these.
 """
 from __future__ import annotations
 
