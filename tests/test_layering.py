@@ -119,8 +119,20 @@ CHILD = textwrap.dedent("""
     import importlib, json, os, sys
     import numpy, torch  # shared by every child: imported once, before the fork
     names = json.loads(sys.argv[1])
-    results = {}
+    results, running = {}, {}
+
+    def reap():
+        pid, _ = os.wait()
+        name, r = running.pop(pid)
+        data = b""
+        while chunk := os.read(r, 65536):
+            data += chunk
+        os.close(r)
+        results[name] = json.loads(data or b'{"ok": false, "error": "child died"}')
+
     for name in names:
+        if len(running) >= 2:  # two at a time (two cores)
+            reap()
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:
@@ -133,12 +145,9 @@ CHILD = textwrap.dedent("""
             os.write(w, json.dumps(msg).encode())
             os._exit(0)
         os.close(w)
-        data = b""
-        while chunk := os.read(r, 65536):
-            data += chunk
-        os.close(r)
-        os.waitpid(pid, 0)
-        results[name] = json.loads(data or b'{"ok": false, "error": "child died"}')
+        running[pid] = (name, r)
+    while running:
+        reap()
     print(json.dumps(results))
 """)
 
