@@ -207,3 +207,8 @@ def test_gelu_u8(s_lo, s_hi, k_sign, constants):
     assert torch.equal(out.to(f64), torch.clamp(exact, -127, 127) + 128)
     # the integer GELU approximates GELU at every scale
     assert (gq * S_g.double() - torch.nn.functional.gelu(q * S.double())).abs().max() < 0.02
+
+
+def test_exp_lut_refuses_score_scales_too_fine_for_a_table():
+    with pytest.raises(ValueError, match="too fine for an i-exp table"):
+        NL.exp_lut(torch.tensor([1e-8]))

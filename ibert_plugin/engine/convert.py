@@ -18,10 +18,6 @@ from . import EngineError
 
 f32, f64, i64 = torch.float32, torch.float64, torch.int64
 
-#: Largest i-exp table (entries) the engine builds.
-MAX_LUT = 1 << 25
-
-
 @dataclass
 class IntLinear:
     w_int: torch.Tensor  # int8 [N, K]
@@ -125,12 +121,6 @@ def _ln(form) -> IntLN:
     return IntLN(int(form.shift), form.b_int.to(i64).contiguous(), form.s_out.to(f32).contiguous())
 
 
-def _lut(form, what: str) -> torch.Tensor:
-    if 30 * abs(float(form.exp.x0.reshape(-1)[0])) + 1 > MAX_LUT:
-        raise EngineError(f"{what}: softmax scale {float(form.s_out):g} too small for the i-exp table")
-    return form.lut
-
-
 def _layer(f: dict, heads: int, D: int, name: str) -> IntLayer:
     att = f["self_attn"]
     in_m, in_e = _me(f["input_act"].m, f["input_act"].e)
@@ -152,7 +142,7 @@ def _layer(f: dict, heads: int, D: int, name: str) -> IntLayer:
         fc2=_linear(f["fc2"], name + "fc2"), heads=heads, in_m=in_m.expand(D).contiguous(),
         in_e=in_e.expand(D).contiguous(), s_x=f["input_act"].s_out, qkv_m=torch.cat([m for m, _ in mes]),
         qkv_e=torch.cat([e for _, e in mes]), s_qkv=tuple(att[n].s_out for n in ("q_act", "k_act", "v_act")),
-        lut=_lut(att["softmax"], name + "softmax"), s_scores=att["s_scores"], ctx_m=ctx_m, ctx_e=ctx_e,
+        lut=att["softmax"].lut, s_scores=att["s_scores"], ctx_m=ctx_m, ctx_e=ctx_e,
         s_ctx=att["attn_act"].s_out, ar_m=ar_m, ar_e=ar_e, ar_id_m=ar_id_m, ar_id_e=ar_id_e,
         attn_ln=_ln(f["self_attn_layer_norm"]), h_m=h_m, h_e=h_e, s_h=f["fc1_act"].s_out,
         gelu_k=g.shift.to(i64).contiguous(), gelu_b=g.b_int.to(i64).contiguous(), gelu_c=g.c_int.to(i64).contiguous(),

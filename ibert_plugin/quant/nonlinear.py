@@ -49,6 +49,7 @@ __all__ = [
     "EXP_LN2",
     "EXP_CLIP",
     "EXP_BITS",
+    "EXP_LUT_MAX",
     "SOFTMAX_NORM_BITS",
     "LN_VAR_BITS",
     "LN_GAMMA_EPS",
@@ -110,6 +111,7 @@ EXP_LN2 = math.log(2.0)
 EXP_CLIP = 30  # inputs below -30 ln2 are clipped (exp < 1e-9)
 EXP_BITS = 16  # static shift T keeps exp values within 16 bits
 SOFTMAX_NORM_BITS = 40  # f = floor(2^40 / sum)
+EXP_LUT_MAX = 1 << 25  # largest i-exp table exp_lut builds (score scales down to ~6e-7)
 
 # IntLayerNorm
 LN_VAR_BITS = 32  # training grows `shift` so that the sum of squares stays below 2^32
@@ -305,6 +307,9 @@ def exp_lut(scale: torch.Tensor, constants: str = "paper") -> torch.Tensor:
     the end are clamped to the last entry)."""
     ec = softmax_constants(scale, constants)
     size = int(EXP_CLIP * -float(ec.x0.reshape(-1)[0])) + 1
+    if size > EXP_LUT_MAX:
+        raise ValueError(f"softmax score scale {float(scale.reshape(-1)[0]):g} is too fine for an i-exp table "
+                         f"({size} entries > {EXP_LUT_MAX})")
     lut = _int_exp(-torch.arange(size, dtype=torch.float64), ec).to(torch.int32)
     nz = torch.nonzero(lut).flatten()
     last = int(nz[-1]) if nz.numel() else 0
