@@ -1,5 +1,6 @@
 """End-to-end SQuAD stages through ``fairseq-train --user-dir ibert_plugin --task squad`` (tiny arch, 4 updates):
-FP finetuning, TernaryBERT W2A8 distillation with packed export, I-BERT QAT, the integer engine, and v2.0."""
+FP finetuning, TernaryBERT W2A8 distillation with packed export, I-BERT QAT, the integer engine (WordPiece), and
+v2.0 with GPT-2 BPE."""
 from __future__ import annotations
 
 import json
@@ -103,13 +104,14 @@ def test_engine_logits_equal_qat_logits(squad1):
 def test_squad2_reports_hasans_noans(tmp_path):
     synthetic_squad(tmp_path / "SQUAD2" / "train.json", 4, 3, 4, seed=0, version_2=True)
     synthetic_squad(tmp_path / "SQUAD2" / "dev.json", 2, 2, 4, seed=1, version_2=True)
+    # GPT-2 BPE (a RoBERTa dictionary) here, WordPiece in the v1.1 run
     p = _recipe(["--task", "SQUAD2", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"),
-                 "--stages", "fp", *TINY])
+                 "--stages", "fp", *TINY, "--tokenizer_dir", str(REPO / "data" / "gpt2_bpe")])
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     rec = json.loads((tmp_path / "out" / "fp" / "eval.json").read_text())
     assert rec["HasAns_total"] > 0 and rec["NoAns_total"] > 0
     assert rec["HasAns_total"] + rec["NoAns_total"] == rec["total"]
     assert {"HasAns_f1", "NoAns_f1", "HasAns_exact", "NoAns_exact"} <= set(rec)
     log = (tmp_path / "out" / "fp" / "train.log").read_text()
-    assert "--version-2-with-negative" in log and "| NoAns_f1 " in log
+    assert "--version-2-with-negative" in log and "| NoAns_f1 " in log and "data/gpt2_bpe" in log
     assert (tmp_path / "out" / "fp" / "null_odds.json").is_file()
