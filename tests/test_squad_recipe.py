@@ -17,14 +17,16 @@ def test_stage_selection_and_errors():
     a = recipe.parse_args(["--task", "SQUAD2", "--quant-mode", "ternarybert", "--save_quantized_model",
                            "--pred_distill", *TOK])
     assert a.stage_list == ["ternary", "export"] and a.version_2_with_negative
-    assert recipe.parse_args(["--task", "SQUAD1", "--quant_mode", "symmetric", *TOK]).stage_list == ["ibert", "engine"]
+    a = recipe.parse_args(["--task", "SQUAD1", "--quant_mode", "symmetric", "--lr", "3e-6", "--max-epochs", "2", *TOK])
+    assert a.stage_list == ["ibert", "engine"] and (a.ibert_learning_rate, a.ibert_epochs) == (3e-6, 2.0)
     assert recipe.parse_args(["--task", "SQUAD1", "--pred_distill", *TOK]).stage_list == list(recipe.STAGES)
     for argv, msg in ((["--task", "SQUAD3"], "unknown task 'SQUAD3'"),
                       (["--task", "SQUAD1", "--stages", "fp", "--quant-mode", "none"], "not both"),
                       (["--task", "SQUAD1", "--stages", "ternary"], "needs --pred_distill and/or"),
                       (["--task", "SQUAD1", "--stages", "fp,bogus"], "unknown stage"),
                       (["--task", "SQUAD1", "--stages", "fp", "--max_updates", "fp=x"], "expected N or fp=N"),
-                      (["--task", "SQUAD1", "--weight_bits", "3"], "invalid choice")):
+                      (["--task", "SQUAD1", "--weight_bits", "3"], "invalid choice"),
+                      (["--task", "SQUAD1", "--stages", "fp", "--lr", "0"], "must be > 0")):
         with pytest.raises(recipe.RecipeError, match=msg):
             recipe.parse_args(argv + TOK)
 

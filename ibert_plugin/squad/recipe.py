@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "ternary_epochs", type=float, default=3.0, help="TernaryBERT epochs (upstream 3)")
     _flag(p, "ibert_learning_rate", type=float, default=1e-6, help="I-BERT QAT learning rate (I-BERT: 1e-6)")
     _flag(p, "ibert_epochs", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=None, help="run.py spelling: learning rate of every stage run")
+    p.add_argument("--max-epochs", "--max_epochs", dest="max_epochs", type=float, default=None,
+                   help="run.py spelling: epochs of every stage run")
     p.add_argument("--max_updates", "--max-updates", "--max-update", dest="max_updates", default=None,
           help="cap the updates per stage: one number, or fp=N,ternary=N,ibert=N (LR schedule follows the cap)")
     _flag(p, "eval_step", type=int, default=0, help="validate every N updates (0: at each epoch end)")
@@ -167,6 +170,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if not 2 <= a.input_bits <= 8 or not 2 <= a.ibert_weight_bits <= 8:
         raise RecipeError("--input_bits and --ibert_weight_bits must be in 2..8")
     a.caps = _parse_caps(a.max_updates)
+    if a.lr is not None:
+        a.learning_rate = a.ternary_learning_rate = a.ibert_learning_rate = a.lr
+    if a.max_epochs is not None:
+        a.num_train_epochs = a.ternary_epochs = a.ibert_epochs = a.max_epochs
+    if min(a.learning_rate, a.ternary_learning_rate, a.ibert_learning_rate) <= 0 or \
+            min(a.num_train_epochs, a.ternary_epochs, a.ibert_epochs) <= 0:
+        raise RecipeError("learning rates and epochs must be > 0")
     data_dir = Path(a.data_dir) if a.data_dir else _data_root() / "squad"
     a.train_path = Path(a.train_file or data_dir / a.task / "train.json").resolve()
     a.dev_path = Path(a.dev_file or data_dir / a.task / "dev.json").resolve()
