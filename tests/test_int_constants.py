@@ -234,3 +234,23 @@ def test_the_comparison_sees_a_converter_side_change(templates, monkeypatch, pat
         im = convert.compile_model(model)
     bad = _differences(im, rec.rec, model, tokens)
     assert any(b.endswith(want) for b in bad), bad
+
+
+def test_refit_constants_flow_from_the_command_line_into_the_engine(templates):
+    """``--nonlinear-constants refit`` reaches QuantConfig, the QAT forward and the compiled i-GELU / i-exp."""
+    d, tmpl = templates
+    model = mh.build_model("ibert_roberta", d, extra=mh.TINY_DIMS + ["--quant-mode", "symmetric", "--weight-bits",
+                                                                     "8", "--nonlinear-constants", "refit"])
+    assert model.encoder.qcfg.nonlinear_constants == "refit"
+    paper = copy.deepcopy(tmpl["8"])
+    paper.load_state_dict(model.state_dict())
+    batches = mh.wide_batches(d, 1)
+    im_r = convert.compile_model(mh.calibrate(model, batches))
+    im_p = convert.compile_model(mh.calibrate(paper, batches))
+    L_r, L_p = im_r.layers[0], im_p.layers[0]
+    s = L_r.fc1.s_acc
+    assert torch.equal(L_r.gelu_b, NL.gelu_constants(s, "refit").b_int.to(torch.int64))
+    assert not torch.equal(L_r.gelu_b, NL.gelu_constants(s, "paper").b_int.to(torch.int64))
+    assert im_r.info["nonlinear_constants"] == "refit" and im_p.info["nonlinear_constants"] == "paper"
+    assert torch.equal(L_r.s_scores, L_p.s_scores)  # layer 0's scores do not depend on the coefficients
+    assert torch.equal(L_r.lut, NL.exp_lut(L_r.s_scores, "refit")) and not torch.equal(L_r.lut, L_p.lut)
