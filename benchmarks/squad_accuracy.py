@@ -2,8 +2,8 @@
 
 Data (``python -m ibert_plugin.assets build --only squad``): training on ``SQUAD1/train.json`` (SQuADShifts
 new_wiki + nyt) minus its last articles, which form the checkpoint-selection set (``--select-questions``, whole
-NYT articles from the end of the file); the reported numbers are on the **official SQuAD v1.1 dev set**, a fixed subset of
-its articles by index in file order (``--dev-articles``, default ``1,2`` = Warsaw + Normans, 359 questions; ``all``
+NYT articles from the end of the file); the reported numbers are on the **official SQuAD v1.1 dev set**, a fixed
+subset of its articles by index in file order (``--dev-articles``, default ``1,2`` = Warsaw + Normans, 359 questions; ``all``
 = the whole dev set, 10,565 questions). Model: all-MiniLM-L6-v2 imported to fairseq (``data/minilm``), windows of
 384 tokens, stride 128, query 64, n-best 20, answers up to 30 tokens. Stages run through
 ``python -m ibert_plugin.squad`` (finished stages are reused; ``--fresh`` redoes them).
@@ -98,7 +98,8 @@ def main(argv=None) -> int:
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="smoke schedule (a few minutes), 1 dev article")
     g.add_argument("--full", action="store_true", help="full schedule on the whole dev set (for a GPU)")
-    ap.add_argument("--dev-articles", default=None, help="official dev article indices (default 1,2; quick 2; full all)")
+    ap.add_argument("--dev-articles", default=None,
+                    help="official dev article indices (default 1,2; quick 2; full all)")
     ap.add_argument("--select-questions", type=int, default=None, help="selection-set size (default 100; quick 40)")
     ap.add_argument("--data-dir", default=str(REPO / "data" / "squad"))
     ap.add_argument("--output-dir", default=None, help="default outputs/bench_squad_<schedule>")

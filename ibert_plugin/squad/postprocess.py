@@ -10,7 +10,7 @@ v2.0 script's ``--na-prob-file`` input).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import numpy as np
 
@@ -81,7 +81,3 @@ def predict(examples: Sequence[Example], features: Sequence[Feature], start_logi
             preds[qid] = text
     return preds, odds
 
-
-def split_logits(start: np.ndarray, end: np.ndarray, lengths: Sequence[int]) -> Tuple[List[np.ndarray], List[np.ndarray]]:
-    """Rows of padded ``[B, T]`` logits cut to each feature's length."""
-    return [start[b, :n] for b, n in enumerate(lengths)], [end[b, :n] for b, n in enumerate(lengths)]
