@@ -4,8 +4,8 @@ Data (``python -m ibert_plugin.assets build --only squad``): training on ``SQUAD
 new_wiki + nyt) minus its last articles, which form the checkpoint-selection set (``--select-questions``, whole
 NYT articles from the end of the file); the reported numbers are on the **official SQuAD v1.1 dev set**, a fixed
 subset of its articles by index in file order (``--dev-articles``, default ``1,2`` = Warsaw + Normans, 359
-questions; ``all`` = the whole dev set, 10,565 questions). Model: all-MiniLM-L6-v2 imported to fairseq (``data/minilm``), windows of
-384 tokens, stride 128, query 64, n-best 20, answers up to 30 tokens. Stages run through
+questions; ``all`` = the whole dev set, 10,565 questions). Model: all-MiniLM-L6-v2 imported to fairseq
+(``data/minilm``), windows of 384 tokens, stride 128, query 64, n-best 20, answers up to 30 tokens. Stages run through
 ``python -m ibert_plugin.squad`` (finished stages are reused; ``--fresh`` redoes them).
 
 CPU schedule (default, about an hour on 2 cores; the update caps are the budget): FP finetuning 120 updates x 16
