@@ -50,7 +50,8 @@ def test_window_starts_by_hand():
 
 def test_offsets_unicode_and_whitespace(tok, tmp_path):
     context = "The  Café\tMüller opened in\n1921 in Zürich — “naïve” façade, 5 km²."
-    qas = [{"id": "a", "question": "Where?", "answers": [{"text": "Zürich", "answer_start": context.index("Zürich")}]},
+    qas = [{"id": "a", "question": "Where?",
+            "answers": [{"text": "Zürich", "answer_start": context.index("Zürich")}]},
            # whitespace-only difference: surrounding spaces, offset at the leading space
            {"id": "b", "question": "When?", "answers": [{"text": "\n1921 ", "answer_start": context.index("\n1921")}]},
            {"id": "c", "question": "Which café?",
