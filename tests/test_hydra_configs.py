@@ -24,7 +24,8 @@ def test_generated_configs_carry_the_table():
     for task, spec in TASKS.items():
         cfg = yaml.safe_load(generate()[f"{config_name(task)}.yaml"])
         assert cfg["task"]["num_classes"] == spec.num_classes
-        assert [float(v) for v in cfg["optimization"]["lr"]] == [spec.lr] and cfg["optimization"]["max_epoch"] == spec.max_epoch
+        assert [float(v) for v in cfg["optimization"]["lr"]] == [spec.lr]
+        assert cfg["optimization"]["max_epoch"] == spec.max_epoch
         assert cfg["dataset"]["batch_size"] == spec.bs and cfg["dataset"]["valid_subset"] == spec.valid_subset
         assert cfg["lr_scheduler"]["total_num_update"] == spec.total_updates
         assert cfg["lr_scheduler"]["warmup_updates"] == spec.warmup

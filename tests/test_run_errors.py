@@ -127,6 +127,11 @@ def test_corrupt_restore_file_from_the_shell(tiny_glue, tmp_path, run_env):
     assert_one_error_line(p, 2, f"--restore-file: {bad} is not a valid checkpoint (unreadable by torch.load: ")
 
 
+def test_squad_tasks_go_to_their_recipe(tmp_path, capsys):
+    rc = run.cli(["--task", "SQUAD1", "--data_dir", str(tmp_path / "nowhere"), "--pred_distill", "--dry-run"])
+    assert_one_error_line(Captured(rc, capsys.readouterr().err), 2, f"{tmp_path / 'nowhere'}/SQUAD1/train.json")
+
+
 def test_fairseq_failure_points_at_log(tiny_glue, tmp_path, run_env):
     p = run_py("--task", "RTE", "--arch", "tiny", "--quant-mode", "none", "--data-dir", str(tiny_glue),
                "--output-dir", str(tmp_path), "--cpu", "--", "--no-such-fairseq-flag", env=run_env)

@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .options import RunError, parse_args
 from .plan import REPO, Plan, make_plan
+from .tasks import SQUAD_TASKS
 
 __all__ = ["RunResult", "main", "cli", "parse_best"]
 
@@ -285,8 +286,27 @@ def _sigterm(signum, frame):  # treat `kill <run.py pid>` like Ctrl-C: stop the 
     raise KeyboardInterrupt
 
 
+def _task_of(argv: Sequence[str]) -> Optional[str]:
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return None
+        if arg == "--task" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--task="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def cli(argv: Optional[Sequence[str]] = None) -> int:
-    """``run.py``'s exit code: 0, 2 (usage; one ``error:`` line), 130 (interrupted) or fairseq's."""
+    """``run.py``'s exit code: 0, 2 (usage; one ``error:`` line), 130 (interrupted) or fairseq's.
+
+    ``--task SQUAD1|SQUAD2`` runs the span-extraction recipe (:func:`ibert_plugin.squad.recipe.run_squad`) instead.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if _task_of(argv) in SQUAD_TASKS:
+        from ..squad.recipe import run_squad
+
+        return run_squad(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _sigterm)
     try:

@@ -6,7 +6,7 @@ import sys
 from typing import List, Optional, Sequence
 
 from ..quant.config import ACT_RANGES, FORCE_DEQUANT, QUANT_MODES, WEIGHT_METHODS, QuantConfig
-from .tasks import ARCHS, TASKS
+from .tasks import ARCHS, SQUAD_TASKS, TASKS
 
 __all__ = ["RunError", "build_parser", "parse_args", "validate", "TERNARY_ONLY_FLAGS"]
 
@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="run.py", description="Fine-tune / quantize RoBERTa-style encoders on GLUE-style tasks "
                 "with the ibert_plugin fairseq plugin. Extra fairseq-train flags may follow '--'.")
     p.add_argument("--arch", default="roberta_base", help=f"one of {', '.join(ARCHS)} (default roberta_base)")
-    p.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)} (case-sensitive)")
+    p.add_argument("--task", required=True, help=f"one of {', '.join((*TASKS, *SQUAD_TASKS))} (case-sensitive; SQuAD "
+                   "tasks take python -m ibert_plugin.squad's flags)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: task table; 2e-5 for ternarybert)")
     p.add_argument("--bs", type=int, default=None, help="batch size in sentences (default: task table)")
     p.add_argument("--max-epochs", type=int, default=None, help="max epochs (default: task table; 3 for ternarybert)")
@@ -101,7 +102,8 @@ def validate(a: argparse.Namespace) -> None:
         RunError: one sentence naming the flag(s).
     """
     if a.task not in TASKS:
-        raise RunError(f"unknown task {a.task!r}; valid tasks (case-sensitive): {', '.join(TASKS)}")
+        valid = ", ".join((*TASKS, *SQUAD_TASKS))
+        raise RunError(f"unknown task {a.task!r}; valid tasks (case-sensitive): {valid}")
     if a.arch not in ARCHS:
         raise RunError(f"unknown arch {a.arch!r}; valid archs: {', '.join(ARCHS)}")
     if a.quant_mode not in QUANT_MODES:

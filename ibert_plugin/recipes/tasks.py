@@ -18,7 +18,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, Optional, Tuple
 
-__all__ = ["TaskSpec", "TASKS", "ARCHS", "TernarySchedule", "TERNARY", "FP_OPTIMIZER", "TERNARY_OPTIMIZER"]
+__all__ = ["TaskSpec", "TASKS", "SQUAD_TASKS", "ARCHS", "TernarySchedule", "TERNARY", "FP_OPTIMIZER",
+           "TERNARY_OPTIMIZER"]
+
+#: Span-extraction tasks: ``run.py --task SQUAD1|SQUAD2`` hands the whole command line to their own recipe
+#: (:func:`ibert_plugin.squad.recipe.run_squad`, also ``python -m ibert_plugin.squad``).
+SQUAD_TASKS = ("SQUAD1", "SQUAD2")
 
 
 @dataclasses.dataclass(frozen=True)

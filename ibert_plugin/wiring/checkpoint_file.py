@@ -56,7 +56,8 @@ def read_checkpoint(path: str) -> Any:
         raise CheckpointError(f"{path} is not a valid checkpoint (unreadable by torch.load: {reason})") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError,
             zipfile.BadZipFile) as e:
-        raise CheckpointError(f"{path} is not a valid checkpoint (unreadable by torch.load: {_first_line(e)})") from None
+        reason = _first_line(e)
+        raise CheckpointError(f"{path} is not a valid checkpoint (unreadable by torch.load: {reason})") from None
 
 
 def _first_line(e) -> str:
