@@ -230,9 +230,9 @@ def _fp_weights_file(checkpoint: Path, output: Path) -> Path:
     import torch
 
     if not output.exists() or output.stat().st_mtime < checkpoint.stat().st_mtime:
-        import ibert_plugin  # noqa: F401  (allow-lists argparse.Namespace for weights_only loading)
+        from ibert_plugin.wiring.checkpoint_file import read_checkpoint  # weights_only, fairseq's pickles allowed
 
-        state = torch.load(checkpoint, map_location="cpu")
+        state = read_checkpoint(str(checkpoint))
         torch.save({k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()}, output)
     return output
 
