@@ -95,7 +95,7 @@ def _eq(a, b):
     return torch.equal(_flat(a), _flat(b))
 
 
-def _differences(im, rec, model, tokens):
+def _differences(im, rec, model):
     """Names of the compiled constants that differ from the recorded QAT ones."""
     bad = []
 
@@ -196,7 +196,7 @@ def test_compiled_constants_equal_the_qat_forward_over_50_seeds(templates, monke
                 logits, _ = model(tokens, features_only=True, classification_head_name=mh.HEAD)
             rec.remove()
         im = convert.compile_model(model)
-        bad = _differences(im, rec.rec, model, tokens)
+        bad = _differences(im, rec.rec, model)
         if seed % 5 == 0:
             eng = IntegerEngine(im, threads=1)  # (2 threads oversubscribe the QAT forwards that follow)
             logit_checks += 1
@@ -232,7 +232,7 @@ def test_the_comparison_sees_a_converter_side_change(templates, monkeypatch, pat
             mp.setattr(QM, "gelu_constants", lambda sc, c: orig(sc, "refit"))
             want = "gelu.b_int"
         im = convert.compile_model(model)
-    bad = _differences(im, rec.rec, model, tokens)
+    bad = _differences(im, rec.rec, model)
     assert any(b.endswith(want) for b in bad), bad
 
 
