@@ -126,11 +126,11 @@ def arch_of(im: IntModel) -> Dict[str, Any]:
 
 
 def route_hints(im: IntModel) -> Dict[str, str]:
-    """Fastest exact GEMM route per weight (``gemm.route_for`` with every fast route allowed); the engine re-picks at
-    load among the routes its CPU self-test passed."""
+    """Fastest GEMM route per weight among those exact on every AVX2 CPU (``gemm.route_for``'s default); the engine
+    re-picks at load among the routes its CPU self-test passed (``fbgemm8`` for full 8-bit weights on VNNI)."""
     from . import gemm
 
-    return {f"layers.{i}.{k}": gemm.route_for(getattr(L, k).w_int, allowed=gemm.FAST_ROUTES)
+    return {f"layers.{i}.{k}": gemm.route_for(getattr(L, k).w_int)
             for i, L in enumerate(im.layers) for k in ("qkv", "o", "fc1", "fc2")}
 
 
