@@ -34,11 +34,14 @@ from . import EngineError
 
 
 def _add_run_args(p):
+    from .engine import IntegerEngine
+
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--route", choices=["auto", "ort", "u8u8"], default="auto",
-                   help="GEMM routes: auto = fastest exact per weight (fbgemm16 ternary, fbgemm 7-bit, u8u8 8-bit); "
-                        "ort = ONNX Runtime only (u8s8 / u8u8); u8u8 = the exact 16-bit route everywhere")
+    p.add_argument("--route", choices=IntegerEngine.ROUTE_CHOICES, default="auto",
+                   help="GEMM routes: auto = the fastest route per weight that is exact for its range and passed this "
+                        "CPU's self-test; ort = ONNX Runtime only (u8s8 / u8u8); u8u8 = the exact 16-bit route "
+                        "everywhere")
 
 
 def _add_tsv_args(p, task_help):
