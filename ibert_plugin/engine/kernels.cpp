@@ -21,9 +21,10 @@ using i32 = int32_t;
 using u8 = uint8_t;
 
 inline int nthreads() { return std::max(1, at::get_num_threads()); }
-// Below this many elements a kernel runs on one thread: at batch 1 an OpenMP barrier costs more than the work,
-// and on a loaded host a descheduled worker turns each barrier into a scheduler quantum.
-constexpr int64_t kParallelMin = int64_t(1) << 19;
+// Below this many elements a kernel runs on one thread: for tiny inputs an OpenMP barrier costs more than the work
+// (and on a loaded host a descheduled worker turns each barrier into a scheduler quantum). 2^15 elements are
+// 0.1-0.3 ms of work, well above a barrier; real sentences (~25 tokens) at batch 8 are 2^16-2^18-element calls.
+constexpr int64_t kParallelMin = int64_t(1) << 15;
 
 // floor((z * m + 2^(e-1)) / 2^e), exact; int128 only when the product may exceed 63 bits.
 inline i64 requant_wide(i64 z, i64 m, int e) {
@@ -60,55 +61,11 @@ inline i64 isqrt_newton(i64 n) {
   }
 }
 
-// clamp(floor((z m + 2^(e-1)) / 2^e), -qmax, qmax), exact for every |z| < 2^62, |m| <= 2^20 (quant/primitives
-// requant_clamp without identity): z is first saturated at 2^(e + bits - 19) (beyond it the result saturates), then
-// split z = zh 2^s + zl with s = min(e - 1, 31): floor((zh m + 2^(e-1-s) + floor(zl m / 2^s)) / 2^(e-s)), every
-// term below 2^62.
-inline i64 requant_sat(i64 z, i64 m, i64 e, int bits, i64 qmax) {
-  if (e > 72) e = 72;  // |z m| < 2^71 after the saturation: the result is 0 for every larger shift too
-  const i64 bexp = e + bits - 19;
-  if (bexp < 62) {
-    const i64 bd = i64(1) << (bexp > 0 ? bexp : 0);
-    z = z < -bd ? -bd : (z > bd ? bd : z);
-  }
-  const i64 s = e - 1 < 31 ? e - 1 : 31;
-  const i64 zh = z >> s;
-  const i64 zl = z - (zh << s);
-  const i64 v = (zh * m + (i64(1) << (e - 1 - s)) + ((zl * m) >> s)) >> (e - s);
-  return v < -qmax ? -qmax : (v > qmax ? qmax : v);
-}
-
 inline int bit_width(i64 qmax) { return 64 - __builtin_clzll((unsigned long long)qmax) + 1; }
 
 void check(bool ok, const char* msg) { TORCH_CHECK(ok, msg); }
 
 // ---------------------------------------------------------------------------------------------------------------
-// requant (+bias, per-channel dyadic, clamp) int32 accumulator -> u8 (value + 128), row-major [M, N].
-// Per-column (m, e); requires |acc + bias| * |m| < 2^63 (true for |z| < 2^42, |m| <= 2^21).
-void requant_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& m, const at::Tensor& e, int64_t qmax,
-                at::Tensor& out) {
-  check(acc.scalar_type() == at::kInt && acc.is_contiguous() && acc.dim() == 2, "acc: contiguous int32 [M, N]");
-  const i64 M = acc.size(0), N = acc.size(1);
-  check(out.scalar_type() == at::kByte && out.is_contiguous() && out.numel() == M * N, "out: u8 [M, N]");
-  const i32* A = acc.data_ptr<i32>();
-  const i64* B = bias.data_ptr<i64>();
-  const i64* Mm = m.data_ptr<i64>();
-  const i64* E = e.data_ptr<i64>();
-  u8* O = out.data_ptr<u8>();
-  std::vector<i64> rnd(N), sh(N);
-  for (i64 j = 0; j < N; ++j) sh[j] = cap_shift(E[j]), rnd[j] = i64(1) << (sh[j] - 1);
-  const i64 *R = rnd.data(), *SH = sh.data();
-#pragma omp parallel for schedule(static) num_threads(nthreads()) if (M * N >= kParallelMin)
-  for (i64 i = 0; i < M; ++i) {
-    const i32* a = A + i * N;
-    u8* o = O + i * N;
-    for (i64 j = 0; j < N; ++j) {
-      i64 v = ((i64(a[j]) + B[j]) * Mm[j] + R[j]) >> SH[j];
-      o[j] = (u8)(clampi(v, -qmax, qmax) + 128);
-    }
-  }
-}
-
 // QKV: acc [B*T, 3D] (q | k | v columns), per-column constants -> q [B,H,T,dh], kT [B,H,dh,T], v [B,H,T,dh], u8 +128.
 void requant_qkv(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& m, const at::Tensor& e, int64_t qmax,
                  int64_t Bsz, int64_t T, int64_t H, at::Tensor& q, at::Tensor& kT, at::Tensor& v) {
@@ -224,10 +181,28 @@ struct LNParams {
   i64 shift;
   const i64* bint;     // [C]
   const i64* nm;       // next requant m [C] or null
-  const i64* ne;       // next requant e [C]
+  const i64* ne;       // next requant e [C], capped at 62 (cap_shift) when `fast`
+  const i64* nr;       // 2^(ne - 1) [C] when `fast`
   i64 nqmax;
+  bool fast;           // every |nm| <= 2^21: the next requant is one int64 product (see ln_row)
 };
 
+// Per-call constants of the next requant after an IntLayerNorm: capped shifts and rounding terms, and whether the
+// branch-free int64 path is exact for every column.
+struct NextRequant {
+  std::vector<i64> e, r;
+  bool fast = true;
+  NextRequant(const i64* m, const i64* e_in, i64 C) : e(C), r(C) {
+    for (i64 c = 0; c < C; ++c) {
+      fast = fast && std::llabs(m[c]) <= (i64(1) << 21) && e_in[c] >= 1;
+      e[c] = cap_shift(e_in[c]);
+      r[c] = i64(1) << (e[c] - 1);
+    }
+  }
+};
+
+// Loops are kept branch-free and split by output so that gcc vectorises them (AVX-512: int64 multiplies and
+// per-lane arithmetic shifts).
 inline void ln_row(i64* q, const LNParams& P, bool zero_row, u8* out_u8, i64* out_q) {
   const i64 C = P.C;
   if (zero_row) {
@@ -241,21 +216,32 @@ inline void ln_row(i64* q, const LNParams& P, bool zero_row, u8* out_u8, i64* ou
   i64 var = 0;
   const int sh = (int)P.shift;
   for (i64 c = 0; c < C; ++c) {
-    q[c] -= mean;
-    const i64 ys = q[c] >> sh;
+    const i64 y = q[c] - mean;
+    q[c] = y;
+    const i64 ys = y >> sh;
     var += ys * ys;
   }
   i64 sd = isqrt_newton(var);
   if (sd < 1) sd = 1;
   sd <<= sh;
-  const i64 f = (i64(1) << 45) / sd;  // |y f| <= 2^45 sqrt(C)-ish: int64
-  for (i64 c = 0; c < C; ++c) {
-    const i64 yn = ((q[c] * f) >> 15) + P.bint[c];
-    if (out_q) out_q[c] = yn;
-    if (out_u8) {
-      const i64 v = requant_wide(yn, P.nm[c], (int)P.ne[c]);
-      out_u8[c] = (u8)(clampi(v, -P.nqmax, P.nqmax) + 128);
+  // |y| <= 2 sd (sd >= |floor(y / 2^shift)| 2^shift), so |y f| <= 2^46 and |yn| <= 2^31 + |b_int| <= 2^32.
+  const i64 f = (i64(1) << 45) / sd;
+  const i64* bint = P.bint;
+  for (i64 c = 0; c < C; ++c) q[c] = ((q[c] * f) >> 15) + bint[c];
+  if (out_q) std::copy(q, q + C, out_q);
+  if (!out_u8) return;
+  const i64 qm = P.nqmax;
+  if (P.fast) {
+    // |yn m| <= 2^53 < 2^61: (yn m + 2^(e-1)) >> e is exact in int64, and a shift capped at 62 gives the 0 every
+    // larger shift gives.
+    const i64 *nm = P.nm, *ne = P.ne, *nr = P.nr;
+    for (i64 c = 0; c < C; ++c) {
+      i64 v = (q[c] * nm[c] + nr[c]) >> ne[c];
+      v = v < -qm ? -qm : (v > qm ? qm : v);
+      out_u8[c] = (u8)(v + 128);
     }
+  } else {
+    for (i64 c = 0; c < C; ++c) out_u8[c] = (u8)(clampi(requant_wide(q[c], P.nm[c], (int)P.ne[c]), -qm, qm) + 128);
   }
 }
 
@@ -275,8 +261,11 @@ void resid_ln(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& m
   const bool want_u8 = out_u8.defined() && out_u8.numel() > 0;
   const bool want_q = out_q.defined() && out_q.numel() > 0;
   const bool want_q22 = out_q22.defined() && out_q22.numel() > 0;
-  LNParams P{C, shift, ln_bint.data_ptr<i64>(), want_u8 ? next_m.data_ptr<i64>() : nullptr,
-             want_u8 ? next_e.data_ptr<i64>() : nullptr, next_qmax};
+  const i64* nm = want_u8 ? next_m.data_ptr<i64>() : nullptr;
+  const i64* ne = want_u8 ? next_e.data_ptr<i64>() : nullptr;
+  const NextRequant NR(nm, ne, want_u8 ? C : 0);
+  const LNParams P{C, shift, ln_bint.data_ptr<i64>(), nm, NR.fast ? NR.e.data() : ne, NR.r.data(), next_qmax,
+                   NR.fast};
   u8* OU = want_u8 ? out_u8.data_ptr<u8>() : nullptr;
   i64* OQ = want_q ? out_q.data_ptr<i64>() : nullptr;
   i64* OQ22 = want_q22 ? out_q22.data_ptr<i64>() : nullptr;
@@ -318,8 +307,11 @@ void embed_ln(const at::Tensor& tokens, const at::Tensor& positions, const at::T
   const bool want_u8 = out_u8.defined() && out_u8.numel() > 0;
   const bool want_q = out_q.defined() && out_q.numel() > 0;
   const bool want_q16 = out_q16.defined() && out_q16.numel() > 0;
-  LNParams P{C, shift, ln_bint.data_ptr<i64>(), want_u8 ? next_m.data_ptr<i64>() : nullptr,
-             want_u8 ? next_e.data_ptr<i64>() : nullptr, next_qmax};
+  const i64* nm = want_u8 ? next_m.data_ptr<i64>() : nullptr;
+  const i64* ne = want_u8 ? next_e.data_ptr<i64>() : nullptr;
+  const NextRequant NR(nm, ne, want_u8 ? C : 0);
+  const LNParams P{C, shift, ln_bint.data_ptr<i64>(), nm, NR.fast ? NR.e.data() : ne, NR.r.data(), next_qmax,
+                   NR.fast};
   u8* OU = want_u8 ? out_u8.data_ptr<u8>() : nullptr;
   i64* OQ = want_q ? out_q.data_ptr<i64>() : nullptr;
   i64* OQ16 = want_q16 ? out_q16.data_ptr<i64>() : nullptr;
@@ -347,7 +339,10 @@ void embed_ln(const at::Tensor& tokens, const at::Tensor& positions, const at::T
 // i-GELU on the FC1 accumulator (+bias), then the fc2_act QuantAct(8) requant -> u8 (+128).
 // Per channel j (quant/nonlinear.int_gelu): the erf input u = |q| << k (k >= 0, saturated at -b_int) or |q| >> -k;
 // t = min(u, -b_int) + b_int; Y = max(0, (2^13 - c_int - t^2) >> 14); g = q (one - sgn(q) Y) (|g| < 2^51 for
-// |q| <= 2^32); the requant of g needs up to ~71-bit products and runs in the exact saturating split (requant_sat).
+// |q| <= 2^32); the requant of g needs up to ~71-bit products and runs in an exact saturating split: z is first
+// saturated at 2^(e + bits - 19) (beyond it the result saturates, |m| <= 2^20), then split z = zh 2^s + zl with
+// s = min(e - 1, 31): floor((zh m + 2^(e-1-s) + floor(zl m / 2^s)) / 2^(e-s)), every term below 2^62
+// (quant/primitives requant_clamp without identity).
 void gelu_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& k_sh, const at::Tensor& b_int,
              const at::Tensor& c_int, const at::Tensor& one, const at::Tensor& m, const at::Tensor& e, int64_t qmax,
              at::Tensor& out, at::Tensor& out_g) {
@@ -365,14 +360,28 @@ void gelu_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& k_
   const bool want_g = out_g.defined() && out_g.numel() > 0;
   i64* G = want_g ? out_g.data_ptr<i64>() : nullptr;
   const int bits = bit_width(qmax);
-  std::vector<i64> NB(N), SAT(N);
+  // Per-column constants, so that the element loops are branch-free (vectorised with AVX-512 int64 arithmetic).
+  // erf input: u = |q| > SAT ? -b_int : (|q| >> kr) << kl, kl = max(k, 0) (saturated at -b_int above SAT),
+  // kr = min(max(-k, 0), 63) (|q| < 2^63, so >> 63 gives the 0 of every larger shift).
+  // requant_sat split: z saturated at +-BD, s = min(e - 1, 31), rounding 2^(e-1-s), final shift e - s.
+  std::vector<i64> NB(N), SAT(N), KL(N), KR(N), BD(N), S1(N), RND(N), SH2(N);
   for (i64 j = 0; j < N; ++j) {
     check(std::llabs(Mm[j]) <= (i64(1) << 20), "gelu requant multiplier above 2^20");
+    check(E[j] >= 1, "gelu requant shift below 1");
     NB[j] = -BI[j];
-    const i64 k = KS[j] > 62 ? 62 : KS[j];
-    SAT[j] = k >= 0 ? (NB[j] >> k) : 0;  // |q| above this saturates the erf (k >= 0)
+    const i64 k = KS[j];
+    KL[j] = k > 0 ? (k > 62 ? 62 : k) : 0;
+    KR[j] = k < 0 ? (-k > 63 ? 63 : -k) : 0;
+    SAT[j] = k >= 0 ? (NB[j] >> KL[j]) : INT64_MAX;
+    const i64 ee = E[j] > 72 ? 72 : E[j];  // |z m| < 2^71 after the saturation: 0 for every larger shift too
+    const i64 bexp = ee + bits - 19;
+    BD[j] = bexp < 62 ? (i64(1) << (bexp > 0 ? bexp : 0)) : INT64_MAX;
+    S1[j] = ee - 1 < 31 ? ee - 1 : 31;
+    RND[j] = i64(1) << (ee - 1 - S1[j]);
+    SH2[j] = ee - S1[j];
   }
-  const i64 *pNB = NB.data(), *pSAT = SAT.data();
+  const i64 *pNB = NB.data(), *pSAT = SAT.data(), *pKL = KL.data(), *pKR = KR.data(), *pBD = BD.data(),
+            *pS1 = S1.data(), *pRND = RND.data(), *pSH2 = SH2.data();
 #pragma omp parallel num_threads(nthreads()) if (M * N >= kParallelMin)
   {
     std::vector<i64> gbuf(N);
@@ -384,43 +393,36 @@ void gelu_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& k_
       for (i64 j = 0; j < N; ++j) {
         const i64 q = i64(a[j]) + Bi[j];
         const i64 aq = q < 0 ? -q : q;
-        const i64 k = KS[j];
-        i64 u;
-        if (k >= 0) u = aq > pSAT[j] ? pNB[j] : (aq << k);
-        else u = -k >= 63 ? 0 : (aq >> -k);
-        const i64 t = (u < pNB[j] ? u : pNB[j]) - pNB[j];
-        // integer erf y = -sgn(q) Y, Y = max(0, floor((2^13 - c_int - t^2) / 2^14)) (rounded half away from 0)
+        const i64 nb = pNB[j];
+        const i64 u = aq > pSAT[j] ? nb : ((aq >> pKR[j]) << pKL[j]);
+        const i64 t = (u < nb ? u : nb) - nb;
+        // integer erf y = -sgn(q) Y, Y = max(0, floor((2^13 - c_int - t^2) / 2^14)); q = 0 gives g = 0 anyway
         i64 Y = (i64(8192) - CI[j] - t * t) >> 14;
         Y = Y > 0 ? Y : 0;
-        gb[j] = q * (ON[j] - (q > 0 ? Y : (q < 0 ? -Y : 0)));
+        gb[j] = q * (ON[j] - (q > 0 ? Y : -Y));
       }
       if (G) std::copy(gb, gb + N, G + i * N);
-      for (i64 j = 0; j < N; ++j) o[j] = (u8)(requant_sat(gb[j], Mm[j], E[j], bits, qmax) + 128);
+      for (i64 j = 0; j < N; ++j) {  // requant_sat, column constants hoisted
+        const i64 bd = pBD[j];
+        const i64 z = gb[j] < -bd ? -bd : (gb[j] > bd ? bd : gb[j]);
+        const i64 s1 = pS1[j];
+        const i64 zh = z >> s1;
+        const i64 zl = z - (zh << s1);
+        i64 v = (zh * Mm[j] + pRND[j] + ((zl * Mm[j]) >> s1)) >> pSH2[j];
+        v = v < -qmax ? -qmax : (v > qmax ? qmax : v);
+        o[j] = (u8)(v + 128);
+      }
     }
   }
-}
-
-// u8 (+128) <-> s8 helpers (used by tests / debug outputs and by the self-test).
-at::Tensor s8_to_u8(const at::Tensor& x) {
-  auto xc = x.contiguous();
-  auto out = at::empty(xc.sizes(), xc.options().dtype(at::kByte));
-  const int8_t* s = xc.data_ptr<int8_t>();
-  u8* o = out.data_ptr<u8>();
-  const i64 n = xc.numel();
-#pragma omp parallel for schedule(static) num_threads(nthreads()) if (n > (1 << 16))
-  for (i64 i = 0; i < n; ++i) o[i] = (u8)(s[i] ^ 0x80);
-  return out;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.def("requant_u8", &requant_u8);
   mod.def("requant_qkv", &requant_qkv);
   mod.def("softmax_u8", &softmax_u8);
   mod.def("requant_ctx", &requant_ctx);
   mod.def("resid_ln", &resid_ln);
   mod.def("embed_ln", &embed_ln);
   mod.def("gelu_u8", &gelu_u8);
-  mod.def("s8_to_u8", &s8_to_u8);
 }

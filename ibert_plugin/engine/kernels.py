@@ -59,7 +59,7 @@ def load(verbose: bool = False):
             _MOD = _load(
                 name="ibert_engine_kernels",
                 sources=[str(_SRC)],
-                extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
+                extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-ffp-contract=off"],
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(build_dir()),
                 verbose=verbose,
