@@ -10,8 +10,9 @@ Per layer (batch B, sequence T, M = B*T rows, u8 buffers hold s8 + 128):
 """
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -48,8 +49,10 @@ class IntegerEngine:
 
     Args:
         im: compiled integer model (:func:`convert.compile_model`).
-        threads: torch/OpenMP threads (fbgemm GEMMs and the fused kernels) and ORT intra-op threads of the ORT
-            linear routes; the attention GEMMs always run on one ORT thread.
+        threads: threads of every engine call: torch's OpenMP pool (fbgemm GEMMs and the fused kernels) is set to
+            this size for the duration of :meth:`encode` / :meth:`classify` and restored afterwards (the caller's
+            global setting is left alone); ORT intra-op threads of the ORT linear routes. The attention GEMMs always
+            run on one ORT thread.
         route: ``"auto"`` (the fastest exact route per weight among those that passed the self-test: fbgemm16 for
             ternary, fbgemm for 7-bit, u8u8 for full 8-bit), ``"ort"`` (ONNX Runtime only: u8s8 / u8u8), or
             ``"u8u8"`` (the exact 16-bit route for every weight).
@@ -62,21 +65,22 @@ class IntegerEngine:
             raise EngineError(f"unknown route {route!r} (choose {', '.join(self.ROUTE_CHOICES)})")
         self.im = im
         self.threads = int(threads or gemm.default_threads())
-        torch.set_num_threads(self.threads)
         self.K = kernels.load()
-        self.selftest = selftest.run(threads=self.threads)
+        with self._threads():
+            self.selftest = selftest.run(threads=self.threads)
         if not self.selftest.exact_ok:
             raise EngineError("integer GEMM self-test failed on this CPU: " + self.selftest.summary())
         allowed = self.selftest.fast_routes if route == "auto" else (
             ("u8s8",) if route == "ort" and self.selftest.ok.get("u8s8") else ())
-        self.layers = [_Layer(L, allowed, self.threads) for L in im.layers]
+        with self._threads():
+            self.layers = [_Layer(L, allowed, self.threads) for L in im.layers]
         # The attention GEMMs are small (0.2 GMAC per layer at batch 8): on one ORT thread they run ~35 % faster than on
         # ORT's own 2-thread pool, whose workers compete with torch's OpenMP workers (measured on the 2-core host).
         self.qk = gemm.BatchedGemm(128, 1)
         self.pv = gemm.BatchedGemm(0, 1)
         gemm.malloc_trim()
         self.D = im.tok_w.shape[1]
-        self._bufs: Dict[tuple, Dict[str, torch.Tensor]] = {}
+        self._store: Dict[str, torch.Tensor] = {}
         self.timings: Dict[str, float] = {}
         self.profile = False
 
@@ -106,29 +110,42 @@ class IntegerEngine:
             n += sum(nb(t) for t in im.head.values())
         return n
 
+    @contextlib.contextmanager
+    def _threads(self):
+        """torch's OpenMP pool at ``self.threads`` inside the block, the caller's size restored on exit."""
+        n0 = torch.get_num_threads()
+        if n0 != self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            if n0 != self.threads:
+                torch.set_num_threads(n0)
+
     def _buf(self, B: int, T: int) -> Dict[str, torch.Tensor]:
-        key = (B, T)
-        b = self._bufs.get(key)
-        if b is None:
-            D = self.D
-            H = self.im.layers[0].heads if self.im.layers else 1
-            dh = D // H
-            F = self.im.layers[0].fc1.w_int.shape[0] if self.im.layers else D
-            M = B * T
-            u8, i32 = torch.uint8, torch.int32
-            b = dict(
-                x=torch.empty(M, D, dtype=u8), h=torch.empty(M, D, dtype=u8), c=torch.empty(M, D, dtype=u8),
-                g=torch.empty(M, F, dtype=u8), acc_qkv=torch.empty(M, 3 * D, dtype=i32),
-                acc_d=torch.empty(M, D, dtype=i32), acc_f=torch.empty(M, F, dtype=i32),
-                q=torch.empty(B, H, T, dh, dtype=u8), kT=torch.empty(B, H, dh, T, dtype=u8),
-                v=torch.empty(B, H, T, dh, dtype=u8), scores=torch.empty(B, H, T, T, dtype=i32),
-                p=torch.empty(B, H, T, T, dtype=u8), ctx=torch.empty(B, H, T, dh, dtype=i32),
-                out_q=torch.empty(M, D, dtype=I64),
-            )
-            if len(self._bufs) > 8:
-                self._bufs.clear()
-            self._bufs[key] = b
-        return b
+        """Work buffers for a [B, T] batch: views of flat buffers kept at the largest size seen so far, so batches of
+        varying length reuse the same (already faulted-in) memory. Only internal state: nothing returned aliases
+        them."""
+        D = self.D
+        H = self.im.layers[0].heads if self.im.layers else 1
+        dh = D // H
+        F = self.im.layers[0].fc1.w_int.shape[0] if self.im.layers else D
+        M = B * T
+        u8, i32 = torch.uint8, torch.int32
+        shapes = dict(x=((M, D), u8), h=((M, D), u8), c=((M, D), u8), g=((M, F), u8),
+                      acc_qkv=((M, 3 * D), i32), acc_d=((M, D), i32), acc_f=((M, F), i32),
+                      q=((B, H, T, dh), u8), kT=((B, H, dh, T), u8), v=((B, H, T, dh), u8),
+                      scores=((B, H, T, T), i32), p=((B, H, T, T), u8), ctx=((B, H, T, dh), i32))
+        out = {}
+        for name, (shp, dt) in shapes.items():
+            n = 1
+            for d in shp:
+                n *= d
+            flat = self._store.get(name)
+            if flat is None or flat.numel() < n:
+                flat = self._store[name] = torch.empty(n, dtype=dt)
+            out[name] = flat[:n].view(shp)
+        return out
 
     def _t(self, name, t0):
         if self.profile:
@@ -142,19 +159,26 @@ class IntegerEngine:
     def encode(self, tokens: torch.Tensor, collect: bool = False):
         """Integer encoder. Returns ``(q_out int64 [B, T, D], s_out float32 [D], acts)`` where ``acts`` (only with
         ``collect``) maps ``"layers.{i}.{module}"`` / ``"embed_act"`` / ``"layernorm_embedding"`` to the integer
-        outputs of the QAT modules of the same names (int64, QAT layout B x T x ... / B x H x T x T)."""
+        outputs of the QAT modules of the same names (int64, QAT layout B x T x ... / B x H x T x T). ``q_out`` and
+        ``acts`` are fresh tensors (no view of the engine's reused work buffers)."""
         if tokens.dim() != 2:
             raise EngineError("tokens must be [batch, time]")
         tokens = tokens.to(I64).contiguous()
         V = self.im.tok_w.shape[0]
-        if int(tokens.max()) >= V or int(tokens.min()) < 0:
+        lo, hi = torch.aminmax(tokens) if tokens.numel() else (torch.zeros(()), torch.zeros(()))
+        if int(hi) >= V or int(lo) < 0:
             raise EngineError(f"token id out of range for a dictionary of {V} entries")
+        with self._threads():
+            return self._encode(tokens, collect)
+
+    def _encode(self, tokens: torch.Tensor, collect: bool):
         B, T = tokens.shape
         if T + self.im.padding_idx + 1 > self.im.pos_w.shape[0]:
             raise EngineError(f"sequence length {T} exceeds the model's {self.im.pos_w.shape[0] - self.im.padding_idx - 1} positions")
         K, im, D = self.K, self.im, self.D
         buf = self._buf(B, T)
         M = B * T
+        out_q = torch.empty(M, D, dtype=I64)
         acts: Dict[str, torch.Tensor] = {}
         pad = tokens.eq(im.padding_idx)
         pad_u8 = pad.to(torch.uint8).contiguous()
@@ -168,7 +192,7 @@ class IntegerEngine:
             nm, ne, xo = L0.in_m, L0.in_e, x
         else:
             nm, ne, xo = e, e, eu
-        last_q = buf["out_q"] if not im.layers else e
+        last_q = out_q if not im.layers else e
         q16 = torch.empty(M, D, dtype=I64) if collect else e
         qln = torch.empty(M, D, dtype=I64) if collect else last_q
         K.embed_ln(tokens.reshape(-1), positions.reshape(-1), pad_u8.reshape(-1), im.tok_w, im.pos_w, im.emb_tok_m,
@@ -178,7 +202,7 @@ class IntegerEngine:
             acts["embed_act"] = q16.view(B, T, D).clone()
             acts["layernorm_embedding"] = qln.view(B, T, D).clone()
             if not im.layers:
-                buf["out_q"].copy_(qln)
+                out_q.copy_(qln)
         t0 = self._t("embed", t0)
         qmax8 = 2 ** (im.act_bits - 1) - 1
         qmax22 = 2 ** (im.residual_bits - 1) - 1
@@ -232,26 +256,19 @@ class IntegerEngine:
             t0 = self._t("gemm_fc2", t0)
             last = i == nL - 1
             if last:
-                nm, ne, xo, oq = e, e, eu, buf["out_q"]
+                nm, ne, xo, oq = e, e, eu, out_q
             else:
                 Ln = self.layers[i + 1].L
                 nm, ne, xo, oq = Ln.in_m, Ln.in_e, x, (torch.empty(M, D, dtype=I64) if collect else e)
             q22 = torch.empty(M, D, dtype=I64) if collect else e
-            # the next layer's input overwrites x only after this kernel has read it? no: the residual is h, x is free
+            # the residual here is h, so x is free for the next layer's input
             K.resid_ln(buf["acc_d"], lay.bias["fc2"], L.fr_m, L.fr_e, h, L.fr_id_m, L.fr_id_e, qmax22, L.ffn_ln.shift,
                        L.ffn_ln.b_int, nm, ne, qmax8, xo, oq, q22)
             t0 = self._t("resid_ln", t0)
             if collect:
                 acts[pre + "ffn_residual_act"] = q22.view(B, T, D)
                 acts[pre + "final_layer_norm"] = oq.view(B, T, D).clone()
-        out = buf["out_q"].view(B, T, D)
-        return out.clone() if collect else out, im.s_out, acts
-
-    @torch.no_grad()
-    def features(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Real encoder output ``float(q * S)`` (float64 product, one rounding), as the QAT model hands its head."""
-        q, s, _ = self.encode(tokens)
-        return dequantize(q.to(torch.float64), s)
+        return out_q.view(B, T, D), im.s_out, acts
 
     @torch.no_grad()
     def classify(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -263,3 +280,42 @@ class IntegerEngine:
         hd = self.im.head
         x = torch.tanh(torch.nn.functional.linear(x, hd["dense.weight"], hd["dense.bias"]))
         return torch.nn.functional.linear(x, hd["out_proj.weight"], hd["out_proj.bias"])
+
+    @torch.no_grad()
+    def predict_batches(self, rows: Sequence[Sequence[int]], batch_size: int) -> torch.Tensor:
+        """Logits for token-id rows of mixed lengths, batched by length (the fast path for real sentences).
+
+        The rows are sorted by length and cut into batches of ``batch_size``, each right-padded with the model's
+        padding index to its own longest row, so almost no padding is computed; the logits come back in input order.
+        A row's encoder integers do not depend on what it is batched with (padding keys get probability 0, every
+        other op is per row), so they equal those of :meth:`classify` on any batching of the same rows; the float
+        head on top may differ in the last bits only (BLAS blocking depends on the batch size).
+
+        Args:
+            rows: token ids per sentence (lists or 1-D integer tensors, without padding), each non-empty.
+            batch_size: rows per batch (>= 1).
+
+        Returns:
+            logits ``[len(rows), num_classes]`` (dtype of :meth:`classify`), row ``i`` for ``rows[i]``.
+        """
+        if batch_size < 1:
+            raise EngineError("batch_size must be >= 1")
+        if not self.im.head:
+            raise EngineError("the model has no classification head")
+        rows = [torch.as_tensor(r, dtype=I64).reshape(-1) for r in rows]
+        if any(r.numel() == 0 for r in rows):
+            raise EngineError("empty token row")
+        order = sorted(range(len(rows)), key=lambda i: rows[i].numel())
+        pad = self.im.padding_idx
+        logits = []
+        for s in range(0, len(order), batch_size):
+            idx = order[s: s + batch_size]
+            toks = torch.full((len(idx), rows[idx[-1]].numel()), pad, dtype=I64)
+            for j, i in enumerate(idx):
+                toks[j, : rows[i].numel()] = rows[i]
+            logits.append(self.classify(toks))
+        if not logits:
+            return torch.empty(0, self.im.head["out_proj.weight"].shape[0])
+        out = torch.empty_like(torch.cat(logits))
+        out[torch.tensor(order)] = torch.cat(logits)
+        return out
