@@ -36,7 +36,7 @@ def _compare(wb):
     """(number of hooked outputs, {module: differing integers}, QAT logits, engine logits, layer-0 routes)."""
     d, calib, test = _data()
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the engine sets torch's pool size anyway; one thread keeps a loaded host predictable
+    torch.set_num_threads(1)  # QAT forwards: many small ops crawl in a 2-thread OpenMP pool on a busy host
     try:
         model = mh.calibrate(mh.minilm_model(d, wb), calib)
         eng = convert.from_model(model, threads=1)

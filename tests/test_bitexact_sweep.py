@@ -36,7 +36,7 @@ def _sweep(wb):
                                                                         "--weight-bits", wb])
     res = {}
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the engine sets torch's pool size anyway; one thread suits tiny shapes on a busy host
+    torch.set_num_threads(1)  # tiny shapes: many small ops crawl in a 2-thread OpenMP pool on a busy host
     try:
         for seed in SEEDS:
             res[seed] = _one_seed(template, d, seed)
