@@ -12,8 +12,9 @@ CPU schedule (default, about an hour on 2 cores; the update caps are the budget)
 windows (lr 1e-4; ~10 % of an epoch), TernaryBERT TWN W2A8 with prediction + intermediate distillation 60 updates
 (lr 5e-5), I-BERT QAT 16 updates (lr 1e-6), then the integer engine on the INT8 checkpoint. Cost per training window
 measured on the loaded 2-core host in the ``--quick`` run: FP 1.8 s, W2A8 4.5 s, I-BERT QAT 6 s (load ~9; a quiet
-host is ~4x faster), which sets these caps. ``--quick`` is a smoke run of a few
-minutes (tiny schedule, 1 dev article) that checks the pipeline, not the accuracy.
+host is ~4x faster), which sets these caps. ``--quick`` is a smoke run (tiny schedule,
+1 dev article: 21 min on the host at load ~10, a few minutes on a quiet one) that checks the pipeline, not the
+accuracy.
 
 Full schedule on a GPU (whole train set, whole official dev set, TernaryBERT's epochs)::
 

@@ -7,7 +7,7 @@ official predictions JSON (``{qid: text}``; v2.0 also ``null_odds.json``) and re
 Back-ends (each a function ``tokens int64 [B, T] -> (start [B, T], end [B, T])``):
 
 * :func:`model_logits`: a fairseq ``ibert_roberta`` model (FP, TernaryBERT, I-BERT QAT) in eval mode, with its
-  ``squad_span`` head;
+  ``squad_span`` head, on the model's device;
 * :func:`engine_logits`: the integer engine (:class:`ibert_plugin.engine.engine.IntegerEngine`) on a symmetric-mode
   model: ``IntegerEngine.encode`` returns the final integer hidden states ``q int64 [B, T, D]`` and their per-channel
   scale ``s float32 [D]``; the float span head runs on ``q * s`` (formed in float64, rounded to float32 once,
@@ -37,10 +37,14 @@ def model_logits(model, padding_idx: int) -> LogitsFn:
         raise ValueError(f"the model has no '{SPAN_HEAD}' head (train it with --task squad)")
     head = model.classification_heads[SPAN_HEAD]
 
+    device = next(model.parameters()).device
+
     @torch.no_grad()
     def fn(tokens):
+        tokens = tokens.to(device)
         features, _ = model(tokens, features_only=True)
-        return span_logits(head, features, tokens.eq(padding_idx))
+        start, end = span_logits(head, features, tokens.eq(padding_idx))
+        return start.cpu(), end.cpu()
 
     return fn
 

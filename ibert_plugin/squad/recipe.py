@@ -186,6 +186,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         raise RecipeError(f"{a.tok_dir}/dict.txt not found (build it with python -m ibert_plugin.assets build, or "
                           "pass --tokenizer_dir)")
     a.out = Path(a.output_dir or REPO / "outputs" / "squad" / f"{a.task}-{a.arch}").resolve()
+    a.eval_device = "cpu"
+    if not a.cpu:
+        import torch
+
+        a.eval_device = "cuda" if torch.cuda.is_available() else "cpu"
     return a
 
 
@@ -243,12 +248,6 @@ def _fairseq_train() -> List[str]:
     return [str(exe)] if exe.is_file() else [sys.executable, "-m", "fairseq_cli.train"]
 
 
-def _use_cpu(a) -> bool:
-    import torch
-
-    return a.cpu or not torch.cuda.is_available()
-
-
 def train_command(a, stage: str, save_dir: Path, restore: Optional[Path], n_windows: int) -> List[str]:
     """The ``fairseq-train`` argv of one training stage (fp, ternary or ibert)."""
     lr, epochs = {"fp": (a.learning_rate, a.num_train_epochs), "ternary": (a.ternary_learning_rate, a.ternary_epochs),
@@ -293,7 +292,7 @@ def train_command(a, stage: str, save_dir: Path, restore: Optional[Path], n_wind
         cmd += ["--pred-distill"] * a.pred_distill + ["--intermediate-distill"] * a.intermediate_distill
     if restore is not None:
         cmd += ["--finetune-from-model", str(restore)]
-    if _use_cpu(a):
+    if a.eval_device == "cpu":
         cmd.append("--cpu")
     return cmd
 
@@ -342,14 +341,15 @@ def _score(a, logits_fn, tok, out_dir: Path, extra: Optional[dict] = None) -> di
     return rec
 
 
-def _load_model(path: Path, dict_size: int):
+def _load_model(path: Path, dict_size: int, device: str = "cpu"):
+    """Checkpoint or packed file -> eval-mode model on ``device`` (the engine needs ``cpu``)."""
     from ..wiring.checkpoint import load_checkpoint_model, load_packed_model
 
     model = load_packed_model(path) if path.name.endswith("packed.pt") else load_checkpoint_model(str(path))[0]
     rows = model.encoder.sentence_encoder.embed_tokens.weight.shape[0]
     if rows != dict_size:
         raise RecipeError(f"{path}: embedding table has {rows} rows, the dictionary {dict_size}")
-    return model.eval()
+    return model.to(device).eval()
 
 
 def main(argv: Sequence[str]) -> dict:
@@ -394,7 +394,7 @@ def main(argv: Sequence[str]) -> dict:
                 tok, dict_ = _tokenizer(a)
             from .evaluate import model_logits
 
-            model = _load_model(best, len(dict_))
+            model = _load_model(best, len(dict_), a.eval_device)
             stages[stage] = _score(a, model_logits(model, dict_.pad()), tok, d,
                                    {"checkpoint": str(best), "train_seconds": round(time.time() - t0, 1)})
         elif a.dry_run:
@@ -413,7 +413,7 @@ def main(argv: Sequence[str]) -> dict:
                 tok, dict_ = _tokenizer(a)
             from .evaluate import model_logits
 
-            model = _load_model(packed, len(dict_))
+            model = _load_model(packed, len(dict_), a.eval_device)
             stages[stage] = _score(a, model_logits(model, dict_.pad()), tok, d,
                                    {"packed_model": str(packed), "packed_bytes": packed.stat().st_size,
                                     "checkpoint_bytes": src.stat().st_size})
