@@ -58,3 +58,19 @@ def test_hf_wordpiece_bpe_roundtrip():
     assert bpe.decode(enc) == "a boring mess of a movie."
     assert not bpe.is_beginning_of_word("##ss") and bpe.is_beginning_of_word("me")
     assert bpe.encode("zebra") == "[UNK]"
+
+
+def test_hf_wordpiece_flags_parse_through_fairseq_argparse(tmp_path):
+    """``--bpe hf_wordpiece --wordpiece-vocab V`` on fairseq's own command-line path (the dataclass fields are turned
+    into argparse options from their runtime type annotations, which string annotations would break)."""
+    from fairseq import options
+    from fairseq.data.encoders import build_bpe
+
+    import ibert_plugin.assets.wordpiece_bpe  # noqa: F401  (registers hf_wordpiece)
+
+    vocab = str(FIX / "wordpiece_tiny" / "vocab.txt")
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [str(tmp_path), "--arch", "roberta_base", "--task", "masked_lm",
+                                                "--bpe", "hf_wordpiece", "--wordpiece-vocab", vocab])
+    assert args.wordpiece_vocab == vocab and args.wordpiece_lowercase == "auto"
+    assert build_bpe(args).encode("A boring MESS") == "a boring me ##ss"

@@ -12,7 +12,6 @@ itself, and the importer maps ``[CLS]``/``[SEP]``/``[PAD]``/``[UNK]`` onto fairs
 ``<pad>``/``<unk>``. An unknown word comes out as ``[UNK]``, which is not in ``dict.txt`` and therefore maps to
 ``<unk>`` in ``Dictionary.encode_line`` -- the same row as BERT's ``[UNK]``.
 """
-from __future__ import annotations
 
 import json
 import os
