@@ -185,7 +185,8 @@ def test_blocker_blocks_fairseq(tmp_path):
 
 
 def _checkpoint_logits(ckpt, data, sentences, batch_size):
-    """Engine (from the checkpoint) logits and QAT logits on fairseq-encoded ``<s> sentence </s>`` rows."""
+    """Engine (from the checkpoint) logits (``predict_batches``, as ``predict``) and QAT logits on fairseq-encoded
+    ``<s> sentence </s>`` rows."""
     from fairseq.data import Dictionary, data_utils
 
     from ibert_plugin.engine import convert
@@ -194,13 +195,12 @@ def _checkpoint_logits(ckpt, data, sentences, batch_size):
     d.add_symbol("<mask>")
     rows = [torch.cat([torch.tensor([d.bos()]), d.encode_line(s, add_if_not_exist=False).long()]) for s in sentences]
     eng, model, _ = convert.from_checkpoint(str(ckpt), threads=1)
-    eng_l, qat_l = [], []
+    qat_l = []
     with torch.no_grad():
         for s in range(0, len(rows), batch_size):
             toks = data_utils.collate_tokens(rows[s: s + batch_size], d.pad(), left_pad=False)
-            eng_l.append(eng.classify(toks))
             qat_l.append(model(toks, features_only=True, classification_head_name="sentence_classification_head")[0])
-    return torch.cat(eng_l), torch.cat(qat_l)
+    return eng.predict_batches(rows, batch_size), torch.cat(qat_l)
 
 
 def test_predict_from_model_file_without_fairseq_is_bit_exact(trained, model_int, tmp_path):

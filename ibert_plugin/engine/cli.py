@@ -334,11 +334,8 @@ def _predict(args):
                                   f"got {len(f)}")
         cols = [list(c) for c in zip(*fields)]
     names = mf.labels or [str(i) for i in range(mf.header["arch"]["num_classes"])]
-    probs = []
-    with torch.no_grad():
-        for toks in text.batches(_encode(text, cols), args.batch_size):
-            probs.append(torch.softmax(eng.classify(toks).double(), dim=-1))
-    probs = torch.cat(probs)
+    # batched by length (little padding), results in input order
+    probs = torch.softmax(eng.predict_batches(_encode(text, cols), args.batch_size).double(), dim=-1)
     pred = probs.argmax(-1).tolist()
     out_lines = []
     if args.format == "tsv":
