@@ -278,8 +278,9 @@ class IntegerEngine:
         q, s, _ = self.encode(tokens)
         x = dequantize(q[:, 0, :].to(torch.float64), s)
         hd = self.im.head
-        x = torch.tanh(torch.nn.functional.linear(x, hd["dense.weight"], hd["dense.bias"]))
-        return torch.nn.functional.linear(x, hd["out_proj.weight"], hd["out_proj.bias"])
+        with self._threads():  # the float head too: its BLAS blocking (last bits) depends on the pool size
+            x = torch.tanh(torch.nn.functional.linear(x, hd["dense.weight"], hd["dense.bias"]))
+            return torch.nn.functional.linear(x, hd["out_proj.weight"], hd["out_proj.bias"])
 
     @torch.no_grad()
     def predict_batches(self, rows: Sequence[Sequence[int]], batch_size: int) -> torch.Tensor:
