@@ -21,10 +21,11 @@ using i32 = int32_t;
 using u8 = uint8_t;
 
 inline int nthreads() { return std::max(1, at::get_num_threads()); }
-// Below this many elements a kernel runs on one thread: for tiny inputs an OpenMP barrier costs more than the work
-// (and on a loaded host a descheduled worker turns each barrier into a scheduler quantum). 2^15 elements are
-// 0.1-0.3 ms of work, well above a barrier; real sentences (~25 tokens) at batch 8 are 2^16-2^18-element calls.
-constexpr int64_t kParallelMin = int64_t(1) << 15;
+// Below this many elements a kernel runs on one thread: at batch 1 an OpenMP barrier costs more than the work,
+// and on a loaded host a descheduled worker turns each barrier into a scheduler quantum (measured with
+// benchmarks/engine_profile.py at load ~9 on 2 cores: a threshold of 2^15 made resid_ln / softmax / requant 5-20x
+// slower on real ~25-token batches than one thread).
+constexpr int64_t kParallelMin = int64_t(1) << 19;
 
 // floor((z * m + 2^(e-1)) / 2^e), exact; int128 only when the product may exceed 63 bits.
 inline i64 requant_wide(i64 z, i64 m, int e) {
