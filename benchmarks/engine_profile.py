@@ -1,0 +1,241 @@
+"""Where the integer engine's time goes, per op, next to the FP32 PyTorch forward of the same weights.
+
+Cases (``--shapes``):
+
+* ``minilm``: the imported MiniLM (6 x 384, FFN 1536, 12 heads) calibrated on RT-SENT train sentences, on the first
+  ``--dev-sentences`` RT-SENT dev sentences (the demo's engine-stage inputs, tokenized as the demo does) in batches
+  of ``--real-batches`` (8 and 32), either in file order padded to each batch's longest row (``--order file``) or
+  through ``IntegerEngine.predict_batches``'s length buckets (``--order length``).
+* ``base``: a random-weight ``ibert_roberta_base`` (``--layers``), random tokens, seq ``--seq`` 128, batch 8.
+
+Models and the FP32 twin come from ``benchmarks/integer_engine.py`` (the same calibration and the same plain FP32
+encoder). Per op the engine's kernel module and GEMM objects are wrapped by timers (a wrapper costs ~1 us a call); a
+call's time is charged to its op: ``gemm_qkv`` / ``gemm_out`` / ``gemm_fc1`` / ``gemm_fc2`` (with the route named),
+``attention`` (fused QK^T + i-softmax + P.V + requant; or its parts where the engine calls them separately),
+``requant_qkv``, ``resid_ln``, ``gelu``, ``embed_ln``; ``python`` is the rest of ``encode`` (argument checks,
+views, glue between calls). Both clocks are recorded per repetition: wall (``perf_counter``) and the process's CPU
+time (``process_time``, all threads; it includes OpenMP workers' spin-waits but not time spent descheduled, so on a
+loaded host it is the steadier of the two). Reported: the median over ``--reps`` repetitions; FP32 and engine
+alternate inside each repetition.
+
+    python benchmarks/engine_profile.py [--threads 2] [--reps 5] [--cases 7bit ternary] [--shapes minilm base]
+                                        [--order file length]
+    python benchmarks/engine_profile.py --quick          # 2 layers of base, 64 dev sentences, 2 repetitions
+
+Prints a table per case, then ONE JSON object as the last line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+sys.path.insert(0, os.path.abspath(os.path.dirname(__file__)))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+import integer_engine as IE  # noqa: E402  (benchmarks/integer_engine.py: models, calibration, FP32 twin)
+
+from ibert_plugin.engine import EngineError, convert, gemm  # noqa: E402
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+class _Timer:
+    """Accumulates wall and CPU seconds per op name."""
+
+    def __init__(self):
+        self.t = {c: defaultdict(float) for c in CLOCKS}
+        self.calls = defaultdict(int)
+
+    def wrap(self, name, fn):
+        def timed(*a, **k):
+            w0, c0 = time.perf_counter(), time.process_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.t["wall"][name] += time.perf_counter() - w0
+                self.t["cpu"][name] += time.process_time() - c0
+                self.calls[name] += 1
+        return timed
+
+
+class _KernelProxy:
+    """The kernel module with every function timed under its own name (``softmax_u8`` etc.)."""
+
+    OP = {"softmax_u8": "attention", "requant_ctx": "attention", "attention_u8": "attention"}
+
+    def __init__(self, K, timer):
+        self._K, self._timer = K, timer
+
+    def __getattr__(self, name):
+        return self._timer.wrap(self.OP.get(name, name), getattr(self._K, name))
+
+
+def instrument(eng, timer):
+    """Wrap the engine's kernels and GEMM objects; returns a function that undoes it."""
+    saved = [(eng, "K", eng.K)]
+    eng.K = _KernelProxy(eng.K, timer)
+    for lay in eng.layers:
+        for k in ("qkv", "o", "fc1", "fc2"):
+            g = getattr(lay, k)
+            saved.append((lay, k, g))
+            setattr(lay, k, timer.wrap(f"gemm_{'out' if k == 'o' else k} [{g.route}]", g))
+    for k in ("qk", "pv"):
+        if hasattr(eng, k):
+            saved.append((eng, k, getattr(eng, k)))
+            setattr(eng, k, timer.wrap("attention", getattr(eng, k)))
+
+    def undo():
+        for obj, k, v in saved:
+            setattr(obj, k, v)
+    return undo
+
+
+def length_batches(rows, bs, pad):
+    """The batches ``IntegerEngine.predict_batches`` forms: rows sorted by length, ``bs`` at a time, right-padded."""
+    order = sorted(range(len(rows)), key=lambda i: rows[i].numel())
+    out = []
+    for s in range(0, len(order), bs):
+        idx = order[s: s + bs]
+        t = torch.full((len(idx), rows[idx[-1]].numel()), pad, dtype=torch.int64)
+        for j, i in enumerate(idx):
+            t[j, : rows[i].numel()] = rows[i]
+        out.append(t)
+    return out
+
+
+def profile_case(eng, fp, batches, reps, order, rows=None, bs=None):
+    """Median per-op engine seconds (both clocks), median engine / FP32 totals, per-rep ratios."""
+    def eng_run():
+        if order == "length":
+            eng.predict_batches(rows, bs)
+        else:
+            for b in batches:
+                eng.encode(b)
+
+    with torch.no_grad():
+        for b in batches[:2]:
+            fp(b)
+        eng_run()
+        per_rep, tot = [], {c: {"fp32": [], "int": []} for c in CLOCKS}
+        for _ in range(reps):
+            w0, c0 = time.perf_counter(), time.process_time()
+            for b in batches:
+                fp(b)
+            w1, c1 = time.perf_counter(), time.process_time()
+            timer = _Timer()
+            undo = instrument(eng, timer)
+            try:
+                eng_run()
+            finally:
+                undo()
+            w2, c2 = time.perf_counter(), time.process_time()
+            tot["wall"]["fp32"].append(w1 - w0)
+            tot["wall"]["int"].append(w2 - w1)
+            tot["cpu"]["fp32"].append(c1 - c0)
+            tot["cpu"]["int"].append(c2 - c1)
+            for c in CLOCKS:
+                timer.t[c]["python"] = tot[c]["int"][-1] - sum(timer.t[c].values())
+            per_rep.append(timer)
+    ops = sorted({k for t in per_rep for k in t.t["wall"]}, key=lambda k: -statistics.median(
+        t.t["wall"].get(k, 0.0) for t in per_rep))
+    med = {c: {k: statistics.median(t.t[c].get(k, 0.0) for t in per_rep) for k in ops} for c in CLOCKS}
+    calls = {k: per_rep[0].calls.get(k, 0) for k in ops}
+    ratios = {c: [f / i for f, i in zip(tot[c]["fp32"], tot[c]["int"])] for c in CLOCKS}
+    return med, calls, tot, ratios
+
+
+def report(label, med, calls, tot, ratios, n_sent):
+    wall_int = statistics.median(tot["wall"]["int"])
+    cpu_int = statistics.median(tot["cpu"]["int"])
+    print(f"\n== {label}: {n_sent} sentences; engine {1000 * wall_int:.1f} ms wall / {1000 * cpu_int:.1f} ms CPU, "
+          f"FP32 {1000 * statistics.median(tot['wall']['fp32']):.1f} ms wall / "
+          f"{1000 * statistics.median(tot['cpu']['fp32']):.1f} ms CPU; FP32/engine median wall "
+          f"x{statistics.median(ratios['wall']):.2f} [{min(ratios['wall']):.2f}, {max(ratios['wall']):.2f}], CPU "
+          f"x{statistics.median(ratios['cpu']):.2f} [{min(ratios['cpu']):.2f}, {max(ratios['cpu']):.2f}]")
+    print(f"  {'op':28s} {'calls':>6s} {'wall ms':>9s} {'wall %':>7s} {'cpu ms':>9s} {'cpu %':>7s}")
+    for k in med["wall"]:
+        print(f"  {k:28s} {calls.get(k, 0):6d} {1000 * med['wall'][k]:9.2f} {100 * med['wall'][k] / wall_int:6.1f}% "
+              f"{1000 * med['cpu'][k]:9.2f} {100 * med['cpu'][k] / cpu_int:6.1f}%")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--cases", nargs="+", choices=list(IE.WEIGHTS), default=["7bit", "ternary"])
+    ap.add_argument("--shapes", nargs="+", choices=["minilm", "base"], default=["minilm", "base"])
+    ap.add_argument("--order", nargs="+", choices=["file", "length"], default=["file"],
+                    help="minilm: batches in file order, and/or IntegerEngine.predict_batches' length buckets")
+    ap.add_argument("--real-batches", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--dev-sentences", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=12, help="base: encoder layers")
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=8, help="base: batch size")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.layers, args.reps, args.dev_sentences = 2, 2, 64
+    for name in ("threads", "reps", "layers", "seq", "dev_sentences", "batch"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if min(args.real_batches) < 1:
+        ap.error("batch sizes must be >= 1")
+    torch.set_num_threads(args.threads)
+    gemm.set_default_threads(args.threads)
+    results = []
+    ns = argparse.Namespace(threads=args.threads, route="auto")
+    try:
+        if "minilm" in args.shapes:
+            d, calib, dev, state, lengths = IE._minilm_data(args.dev_sentences, args.real_batches)
+            rows = [r[r.ne(d.pad())] for b in dev[args.real_batches[0]] for r in b]
+            for case in args.cases:
+                model = IE.minilm_model(IE.WEIGHTS[case][0], d, state, calib)
+                eng, fp = IE.convert_both(model, ns)
+                for b, order in [(b, o) for b in args.real_batches for o in args.order]:
+                    # FP32 gets the batches predict_batches forms (same buckets) when the engine runs length-sorted
+                    fb = dev[b] if order == "file" else length_batches(rows, b, d.pad())
+                    med, calls, tot, ratios = profile_case(eng, fp, fb, args.reps, order, rows, b)
+                    label = f"minilm {case} ({IE.WEIGHTS[case][1]}) batch {b} order {order}"
+                    report(label, med, calls, tot, ratios, len(rows))
+                    results.append(dict(shape="minilm", case=case, batch=b, order=order, med=med, calls=calls,
+                                        ratio_wall=ratios["wall"], ratio_cpu=ratios["cpu"],
+                                        int_wall_ms=1000 * statistics.median(tot["wall"]["int"]),
+                                        fp32_wall_ms=1000 * statistics.median(tot["wall"]["fp32"]),
+                                        mean_len=statistics.mean(lengths)))
+                del model, eng, fp
+        if "base" in args.shapes:
+            for case in args.cases:
+                model = IE.base_model(IE.WEIGHTS[case][0], args.layers, args.seq)
+                eng, fp = IE.convert_both(model, ns)
+                toks = [IE._random_tokens(args.batch, args.seq, IE.BASE_DIMS["vocab"], seed=100 + args.batch)]
+                med, calls, tot, ratios = profile_case(eng, fp, toks, args.reps, "file")
+                report(f"roberta_base {case} ({IE.WEIGHTS[case][1]}) {args.layers} layers seq {args.seq} batch "
+                       f"{args.batch}", med, calls, tot, ratios, args.batch)
+                results.append(dict(shape="base", case=case, batch=args.batch, layers=args.layers, med=med,
+                                    calls=calls, ratio_wall=ratios["wall"], ratio_cpu=ratios["cpu"],
+                                    int_wall_ms=1000 * statistics.median(tot["wall"]["int"]),
+                                    fp32_wall_ms=1000 * statistics.median(tot["wall"]["fp32"])))
+                del model, eng, fp
+    except EngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for r in results:
+        r["med"] = {c: {k: round(1000 * v, 3) for k, v in r["med"][c].items()} for c in r["med"]}
+        for c in ("wall", "cpu"):
+            v = r.pop(f"ratio_{c}")
+            r[f"speedup_{c}"] = dict(median=round(statistics.median(v), 3), min=round(min(v), 3),
+                                     max=round(max(v), 3))
+    print(json.dumps(dict(benchmark="engine_profile", threads=args.threads, reps=args.reps, load=os.getloadavg(),
+                          units="ms (median over repetitions)", results=results)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
