@@ -3,7 +3,7 @@
 The QAT side is recorded, not recomputed: during an eval forward of the calibrated model, the arguments of the integer
 kernels the modules call (``requant_clamp``'s dyadic ``(m, e)``, ``exact_int_matmul``'s integer weights and 32-bit
 bias, the i-GELU / i-exp / IntLayerNorm constants handed to their autograd functions) and every module's output scale
-are captured per module; the compiled :class:`~ibert_plugin.engine.convert.IntModel` must hold exactly those values
+are captured per module; the compiled :class:`~ibert_plugin.engine.intmodel.IntModel` must hold exactly those values
 (``torch.equal``). Models: tiny ``ibert_roberta`` (2 x 64) with ``model_helpers.perturb`` (non-zero and large
 biases, gamma of both signs and exact zeros, beta, log-normal channel scales; some FC1 accumulator scales near
 1e-6), calibrated on padded batches of mixed lengths, 8-bit / 7-bit / ternary weights by seed. Every fifth seed also

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from . import EngineError, gemm, kernels, selftest
-from .convert import IntModel
+from .intmodel import IntModel
 from ..quant.primitives import dequantize
 
 I64 = torch.int64

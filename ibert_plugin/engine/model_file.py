@@ -1,6 +1,6 @@
 """IBERT-INT: the integer engine's model file (format version 1, ``docs/integer_model_format.md``).
 
-One safetensors file. Its tensors are every tensor of the compiled :class:`convert.IntModel` (int8 weights, int64
+One safetensors file. Its tensors are every tensor of the compiled :class:`intmodel.IntModel` (int8 weights, int64
 biases and dyadic multipliers/shifts, float32 scales, the i-exp tables, the float classification head) under their
 dotted field paths (``model.layers.3.qkv.w_int``), plus the tokenizer as UTF-8 byte tensors (``vocab.tokenizer``,
 ``vocab.dictionary``). Its ``__metadata__`` holds ``format = "IBERT-INT"``, ``version = "1"`` and ``header``: one JSON
@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from . import EngineError
-from .convert import IntModel
+from .intmodel import IntModel
 from .tokenizer import TextEncoder
 
 FORMAT_NAME = "IBERT-INT"
