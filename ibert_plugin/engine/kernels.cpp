@@ -22,10 +22,11 @@ using u8 = uint8_t;
 
 inline int nthreads() { return std::max(1, at::get_num_threads()); }
 // Below this many elements a kernel runs on one thread: at batch 1 an OpenMP barrier costs more than the work,
-// and on a loaded host a descheduled worker turns each barrier into a scheduler quantum (measured with
-// benchmarks/engine_profile.py at load ~9 on 2 cores: a threshold of 2^15 made resid_ln / softmax / requant 5-20x
-// slower on real ~25-token batches than one thread).
-constexpr int64_t kParallelMin = int64_t(1) << 19;
+// and on a loaded host a descheduled (or spinning) worker turns each barrier into a scheduler quantum. Measured with
+// benchmarks/engine_profile.py at load ~9 on 2 cores: with 2^15, and at batch 32 with 2^19, resid_ln / softmax /
+// requant ran 5-20x slower per element than on one thread; these kernels cost ~1 ns per element, so below 2^21
+// elements (~2 ms of work) the second thread gains little even on a quiet host.
+constexpr int64_t kParallelMin = int64_t(1) << 21;
 
 // floor((z * m + 2^(e-1)) / 2^e), exact; int128 only when the product may exceed 63 bits.
 inline i64 requant_wide(i64 z, i64 m, int e) {
