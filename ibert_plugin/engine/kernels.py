@@ -3,7 +3,8 @@
 
 Built on first use with ``torch.utils.cpp_extension.load`` (kernels: ``-O3 -march=native -fopenmp``; fbgemm GEMMs:
 ``-O2 -fopenmp``, fbgemm dispatches on the CPU itself) into
-``<repo>/build/<name>_<cpu tag>`` (or ``$IBERT_ENGINE_BUILD_DIR/<name>``); later imports reuse the cached build
+``<repo>/build/<name>_<cpu tag>`` in a source checkout, ``~/.cache/ibert_plugin/<name>_<cpu tag>`` for an installed
+package (or ``$IBERT_ENGINE_BUILD_DIR/<name>``); later imports reuse the cached build
 (ninja rebuilds only when the source or flags change). ``-march=native`` makes the build CPU-specific, so the build
 directory name carries a hash of the CPU flags.
 """
@@ -38,7 +39,7 @@ def build_dir(name: str = "ibert_engine_kernels") -> Path:
     env = os.environ.get("IBERT_ENGINE_BUILD_DIR")
     if env:
         d = Path(env) / name
-    elif os.access(_REPO, os.W_OK):
+    elif (_REPO / "setup.py").is_file() and os.access(_REPO, os.W_OK):  # a source checkout, not site-packages
         d = _REPO / "build" / f"{name}_{_cpu_tag()}"
     else:
         d = Path.home() / ".cache" / "ibert_plugin" / f"{name}_{_cpu_tag()}"
