@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from fairseq import checkpoint_utils
 from fairseq.criterions import register_criterion
 from fairseq.criterions.sentence_prediction import SentencePredictionConfig, SentencePredictionCriterion
+from fairseq.dataclass import FairseqDataclass
 from fairseq.logging import metrics
 
 logger = logging.getLogger(__name__)
@@ -39,12 +40,18 @@ COMPONENTS = ("pred_loss", "att_loss", "rep_loss", "label_loss")
 
 
 @dataclass
-class TernaryDistillConfig(SentencePredictionConfig):
+class DistillFlags(FairseqDataclass):
+    """TernaryBERT's distillation switches, shared by the sentence and the span (SQuAD) criteria."""
+
     teacher_path: str = field(default="", metadata={"help": "full-precision teacher checkpoint (fairseq .pt)"})
-    pred_distill: bool = field(default=False, metadata={"help": "distil the logits (soft CE, or MSE for regression)"})
+    pred_distill: bool = field(default=False, metadata={"help": "distil the predictions (soft CE; MSE for regression)"})
     intermediate_distill: bool = field(
         default=False, metadata={"help": "distil every hidden state and every layer's pre-softmax attention scores"}
     )
+
+
+@dataclass
+class TernaryDistillConfig(SentencePredictionConfig, DistillFlags):
     label_loss_weight: float = field(
         default=0.0, metadata={"help": "weight of the ground-truth loss (0 = upstream TernaryBERT: none)"}
     )

@@ -14,7 +14,7 @@ mode, the start/end logits for the task's whole-dev-set metrics.
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.logging import metrics
 
 from ..squad.head import SPAN_HEAD, span_logits
-from .distill import TernaryDistillCriterion, hidden_state_mse, masked_attention_mse, soft_cross_entropy
+from .distill import DistillFlags, TernaryDistillCriterion, hidden_state_mse, masked_attention_mse, soft_cross_entropy
 
 COMPONENTS = ("pred_loss", "att_loss", "rep_loss")
 
@@ -34,12 +34,8 @@ class SquadSpanConfig(FairseqDataclass):
 
 
 @dataclass
-class SquadSpanDistillConfig(FairseqDataclass):
-    teacher_path: str = field(default="", metadata={"help": "full-precision teacher checkpoint (fairseq .pt)"})
-    pred_distill: bool = field(default=False, metadata={"help": "distil the start and end logits (soft CE)"})
-    intermediate_distill: bool = field(
-        default=False, metadata={"help": "distil every hidden state and every layer's pre-softmax attention scores"}
-    )
+class SquadSpanDistillConfig(DistillFlags):
+    """``--pred-distill`` distils the start and end logits (soft CE)."""
 
 
 @register_criterion("squad_span", dataclass=SquadSpanConfig)

@@ -52,19 +52,19 @@ def sync_min_max(lo: torch.Tensor, hi: torch.Tensor) -> Tuple[torch.Tensor, torc
     return both[:n].neg().reshape(lo.shape), both[n:].reshape(hi.shape).to(hi.dtype)
 
 
-def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    """Elementwise MAX over ranks (IntLayerNorm shift). Returns a new tensor (``t`` itself on a single rank)."""
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
     if world_size() == 1:
         return t
     out = t.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    dist.all_reduce(out, op=op)
     return out
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Elementwise MAX over ranks (IntLayerNorm shift). Returns a new tensor (``t`` itself on a single rank)."""
+    return _all_reduce(t, dist.ReduceOp.MAX)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Elementwise SUM over ranks (LAT gradient). Returns a new tensor (``t`` itself on a single rank)."""
-    if world_size() == 1:
-        return t
-    out = t.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
+    return _all_reduce(t, dist.ReduceOp.SUM)
