@@ -268,15 +268,22 @@ def softmax_constants(scale: torch.Tensor, constants: str = "paper") -> ExpConst
     return ExpConstants(x0=x0, b_int=b_int, c_int=c_int, shift=shift_t)
 
 
+def _exp_before_floor(d: torch.Tensor, x0, b_int, c_int, shift) -> torch.Tensor:
+    """The one i-exp evaluation (I-BERT Algorithm 3) before its final floor, computed in place in ``d``.
+
+    ``d``: float64 integers in ``[30 x0, 0]`` (already clipped); returns ``L / 2^(z + T)`` with ``z = floor(d / x0)``,
+    ``r = d - x0 z`` and ``L = r (r + b_int) + c_int`` (every value exact in float64: ``|L| < 2^53``).
+    """
+    z = torch.div(d, x0).floor_()  # in [0, 30]
+    r = d.addcmul_(z, x0, value=-1.0)  # d - x0 z in (x0, 0], in place
+    e = (r + b_int).mul_(r).add_(c_int)  # L = r (r + b) + c
+    # 2^-(z+T) built exactly from float32 exponent bits (z + T <= 30 + 37 < 127)
+    return e.mul_(_pow2_neg_f32(z, shift))
+
+
 def _int_exp(qd: torch.Tensor, ec: ExpConstants) -> torch.Tensor:
-    x0 = ec.x0
-    d = torch.maximum(qd, EXP_CLIP * x0)
-    z = floor_ste(d / x0)
-    r = d - x0 * z
-    big_l = r * (r + ec.b_int) + ec.c_int
-    # No gradient reaches r (dr/dd = 1 - x0 * (1/x0) = 0); as upstream, d exp/dd flows through 2^-z, giving
-    # e * ln2 / |x0| ~= e * S, the derivative of exp.
-    return floor_ste(big_l * _pow2(-(z + ec.shift)))
+    d = torch.maximum(qd.to(torch.float64), EXP_CLIP * ec.x0)
+    return _exp_before_floor(d, ec.x0, ec.b_int, ec.c_int, ec.shift).floor_()
 
 
 def int_exp(q: torch.Tensor, scale: torch.Tensor, constants: str = "paper") -> Tuple[torch.Tensor, torch.Tensor]:
@@ -365,11 +372,7 @@ class _IntSoftmax(torch.autograd.Function):
         else:
             rowmax = q.amax(dim=-1, keepdim=True)
         d = q.to(torch.float64, copy=True).sub_(rowmax.to(torch.float64)).clamp_(min=EXP_CLIP * x0)  # [30 x0, 0]
-        z = torch.div(d, x0).floor_()  # in [0, 30]
-        r = d.addcmul_(z, x0, value=-1.0)  # d - x0 z in (x0, 0], in place
-        e = (r + b_int).mul_(r).add_(c_int)  # L = r (r + b) + c
-        # floor(L / 2^(z + T)): 2^-(z+T) built exactly from float32 exponent bits (z + T <= 30 + 37 < 127)
-        e.mul_(_pow2_neg_f32(z, shift_t))
+        e = _exp_before_floor(d, x0, b_int, c_int, shift_t)
         if km is not None:
             e.masked_fill_(km, 0.0)
         e_pre = e.to(torch.float32) if ctx.needs_input_grad[0] else None  # pre-floor exp, for the STE chain
