@@ -217,9 +217,17 @@ class FloatEncoder(nn.Module):
 
 # ------------------------------------------------------------------------------------------------------ measuring
 def check_bit_exact(eng, model, batches):
-    """(all equal, first failure or None): every hooked integer and the logits on every batch."""
-    with one_thread():
+    """(all equal, first failure or None): every hooked integer and the logits on every batch.
+
+    The QAT model runs at the engine's thread count: the integers do not depend on it, but the float head's last bits
+    do (BLAS blocking follows the OpenMP pool size), and the engine runs its head at ``eng.threads``.
+    """
+    n0 = torch.get_num_threads()
+    torch.set_num_threads(eng.threads)
+    try:
         return _check_bit_exact(eng, model, batches)
+    finally:
+        torch.set_num_threads(n0)
 
 
 def _check_bit_exact(eng, model, batches):

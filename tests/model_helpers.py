@@ -1,4 +1,5 @@
 """Helpers for building small fairseq RoBERTa models and data in tests (no network, CPU)."""
+import copy
 import os
 import subprocess
 import sys
@@ -185,6 +186,18 @@ def calibrate(model, batches):
         for tokens in batches:
             model(tokens, features_only=True)
     return model.eval()
+
+
+def perturbed_calibrated(template, dictionary, seed):
+    """A copy of ``template`` re-initialised with ``seed`` (BERT init), :func:`perturb`-ed and :func:`calibrate`-d on
+    :func:`wide_batches`: the models of the seed sweeps, in eval mode."""
+    from fairseq.modules.transformer_sentence_encoder import init_bert_params
+
+    model = copy.deepcopy(template)
+    torch.manual_seed(seed)
+    model.apply(init_bert_params)
+    perturb(model, seed)
+    return calibrate(model, wide_batches(dictionary, seed))
 
 
 def wide_batches(dictionary, seed, n=3, max_len=48):

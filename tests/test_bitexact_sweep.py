@@ -7,7 +7,6 @@ batches of mixed lengths, and compares every hooked module output (embeddings, e
 LayerNorm; padding rows masked) with ``torch.equal`` on a longer batch than calibration saw (so clamps saturate).
 8-bit and 7-bit per-channel weights, and integer-only ternary (``--weight-bits 2`` in symmetric mode).
 """
-import copy
 import functools
 import sys
 from pathlib import Path
@@ -17,8 +16,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import model_helpers as mh  # noqa: E402
-
-from fairseq.modules.transformer_sentence_encoder import init_bert_params  # noqa: E402
 
 from ibert_plugin.engine import EngineError, convert, qat_compare  # noqa: E402
 
@@ -46,11 +43,7 @@ def _sweep(wb):
 
 
 def _one_seed(template, d, seed):
-    model = copy.deepcopy(template)
-    torch.manual_seed(seed)
-    model.apply(init_bert_params)
-    mh.perturb(model, seed)
-    mh.calibrate(model, mh.wide_batches(d, seed))
+    model = mh.perturbed_calibrated(template, d, seed)
     tokens = mh.random_batch(d, bsz=3, tgt_len=56, seed=1000 + seed)
     try:
         eng = convert.from_model(model, threads=1)

@@ -166,16 +166,6 @@ def _differences(im, rec, model):
     return bad
 
 
-def _calibrated(template, d, seed):
-    from fairseq.modules.transformer_sentence_encoder import init_bert_params
-
-    model = copy.deepcopy(template)
-    torch.manual_seed(seed)
-    model.apply(init_bert_params)
-    mh.perturb(model, seed)
-    return mh.calibrate(model, mh.wide_batches(d, seed))
-
-
 @pytest.fixture(scope="module")
 def templates():
     d = mh.make_dictionary()
@@ -188,7 +178,7 @@ def test_compiled_constants_equal_the_qat_forward_over_50_seeds(templates, monke
     failures, logit_checks = {}, 0
     for seed in SEEDS:
         wb = WIDTHS[seed % 3]
-        model = _calibrated(tmpl[wb], d, seed)
+        model = mh.perturbed_calibrated(tmpl[wb], d, seed)
         tokens = mh.random_batch(d, bsz=3, tgt_len=40, seed=500 + seed)
         with monkeypatch.context() as mp:
             rec = _Recorder(model, mp)
@@ -215,7 +205,7 @@ def test_the_comparison_sees_a_converter_side_change(templates, monkeypatch, pat
     d, tmpl = templates
     from ibert_plugin.models import ibert_roberta as wiring
 
-    model = _calibrated(tmpl["7"], d, 3)
+    model = mh.perturbed_calibrated(tmpl["7"], d, 3)
     tokens = mh.random_batch(d, bsz=2, tgt_len=20, seed=3)
     with monkeypatch.context() as mp:
         rec = _Recorder(model, mp)

@@ -50,6 +50,20 @@ class DistillFlags(FairseqDataclass):
     )
 
 
+def attach_teacher(criterion, cfg: DistillFlags, task, teacher, name: str) -> None:
+    """Set ``criterion._teacher``: ``teacher`` (tests) or the checkpoint ``cfg.teacher_path``, frozen in eval mode.
+
+    The teacher is not a submodule: never optimised, DDP-wrapped or saved with the criterion or the student.
+    """
+    if teacher is None:
+        if not cfg.teacher_path:
+            raise ValueError(f"--criterion {name} needs --teacher-path (a full-precision checkpoint)")
+        teacher = TernaryDistillCriterion.load_teacher(cfg.teacher_path, task)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    object.__setattr__(criterion, "_teacher", teacher)
+
+
 @dataclass
 class TernaryDistillConfig(SentencePredictionConfig, DistillFlags):
     label_loss_weight: float = field(
@@ -119,14 +133,7 @@ class TernaryDistillCriterion(SentencePredictionCriterion):
         self.label_loss_weight = float(cfg.label_loss_weight)
         src_dict = getattr(task, "source_dictionary", None)
         self.padding_idx = src_dict.pad() if src_dict is not None else 1
-        if teacher is None:
-            if not cfg.teacher_path:
-                raise ValueError("--criterion ternary_distill needs --teacher-path (a full-precision checkpoint)")
-            teacher = self.load_teacher(cfg.teacher_path, task)
-        teacher.eval()
-        teacher.requires_grad_(False)
-        # Not a submodule: never optimised, DDP-wrapped or saved with the criterion/student.
-        object.__setattr__(self, "_teacher", teacher)
+        attach_teacher(self, cfg, task, teacher, "ternary_distill")
         object.__setattr__(self, "_teacher_placed", False)
 
     @property

@@ -23,7 +23,7 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.logging import metrics
 
 from ..squad.head import SPAN_HEAD, span_logits
-from .distill import DistillFlags, TernaryDistillCriterion, hidden_state_mse, masked_attention_mse, soft_cross_entropy
+from .distill import DistillFlags, attach_teacher, hidden_state_mse, masked_attention_mse, soft_cross_entropy
 
 COMPONENTS = ("pred_loss", "att_loss", "rep_loss")
 
@@ -100,13 +100,7 @@ class SquadSpanDistillCriterion(SquadSpanCriterion):
         if not (cfg.pred_distill or cfg.intermediate_distill):
             raise ValueError("--criterion squad_span_distill needs --pred-distill and/or --intermediate-distill")
         self.pred_distill, self.intermediate_distill = bool(cfg.pred_distill), bool(cfg.intermediate_distill)
-        if teacher is None:
-            if not cfg.teacher_path:
-                raise ValueError("--criterion squad_span_distill needs --teacher-path (a full-precision checkpoint)")
-            teacher = TernaryDistillCriterion.load_teacher(cfg.teacher_path, task)
-        teacher.eval()
-        teacher.requires_grad_(False)
-        object.__setattr__(self, "_teacher", teacher)  # not a submodule: never optimised or saved
+        attach_teacher(self, cfg, task, teacher, "squad_span_distill")
 
     def forward(self, model, sample, reduce=True):
         teacher = self._teacher
