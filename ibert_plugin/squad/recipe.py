@@ -46,6 +46,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from ..recipes.plan import fairseq_train_cmd
 from .data import SquadError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -243,18 +244,13 @@ def _train_windows(a) -> int:
                               a.max_query_length))
 
 
-def _fairseq_train() -> List[str]:
-    exe = Path(sys.executable).parent / "fairseq-train"
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "fairseq_cli.train"]
-
-
 def train_command(a, stage: str, save_dir: Path, restore: Optional[Path], n_windows: int) -> List[str]:
     """The ``fairseq-train`` argv of one training stage (fp, ternary or ibert)."""
     lr, epochs = {"fp": (a.learning_rate, a.num_train_epochs), "ternary": (a.ternary_learning_rate, a.ternary_epochs),
                   "ibert": (a.ibert_learning_rate, a.ibert_epochs)}[stage]
     total = max(1, math.ceil(n_windows / a.per_gpu_batch_size * epochs))
     total = min(total, a.caps.get(stage, total))
-    cmd = _fairseq_train() + [
+    cmd = fairseq_train_cmd() + [
         str(a.train_path.parent), "--user-dir", str(USER_DIR), "--task", "squad",
         "--tokenizer-dir", str(a.tok_dir), "--train-file", str(a.train_path), "--valid-file", str(a.dev_path),
         "--max-seq-length", str(a.max_seq_length), "--doc-stride", str(a.doc_stride),
