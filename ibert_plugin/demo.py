@@ -133,6 +133,7 @@ class Progress:
     def watch(self, stage: Stage, later_s: float, stop: threading.Event) -> None:
         t0 = time.time()
         per_update = COST[stage.kind][1]
+        seen, t_seen = 0, t0  # latest update count and when it was first read
         while not stop.wait(self.interval):
             log = self._newest_log(t0)
             if log is None:
@@ -144,7 +145,12 @@ class Progress:
             if not done:
                 _log(f"{stage.label}: starting ({_fmt_min(elapsed)} elapsed)")
                 continue
-            rate = max(elapsed - COST[stage.kind][0], 0.5 * elapsed) / done
+            if done != seen:
+                seen, t_seen = done, time.time()
+            # the rate as of the latest update: after the last one, validation / export / scoring time must not
+            # read as slower training (it would inflate every later stage's estimate)
+            trained = t_seen - t0
+            rate = max(trained - COST[stage.kind][0], 0.5 * trained) / done
             self.speed = max(0.25, min(4.0, rate / per_update))
             left = rate * (stage.updates - done) + COST[stage.kind][2] + SCORE_S[stage.kind]
             _log(f"{stage.label}: update {done}/{stage.updates}, {_fmt_min(elapsed)} elapsed, about {_fmt_min(left)} "
