@@ -16,6 +16,13 @@ host is ~4x faster), which sets these caps. ``--quick`` is a smoke run (tiny sch
 1 dev article: 21 min on the host at load ~10, a few minutes on a quiet one) that checks the pipeline, not the
 accuracy.
 
+SQuAD v2.0 (``--task SQUAD2``): the Disfl-QA set (v2.0-style, 27 % unanswerable), trained on ``SQUAD2/train.json``
+minus its last contexts (selection set), reported on the held-out contexts of ``SQUAD2/dev.json`` (default the first
+60 = 381 questions, 104 unanswerable; ``--dev-articles all`` = 1,546), with HasAns / NoAns F1 beside EM/F1; CPU caps
+FP 80, W2A8 30, I-BERT 8 updates (a pipeline run on real v2.0 data, not a converged model)::
+
+    python benchmarks/squad_accuracy.py --task SQUAD2
+
 Full schedule on a GPU (whole train set, whole official dev set, TernaryBERT's epochs)::
 
     python benchmarks/squad_accuracy.py --full
@@ -25,7 +32,6 @@ Prints progress, then ONE JSON object as the last line: EM/F1 per precision, F1 
 """
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -34,64 +40,79 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ibert_plugin.squad import recipe  # noqa: E402
-from ibert_plugin.squad.metrics import f1_v1  # noqa: E402
+from ibert_plugin.squad.metrics import f1_v1, f1_v2, normalize_answer  # noqa: E402
+from ibert_plugin.stats import paired_bootstrap_scores  # noqa: E402
 
 TARGETS = {"w2a8": 2.0, "int8": 1.0}
 SCHEDULES = {
-    # name: (fp, ternary, ibert) update caps, batch, eval batch, extra recipe flags
-    "cpu": dict(caps="fp=120,ternary=60,ibert=16", bs=16, flags=["--learning_rate", "1e-4",
-                                                                  "--ternary_learning_rate", "5e-5"]),
+    # name: (fp, ternary, ibert) update caps (per task where they differ), batch, extra recipe flags
+    "cpu": dict(caps={"SQUAD1": "fp=120,ternary=60,ibert=16", "SQUAD2": "fp=80,ternary=30,ibert=8"}, bs=16,
+                flags=["--learning_rate", "1e-4", "--ternary_learning_rate", "5e-5"]),
     "quick": dict(caps="fp=6,ternary=3,ibert=2", bs=8, flags=["--learning_rate", "1e-4"]),
     "full": dict(caps=None, bs=32, flags=["--num_train_epochs", "2", "--ternary_epochs", "3", "--ibert_epochs", "1",
                                           "--eval_step", "1000"]),
 }
 
 
-def write_subsets(data: Path, out: Path, dev_articles: str, select_questions: int):
-    """``train.json`` / ``select.json`` (SQuADShifts, disjoint articles) and ``test.json`` (official dev subset)."""
-    train = json.loads((data / "SQUAD1" / "train.json").read_text())
-    dev = json.loads((data / "SQUAD1" / "dev.json").read_text())
+def _article_indices(spec: str, n: int):
+    """``all``, or comma-separated indices and inclusive ranges (``1,2``, ``0-59``) of the dev file's articles."""
+    if spec == "all":
+        return list(range(n))
+    idx = []
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.partition("-")
+            idx += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    except ValueError:
+        raise SystemExit(f"error: --dev-articles {spec!r}: expected 'all' or indices like 1,2 or 0-59") from None
+    if not idx or any(not 0 <= i < n for i in idx):
+        raise SystemExit(f"error: --dev-articles: indices must be in 0..{n - 1}")
+    return idx
+
+
+def write_subsets(data: Path, out: Path, dev_articles: str, select_questions: int, task: str = "SQUAD1"):
+    """``train.json`` / ``select.json`` (disjoint articles of the task's training file) and ``test.json`` (a fixed
+    subset of the task's dev file: the official SQuAD v1.1 dev set for SQUAD1, the held-out Disfl-QA contexts for
+    SQUAD2)."""
+    train = json.loads((data / task / "train.json").read_text())
+    dev = json.loads((data / task / "dev.json").read_text())
     arts, n_sel = train["data"], 0
     k = len(arts)
     while n_sel < select_questions and k > 1:
         k -= 1
         n_sel += sum(len(p["qas"]) for p in arts[k]["paragraphs"])
-    if dev_articles == "all":
-        idx = list(range(len(dev["data"])))
-    else:
-        try:
-            idx = [int(i) for i in dev_articles.split(",")]
-        except ValueError:
-            raise SystemExit(f"error: --dev-articles {dev_articles!r}: expected 'all' or indices like 1,2") from None
-        if any(not 0 <= i < len(dev["data"]) for i in idx):
-            raise SystemExit(f"error: --dev-articles: indices must be in 0..{len(dev['data']) - 1}")
+    idx = _article_indices(dev_articles, len(dev["data"]))
     out.mkdir(parents=True, exist_ok=True)
     files = {"train.json": arts[:k], "select.json": arts[k:], "test.json": [dev["data"][i] for i in idx]}
     info = {}
     for name, articles in files.items():
-        doc = {"version": "1.1", "canary": train.get("canary", ""), "data": articles}
+        doc = {"version": train.get("version", "1.1"), "canary": train.get("canary", ""), "data": articles}
         (out / name).write_text(json.dumps(doc, ensure_ascii=False))
         info[name] = {"articles": len(articles), "questions": sum(len(p["qas"]) for a in articles
                                                                   for p in a["paragraphs"])}
-    info["test.json"]["source"] = "official SQuAD v1.1 dev, articles " + (
-        "all" if dev_articles == "all" else ", ".join(f"{i} ({dev['data'][i]['title']})" for i in idx))
+    if task == "SQUAD1":
+        info["test.json"]["source"] = "official SQuAD v1.1 dev, articles " + (
+            "all" if dev_articles == "all" else ", ".join(f"{i} ({dev['data'][i]['title']})" for i in idx))
+    else:
+        info["test.json"]["source"] = f"Disfl-QA held-out contexts (SQUAD2/dev.json), articles {dev_articles}"
+        info["test.json"]["unanswerable"] = sum(bool(q.get("is_impossible")) for i in idx
+                                                for p in dev["data"][i]["paragraphs"] for q in p["qas"])
     return info
 
 
-def per_question_f1(test_file: Path, predictions: Path):
+def per_question_f1(test_file: Path, predictions: Path, version_2: bool = False):
+    """Token F1 (points) per question of ``test_file``, as the official script scores it (v2.0: an unanswerable
+    question's gold is ``""``, F1 1 only for an empty prediction)."""
     gold = {q["id"]: [a["text"] for a in q["answers"]] for a in json.loads(test_file.read_text())["data"]
             for p in a["paragraphs"] for q in p["qas"]}
     pred = json.loads(predictions.read_text())
-    return [100.0 * max(f1_v1(pred.get(qid, ""), g) for g in golds) for qid, golds in gold.items()]
-
-
-def paired_bootstrap(a, b, reps: int = 2000, seed: int = 0):
-    """95 % interval of mean(b - a) over questions resampled with replacement."""
-    rng = random.Random(seed)
-    d = [y - x for x, y in zip(a, b)]
-    n = len(d)
-    means = sorted(sum(d[rng.randrange(n)] for _ in range(n)) / n for _ in range(reps))
-    return [round(means[int(0.025 * reps)], 2), round(means[int(0.975 * reps) - 1], 2)]
+    if not version_2:
+        return [100.0 * max(f1_v1(pred.get(qid, ""), g) for g in golds) for qid, golds in gold.items()]
+    out = []
+    for qid, golds in gold.items():
+        golds = [g for g in golds if normalize_answer(g)] or [""]
+        out.append(100.0 * max(f1_v2(pred.get(qid, ""), g) for g in golds) if qid in pred else 0.0)
+    return out
 
 
 def main(argv=None) -> int:
@@ -99,8 +120,11 @@ def main(argv=None) -> int:
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="smoke schedule (a few minutes), 1 dev article")
     g.add_argument("--full", action="store_true", help="full schedule on the whole dev set (for a GPU)")
+    ap.add_argument("--task", choices=("SQUAD1", "SQUAD2"), default="SQUAD1",
+                    help="SQUAD1: SQuAD v1.1 (official dev); SQUAD2: v2.0-style Disfl-QA with unanswerable questions")
     ap.add_argument("--dev-articles", default=None,
-                    help="official dev article indices (default 1,2; quick 2; full all)")
+                    help="dev article indices or ranges, or 'all' (SQUAD1 default 1,2; SQUAD2 default 0-59, i.e. the "
+                         "first 60 held-out contexts; quick: one article; full: all)")
     ap.add_argument("--select-questions", type=int, default=None, help="selection-set size (default 100; quick 40)")
     ap.add_argument("--data-dir", default=str(REPO / "data" / "squad"))
     ap.add_argument("--output-dir", default=None, help="default outputs/bench_squad_<schedule>")
@@ -108,23 +132,26 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     name = "quick" if args.quick else "full" if args.full else "cpu"
     sched = SCHEDULES[name]
-    dev_articles = args.dev_articles or {"quick": "2", "full": "all"}.get(name, "1,2")
+    v2 = args.task == "SQUAD2"
+    caps = sched["caps"][args.task] if isinstance(sched["caps"], dict) else sched["caps"]
+    dev_articles = args.dev_articles or {"quick": "2", "full": "all"}.get(name, "0-59" if v2 else "1,2")
     select_q = args.select_questions or (40 if args.quick else 100)
-    out = Path(args.output_dir or REPO / "outputs" / f"bench_squad_{name}").resolve()
+    suffix = "_v2" if v2 else ""
+    out = Path(args.output_dir or REPO / "outputs" / f"bench_squad{suffix}_{name}").resolve()
     data = Path(args.data_dir)
-    if not (data / "SQUAD1" / "dev.json").is_file():
-        print(f"error: {data}/SQUAD1 not found; build it with: python -m ibert_plugin.assets build --only squad",
+    if not (data / args.task / "dev.json").is_file():
+        print(f"error: {data}/{args.task} not found; build it with: python -m ibert_plugin.assets build --only squad",
               file=sys.stderr)
         return 2
     t0 = time.time()
-    info = write_subsets(data, out / "data", dev_articles, select_q)
-    argv_recipe = ["--task", "SQUAD1", "--arch", "minilm", "--stages", "fp,ternary,ibert,engine",
+    info = write_subsets(data, out / "data", dev_articles, select_q, args.task)
+    argv_recipe = ["--task", args.task, "--arch", "minilm", "--stages", "fp,ternary,ibert,engine",
                    "--train_file", str(out / "data" / "train.json"), "--dev_file", str(out / "data" / "select.json"),
                    "--test_file", str(out / "data" / "test.json"), "--output_dir", str(out / "runs"),
                    "--per_gpu_batch_size", str(sched["bs"]), "--pred_distill", "--intermediate_distill",
                    "--weight_bits", "2", "--input_bits", "8", "--weight_quant_method", "twn", *sched["flags"]]
-    if sched["caps"]:
-        argv_recipe += ["--max_updates", sched["caps"]]
+    if caps:
+        argv_recipe += ["--max_updates", caps]
     if args.fresh:
         argv_recipe.append("--fresh")
     rc = recipe.run_squad(argv_recipe)
@@ -135,24 +162,35 @@ def main(argv=None) -> int:
     test = out / "data" / "test.json"
     rows = {"fp": st["fp"], "w2a8_twn": st["ternary"], "int8": st["ibert"], "int8_engine": st["engine"]}
     dirs = {"fp": "fp", "w2a8_twn": "ternary_w2a8_twn", "int8": "ibert_w8", "int8_engine": "engine"}
-    f1q = {k: per_question_f1(test, out / "runs" / d / "test_predictions.json") for k, d in dirs.items()}
-    result = {"benchmark": "squad_accuracy", "schedule": name, "model": "all-MiniLM-L6-v2 (data/minilm)",
+    f1q = {k: per_question_f1(test, out / "runs" / d / "test_predictions.json", v2) for k, d in dirs.items()}
+    result = {"benchmark": "squad_accuracy", "task": args.task, "version": "2.0" if v2 else "1.1",
+              "schedule": name, "model": "all-MiniLM-L6-v2 (data/minilm)",
               "train": info["train.json"], "select": info["select.json"], "test": info["test.json"],
-              "update_caps": sched["caps"], "batch": sched["bs"]}
+              "update_caps": caps, "batch": sched["bs"]}
     for k, rec in rows.items():
         result[k] = {"exact": round(rec["test"]["exact"], 2), "f1": round(rec["test"]["f1"], 2),
                      "select_f1": round(rec["f1"], 2)}
+        for m in ("HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1"):
+            if m in rec["test"]:
+                result[k][m] = round(rec["test"][m], 2)
     result["int8_engine"]["same_predictions_as_qat"] = st["engine"]["test"]["same_predictions_as_qat"]
     gaps = {"w2a8": result["w2a8_twn"]["f1"] - result["fp"]["f1"], "int8": result["int8"]["f1"] - result["fp"]["f1"]}
     result["gap_f1"] = {k: round(v, 2) for k, v in gaps.items()}
-    result["gap_f1_ci95"] = {"w2a8": paired_bootstrap(f1q["fp"], f1q["w2a8_twn"]),
-                             "int8": paired_bootstrap(f1q["fp"], f1q["int8"])}
+    cis = {"w2a8": paired_bootstrap_scores(f1q["fp"], f1q["w2a8_twn"]),
+           "int8": paired_bootstrap_scores(f1q["fp"], f1q["int8"])}
+    result["gap_f1_ci95"] = {k: [round(g.low, 2), round(g.high, 2)] for k, g in cis.items()}
+    result["gap_f1_is_noise"] = {k: not g.significant for k, g in cis.items()}
+    result["bootstrap"] = {"resamples": 10000, "seed": 0, "level": 0.95, "unit": "per-question F1 (points)"}
     result["targets_f1_gap"] = TARGETS
     result["met"] = {k: gaps[k] >= -TARGETS[k] for k in TARGETS}
     result["wall_seconds"] = round(time.time() - t0, 1)
-    print(f"{'precision':<12} {'EM':>6} {'F1':>6}   ({result['test']['source']}, {result['test']['questions']} q)")
+    extra = "  HasAns F1  NoAns F1" if v2 else ""
+    print(f"{'precision':<12} {'EM':>6} {'F1':>6}{extra}   ({result['test']['source']}, "
+          f"{result['test']['questions']} q)")
     for k in rows:
-        print(f"{k:<12} {result[k]['exact']:6.2f} {result[k]['f1']:6.2f}")
+        r = result[k]
+        extra = f"  {r.get('HasAns_f1', float('nan')):9.2f} {r.get('NoAns_f1', float('nan')):9.2f}" if v2 else ""
+        print(f"{k:<12} {r['exact']:6.2f} {r['f1']:6.2f}{extra}")
     print(json.dumps(result))
     return 0
 

@@ -12,7 +12,7 @@ from typing import Dict, Sequence
 
 import numpy as np
 
-__all__ = ["PairedGap", "paired_bootstrap"]
+__all__ = ["PairedGap", "paired_bootstrap", "paired_bootstrap_scores"]
 
 #: Resamples and seed used by the demo and ``benchmarks/rt_sent_accuracy.py`` (fixed: the interval is reproducible).
 DEFAULT_RESAMPLES = 10_000
@@ -56,6 +56,25 @@ class PairedGap:
         return d
 
 
+def _bootstrap_mean(d: np.ndarray, resamples: int, level: float, seed: int):
+    """Percentile interval of ``mean(d)`` over ``resamples`` resamples of its items with replacement."""
+    if d.size == 0:
+        raise ValueError("paired bootstrap needs at least one sentence")
+    if resamples < 1 or not 0.0 < level < 1.0:
+        raise ValueError(f"resamples must be >= 1 and level in (0, 1), got {resamples}, {level}")
+    n = d.size
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples, dtype=np.float64)
+    chunk = max(1, 2_000_000 // n)  # bounded memory: chunk x n indices at a time
+    for start in range(0, resamples, chunk):
+        stop = min(start + chunk, resamples)
+        idx = rng.integers(0, n, size=(stop - start, n))
+        means[start:stop] = d[idx].mean(axis=1)
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return float(d.mean()), float(low), float(high)
+
+
 def paired_bootstrap(
     correct_a: Sequence[bool],
     correct_b: Sequence[bool],
@@ -82,20 +101,39 @@ def paired_bootstrap(
     b = np.asarray(correct_b, dtype=bool).reshape(-1)
     if a.shape != b.shape:
         raise ValueError(f"paired bootstrap needs the same sentences: {a.size} vs {b.size} predictions")
-    if a.size == 0:
-        raise ValueError("paired bootstrap needs at least one sentence")
-    if resamples < 1 or not 0.0 < level < 1.0:
-        raise ValueError(f"resamples must be >= 1 and level in (0, 1), got {resamples}, {level}")
     d = b.astype(np.int64) - a.astype(np.int64)  # per-sentence gap in {-1, 0, 1}
-    n = d.size
-    rng = np.random.default_rng(seed)
-    gaps = np.empty(resamples, dtype=np.float64)
-    chunk = max(1, 2_000_000 // n)  # bounded memory: chunk x n indices at a time
-    for start in range(0, resamples, chunk):
-        stop = min(start + chunk, resamples)
-        idx = rng.integers(0, n, size=(stop - start, n))
-        gaps[start:stop] = d[idx].mean(axis=1)
-    tail = (1.0 - level) / 2.0
-    low, high = np.quantile(gaps, [tail, 1.0 - tail])
-    return PairedGap(gap=100.0 * float(d.mean()), low=100.0 * float(low), high=100.0 * float(high), level=level,
-                     n=int(n), resamples=int(resamples), disagreements=int(np.count_nonzero(d)))
+    gap, low, high = _bootstrap_mean(d, resamples, level, seed)
+    return PairedGap(gap=100.0 * gap, low=100.0 * low, high=100.0 * high, level=level, n=int(d.size),
+                     resamples=int(resamples), disagreements=int(np.count_nonzero(d)))
+
+
+def paired_bootstrap_scores(
+    scores_a: Sequence[float],
+    scores_b: Sequence[float],
+    resamples: int = DEFAULT_RESAMPLES,
+    level: float = 0.95,
+    seed: int = DEFAULT_SEED,
+) -> PairedGap:
+    """Paired bootstrap interval of ``mean(b) - mean(a)`` for real-valued per-item scores (e.g. SQuAD token F1).
+
+    Same resampling as :func:`paired_bootstrap`; the scores are taken in their own unit (pass F1 in points, 0..100)
+    and ``disagreements`` counts the items whose two scores differ.
+
+    Args:
+        scores_a: per-item scores of the reference model, length ``n``.
+        scores_b: per-item scores of the compared model, same items in the same order.
+        resamples, level, seed: as in :func:`paired_bootstrap`.
+
+    Raises:
+        ValueError: lengths differ, no items, non-finite scores, or arguments out of range.
+    """
+    a = np.asarray(scores_a, dtype=np.float64).reshape(-1)
+    b = np.asarray(scores_b, dtype=np.float64).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"paired bootstrap needs the same items: {a.size} vs {b.size} scores")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("paired bootstrap scores must be finite")
+    d = b - a
+    gap, low, high = _bootstrap_mean(d, resamples, level, seed)
+    return PairedGap(gap=gap, low=low, high=high, level=level, n=int(d.size), resamples=int(resamples),
+                     disagreements=int(np.count_nonzero(d)))

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from ibert_plugin.stats import paired_bootstrap
+from ibert_plugin.stats import paired_bootstrap, paired_bootstrap_scores
 
 
 def test_identical_predictions_have_a_zero_width_interval():
@@ -43,3 +43,33 @@ def test_rejects_unpaired_inputs():
         paired_bootstrap([True, False], [True])
     with pytest.raises(ValueError, match="at least one"):
         paired_bootstrap([], [])
+
+
+def test_real_valued_scores_match_the_accuracy_version_on_zero_one_scores():
+    rng = np.random.default_rng(3)
+    a = rng.random(400) < 0.7
+    b = rng.random(400) < 0.6
+    g = paired_bootstrap(a, b, resamples=3000, seed=5)
+    s = paired_bootstrap_scores(100.0 * a, 100.0 * b, resamples=3000, seed=5)
+    assert (s.gap, s.low, s.high, s.disagreements) == pytest.approx((g.gap, g.low, g.high, g.disagreements))
+
+
+def test_real_valued_scores_interval_follows_the_normal_approximation():
+    rng = np.random.default_rng(4)
+    a = rng.uniform(0, 100, 2000)
+    b = np.clip(a + rng.normal(-2.0, 10.0, 2000), 0, 100)  # F1-like scores, b about 2 points lower
+    s = paired_bootstrap_scores(a, b, resamples=10000, seed=0)
+    d = b - a
+    half = 1.96 * d.std(ddof=0) / np.sqrt(d.size)
+    assert s.gap == pytest.approx(d.mean())
+    assert s.low == pytest.approx(d.mean() - half, abs=0.15) and s.high == pytest.approx(d.mean() + half, abs=0.15)
+    assert s.significant
+
+
+def test_real_valued_scores_reject_bad_input():
+    with pytest.raises(ValueError, match="same items"):
+        paired_bootstrap_scores([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="finite"):
+        paired_bootstrap_scores([1.0, float("nan")], [1.0, 2.0])
+    with pytest.raises(ValueError, match="at least one"):
+        paired_bootstrap_scores([], [])
