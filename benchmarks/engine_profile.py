@@ -11,8 +11,7 @@ Cases (``--shapes``):
 Models and the FP32 twin come from ``benchmarks/integer_engine.py`` (the same calibration and the same plain FP32
 encoder). Per op the engine's kernel module and GEMM objects are wrapped by timers (a wrapper costs ~1 us a call); a
 call's time is charged to its op: ``gemm_qkv`` / ``gemm_out`` / ``gemm_fc1`` / ``gemm_fc2`` (with the route named),
-``attention`` (fused QK^T + i-softmax + P.V + requant; or its parts where the engine calls them separately),
-``requant_qkv``, ``resid_ln``, ``gelu``, ``embed_ln``; ``python`` is the rest of ``encode`` (argument checks,
+``attention`` (one fused call: q/k/v requant, QK^T, i-softmax, P.V, context requant), ``resid_ln``, ``gelu``, ``embed_ln``; ``python`` is the rest of ``encode`` (argument checks,
 views, glue between calls). Both clocks are recorded per repetition: wall (``perf_counter``) and the process's CPU
 time (``process_time``, all threads; it includes OpenMP workers' spin-waits but not time spent descheduled, so on a
 loaded host it is the steadier of the two). Reported: the median over ``--reps`` repetitions; FP32 and engine
@@ -66,9 +65,9 @@ class _Timer:
 
 
 class _KernelProxy:
-    """The kernel module with every function timed under its own name (``softmax_u8`` etc.)."""
+    """The kernel module with every function timed under its own name (``gelu_u8`` etc.)."""
 
-    OP = {"softmax_u8": "attention", "requant_ctx": "attention", "attention_u8": "attention"}
+    OP = {"attention_u8": "attention"}
 
     def __init__(self, K, timer):
         self._K, self._timer = K, timer
@@ -86,10 +85,6 @@ def instrument(eng, timer):
             g = getattr(lay, k)
             saved.append((lay, k, g))
             setattr(lay, k, timer.wrap(f"gemm_{'out' if k == 'o' else k} [{g.route}]", g))
-    for k in ("qk", "pv"):
-        if hasattr(eng, k):
-            saved.append((eng, k, getattr(eng, k)))
-            setattr(eng, k, timer.wrap("attention", getattr(eng, k)))
 
     def undo():
         for obj, k, v in saved:

@@ -16,7 +16,7 @@ Timing: the FP32 PyTorch forward (a plain post-LN encoder: nn.Linear, SDPA, nn.L
 model's float weights) and ``IntegerEngine.encode`` alternate inside every repetition (one repetition = every batch
 of the case), warm, ``torch.no_grad``, ``torch.set_num_threads(--threads)``. Per repetition ratio = FP32 time /
 engine time; reported: the median ratio with its min and max over repetitions, median times, the engine's linear
-routes (attention GEMMs: ORT u8u8) and the weight bits.
+routes (attention: the fused C++ kernel attention_u8) and the weight bits.
 ``bit_exact``: every hooked QAT module output (embeddings, every QuantAct, softmax, GELU, every LayerNorm; padding
 rows masked) equals the engine's integers (``engine.qat_compare``) on every timed batch, and so do the logits of
 the classification head.
@@ -288,7 +288,7 @@ def measure(inputs, case, model, eng, fp, batches, args, shape, extra):
         eng.profile = False
         print(f"  profile {inputs} {case} B={batches[0].shape[0]}: " + ", ".join(
             f"{k} {1000 * v:.1f}" for k, v in sorted(eng.timings.items(), key=lambda kv: -kv[1])) + " ms")
-    row = dict(inputs=inputs, case=case, weights=label, weight_bits=int(wb), routes=routes, attention_route="ort u8u8",
+    row = dict(inputs=inputs, case=case, weights=label, weight_bits=int(wb), routes=routes, attention_route="fused attention_u8",
                threads=args.threads, shape=shape, batch=int(batches[0].shape[0]), batches=len(batches),
                sentences=n_sent, fp32_ms=round(1000 * statistics.median(tf), 2),
                int_ms=round(1000 * statistics.median(ti), 2), speedup_median=round(statistics.median(ratios), 3),

@@ -32,25 +32,113 @@ def _ln_ref(q, shift, gamma, beta):
     return q_out, NL.layernorm_constants(gamma.float(), beta.float(), q.shape[-1]).b_int, s_out
 
 
-def test_requant_qkv_layout():
-    g = _gen(2)
-    B, T, H, dh = 2, 5, 3, 4
+def _attention_case(g, B, T, H, dh, S, pad_lens, extreme=False):
+    """Inputs of attention_u8: int32 QKV accumulators, per-column constants, key padding, the i-exp table."""
     D = H * dh
-    acc = torch.randint(-2 ** 20, 2 ** 20, (B * T, 3 * D), generator=g, dtype=torch.int32)
+    acc = torch.randint(-2 ** 16, 2 ** 16, (B * T, 3 * D), generator=g, dtype=torch.int32)
+    if extreme:  # q, k, v saturate at +-127 in alternating row blocks: largest |scores| and |contexts|
+        sign = torch.where(torch.arange(B * T)[:, None] % 3 == 0, -1, 1)
+        acc = (sign * 2 ** 30 * torch.ones(1, 3 * D, dtype=torch.int64)).to(torch.int32)
+        acc[:, 1::2] *= -1
     bias = torch.randint(-1000, 1000, (3 * D,), generator=g)
-    m, e = _dy(torch.rand(3 * D, generator=g, dtype=f64) * 1e-3 + 1e-5)
-    q = torch.empty(B, H, T, dh, dtype=torch.uint8)
-    kT = torch.empty(B, H, dh, T, dtype=torch.uint8)
-    v = torch.empty(B, H, T, dh, dtype=torch.uint8)
-    K.requant_qkv(acc, bias, m.to(I64), e.to(I64), 127, B, T, H, q, kT, v)
-    ref = (_ref_requant8(acc.to(f64) + bias.to(f64), m, e) + 128).view(B, T, 3, H, dh)
-    assert torch.equal(q.to(f64), ref[:, :, 0].permute(0, 2, 1, 3))
-    assert torch.equal(kT.to(f64), ref[:, :, 1].permute(0, 2, 3, 1))
-    assert torch.equal(v.to(f64), ref[:, :, 2].permute(0, 2, 1, 3))
+    m, e = _dy(torch.rand(3 * D, generator=g, dtype=f64) * 2e-3 + 2e-4)
+    pad = torch.zeros(B, T, dtype=torch.uint8)
+    for b, n in enumerate(pad_lens[:B]):
+        pad[b, T - n:] = 1
+    s = torch.tensor([S])
+    return acc, bias, m.to(I64), e.to(I64), pad, NL.exp_lut(s), s
+
+
+def _attention_ref(acc, bias, m, e, pad, s, ctx_m, ctx_e, B, T, H):
+    """The QAT model's integers: q/k/v QuantAct(8), int64 q k^T, int_softmax, int64 p v, attn_act QuantAct(8)."""
+    D = acc.shape[1] // 3
+    qkv = requant_clamp(acc.to(f64) + bias.to(f64), m.to(f64), e.to(f64), 8).view(B, T, 3, H, D // H)
+    q, k, v = (qkv[:, :, i].permute(0, 2, 1, 3).to(I64) for i in range(3))
+    scores = q @ k.transpose(-1, -2)
+    p = NL.int_softmax(scores.to(f64), s, pad if bool(pad.any()) else None)[0].to(I64)
+    ctx = (p @ v).permute(0, 2, 1, 3).reshape(B * T, D)
+    out = requant_clamp(ctx.to(f64), torch.tensor([float(ctx_m)], dtype=f64), torch.tensor([float(ctx_e)],
+                                                                                          dtype=f64), 8)
+    return q, k, v, p, out
+
+
+def _run_attention(acc, bias, m, e, pad, lut, ctx_m, ctx_e, B, T, H, collect=True):
+    D = acc.shape[1] // 3
+    out = torch.empty(B * T, D, dtype=torch.uint8)
+    u8 = torch.uint8
+    qkv = [torch.empty(B, H, T, D // H, dtype=u8) for _ in range(3)] if collect else [torch.empty(0, dtype=u8)] * 3
+    p = torch.empty(B, H, T, T, dtype=u8) if collect else torch.empty(0, dtype=u8)
+    K.attention_u8(acc, bias, m, e, 127, B, T, H, pad, lut, ctx_m, ctx_e, out, *qkv, p)
+    return out, qkv, p
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 130])
+@pytest.mark.parametrize("dh", [5, 32, 64])
+def test_attention_u8_lengths(T, dh):
+    """Every tile edge of the fused kernel (16 / 32-lane score and context tiles, odd T, odd head_dim), with a fully
+    padded batch row, a partly padded one and an unpadded one: q/k/v, probabilities and context equal the QAT
+    functions."""
+    g = _gen(100 * T + dh)
+    B, H = 3, 2
+    S = 3.1e-4 if dh > 5 else 2.0e-3
+    acc, bias, m, e, pad, lut, s = _attention_case(g, B, T, H, dh, S, [0, T // 3, T])
+    ctx_m, ctx_e = (int(v) for v in _dy(torch.tensor(3.1e-4 * T ** -0.5, dtype=f64)))
+    q, k, v, p, ref = _attention_ref(acc, bias, m, e, pad, s, ctx_m, ctx_e, B, T, H)
+    out, qkv, probs = _run_attention(acc, bias, m, e, pad, lut, ctx_m, ctx_e, B, T, H)
+    for got, want in zip(qkv, (q, k, v)):
+        assert torch.equal(got.to(I64) - 128, want)
+    assert torch.equal(probs.to(I64), p)
+    assert bool((probs[2] == 0).all())  # the fully padded row: probability 0 everywhere
+    assert torch.equal(out.to(f64) - 128, ref)
+    out2, _, _ = _run_attention(acc, bias, m, e, pad, lut, ctx_m, ctx_e, B, T, H, collect=False)
+    assert torch.equal(out2, out)
+
+
+@pytest.mark.parametrize("S", [3.1e-4, 0.037])
+def test_attention_u8_extremes_and_threads(S):
+    """Saturated q/k/v (scores at +-64 127^2, the int32 bound's worst case), no padding mask, and a call large
+    enough for the 2-thread path; the result does not depend on the thread count."""
+    g = _gen(9)
+    B, T, H, dh = 4, 130, 4, 64
+    n0 = torch.get_num_threads()
+    for extreme in (True, False):
+        acc, bias, m, e, _, lut, s = _attention_case(g, B, T, H, dh, S, [], extreme=extreme)
+        nopad = torch.empty(0, dtype=torch.uint8)
+        ctx_m, ctx_e = (int(v) for v in _dy(torch.tensor(2e-4, dtype=f64)))
+        q, k, v, p, ref = _attention_ref(acc, bias, m, e, torch.zeros(B, T, dtype=torch.uint8), s, ctx_m, ctx_e,
+                                         B, T, H)
+        if extreme:
+            assert int(q.abs().max()) == 127 and int((q @ k.transpose(-1, -2)).abs().max()) == dh * 127 ** 2
+        outs = []
+        try:
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                out, _, probs = _run_attention(acc, bias, m, e, nopad, lut, ctx_m, ctx_e, B, T, H)
+                assert torch.equal(probs.to(I64), p)
+                assert torch.equal(out.to(f64) - 128, ref)
+                outs.append(out)
+        finally:
+            torch.set_num_threads(n0)
+        assert torch.equal(outs[0], outs[1])
+
+
+def test_attention_u8_rejects_bad_shapes():
+    acc = torch.zeros(6, 36, dtype=torch.int32)
+    z = torch.zeros(36, dtype=I64)
+    e = torch.ones(36, dtype=I64)
+    lut = NL.exp_lut(torch.tensor([2e-3]))
+    u8 = torch.empty(0, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="acc is not"):
+        K.attention_u8(acc, z, z, e, 127, 2, 3, 5, u8, lut, 1, 1, torch.empty(6, 12, dtype=torch.uint8), u8, u8, u8,
+                       u8)
+    with pytest.raises(RuntimeError, match="out: u8"):
+        K.attention_u8(acc, z, z, e, 127, 2, 3, 2, u8, lut, 1, 1, torch.empty(6, 11, dtype=torch.uint8), u8, u8, u8,
+                       u8)
 
 
 @pytest.mark.parametrize("S", [3.1e-4, 2.0e-3, 0.037])
 def test_softmax_lut_masked(S):
+    """softmax_u8 (the rows attention_u8 runs) and the i-exp table equal int_softmax / int_exp."""
     g = _gen(3)
     B, H, T = 3, 2, 40
     span = int(12 / S)
@@ -71,17 +159,6 @@ def test_softmax_lut_masked(S):
     out2 = torch.empty_like(out)
     K.softmax_u8(scores, torch.empty(0, dtype=torch.uint8), lut, out2)
     assert torch.equal(out2.float(), NL.int_softmax(scores.float(), s, None)[0])
-
-
-def test_requant_ctx_layout():
-    g = _gen(4)
-    B, H, T, dh = 2, 3, 7, 5
-    ctx = torch.randint(-2 ** 22, 2 ** 22, (B, H, T, dh), generator=g, dtype=torch.int32)
-    m, e = _dy(torch.tensor(3.3e-5, dtype=f64))
-    out = torch.empty(B, T, H * dh, dtype=torch.uint8)
-    K.requant_ctx(ctx, int(m), int(e), 127, out)
-    ref = (_ref_requant8(ctx.to(f64), m, e) + 128).permute(0, 2, 1, 3).reshape(B, T, H * dh)
-    assert torch.equal(out.to(f64), ref)
 
 
 def _ln_setup(g, C):

@@ -2,8 +2,8 @@
 
 Per layer (batch B, sequence T, M = B*T rows, u8 buffers hold s8 + 128):
 
-    x_u8 --QKV GEMM--> acc --requant_qkv--> q [B,H,T,d], k^T [B,H,d,T], v [B,H,T,d]
-    q.k^T (ORT u8u8) --softmax_u8 (LUT)--> p --p.v (ORT u8u8)--> ctx --requant_ctx--> c_u8
+    x_u8 --QKV GEMM--> acc --attention_u8 (per batch x head: q/k/v requant, q.k^T, i-softmax (LUT), p.v,
+         ctx requant; one call)--> c_u8
     c_u8 --out GEMM--> acc --resid_ln (+x residual, 22 bit, i-LN, fc1_act)--> h_u8
     h_u8 --FC1 GEMM--> acc --gelu_u8 (i-GELU, fc2_act)--> g_u8 --FC2 GEMM--> acc
          --resid_ln (+h residual, 22 bit, i-LN, next layer's input_act)--> x_u8 (or the int64 output)
@@ -51,8 +51,7 @@ class IntegerEngine:
         im: compiled integer model (:func:`convert.compile_model`).
         threads: threads of every engine call: torch's OpenMP pool (fbgemm GEMMs and the fused kernels) is set to
             this size for the duration of :meth:`encode` / :meth:`classify` and restored afterwards (the caller's
-            global setting is left alone); ORT intra-op threads of the ORT linear routes. The attention GEMMs always
-            run on one ORT thread.
+            global setting is left alone); ORT intra-op threads of the ORT linear routes.
         route: ``"auto"`` (the fastest exact route per weight among those that passed the self-test: fbgemm16 for
             ternary, fbgemm for 7-bit, u8u8 for full 8-bit), ``"ort"`` (ONNX Runtime only: u8s8 / u8u8), or
             ``"u8u8"`` (the exact 16-bit route for every weight).
@@ -74,10 +73,6 @@ class IntegerEngine:
             ("u8s8",) if route == "ort" and self.selftest.ok.get("u8s8") else ())
         with self._threads():
             self.layers = [_Layer(L, allowed, self.threads) for L in im.layers]
-        # The attention GEMMs are small (0.2 GMAC per layer at batch 8): on one ORT thread they run ~35 % faster than on
-        # ORT's own 2-thread pool, whose workers compete with torch's OpenMP workers (measured on the 2-core host).
-        self.qk = gemm.BatchedGemm(128, 1)
-        self.pv = gemm.BatchedGemm(0, 1)
         gemm.malloc_trim()
         self.D = im.tok_w.shape[1]
         self._store: Dict[str, torch.Tensor] = {}
@@ -127,15 +122,11 @@ class IntegerEngine:
         varying length reuse the same (already faulted-in) memory. Only internal state: nothing returned aliases
         them."""
         D = self.D
-        H = self.im.layers[0].heads if self.im.layers else 1
-        dh = D // H
         F = self.im.layers[0].fc1.w_int.shape[0] if self.im.layers else D
         M = B * T
         u8, i32 = torch.uint8, torch.int32
         shapes = dict(x=((M, D), u8), h=((M, D), u8), c=((M, D), u8), g=((M, F), u8),
-                      acc_qkv=((M, 3 * D), i32), acc_d=((M, D), i32), acc_f=((M, F), i32),
-                      q=((B, H, T, dh), u8), kT=((B, H, dh, T), u8), v=((B, H, T, dh), u8),
-                      scores=((B, H, T, T), i32), p=((B, H, T, T), u8), ctx=((B, H, T, dh), i32))
+                      acc_qkv=((M, 3 * D), i32), acc_d=((M, D), i32), acc_f=((M, F), i32))
         out = {}
         for name, (shp, dt) in shapes.items():
             n = 1
@@ -215,21 +206,18 @@ class IntegerEngine:
                 acts[pre + "input_act"] = x.view(B, T, D).to(I64) - 128
             lay.qkv(x, buf["acc_qkv"])
             t0 = self._t("gemm_qkv", t0)
-            K.requant_qkv(buf["acc_qkv"], lay.bias["qkv"], L.qkv_m, L.qkv_e, qmax8, B, T, H, buf["q"], buf["kT"], buf["v"])
-            t0 = self._t("requant", t0)
-            self.qk(buf["q"], buf["kT"], buf["scores"])
-            t0 = self._t("attn_bmm", t0)
-            K.softmax_u8(buf["scores"], pad_u8, L.lut, buf["p"])
-            t0 = self._t("softmax", t0)
-            self.pv(buf["p"], buf["v"], buf["ctx"])
-            t0 = self._t("attn_bmm", t0)
-            K.requant_ctx(buf["ctx"], L.ctx_m, L.ctx_e, qmax8, c)
-            t0 = self._t("requant", t0)
             if collect:
-                acts[pre + "self_attn.q_act"] = buf["q"].permute(0, 2, 1, 3).reshape(B, T, D).to(I64) - 128
-                acts[pre + "self_attn.k_act"] = buf["kT"].permute(0, 3, 1, 2).reshape(B, T, D).to(I64) - 128
-                acts[pre + "self_attn.v_act"] = buf["v"].permute(0, 2, 1, 3).reshape(B, T, D).to(I64) - 128
-                acts[pre + "self_attn.softmax"] = buf["p"].to(I64)
+                qkv = [torch.empty(B, H, T, D // H, dtype=torch.uint8) for _ in range(3)]
+                probs = torch.empty(B, H, T, T, dtype=torch.uint8)
+            else:
+                qkv, probs = [eu, eu, eu], eu
+            K.attention_u8(buf["acc_qkv"], lay.bias["qkv"], L.qkv_m, L.qkv_e, qmax8, B, T, H, pad_u8, L.lut, L.ctx_m,
+                           L.ctx_e, c, *qkv, probs)
+            t0 = self._t("attention", t0)
+            if collect:
+                for name, t in zip(("q_act", "k_act", "v_act"), qkv):
+                    acts[pre + "self_attn." + name] = t.permute(0, 2, 1, 3).reshape(B, T, D).to(I64) - 128
+                acts[pre + "self_attn.softmax"] = probs.to(I64)
                 acts[pre + "self_attn.attn_act"] = c.view(B, T, D).to(I64) - 128
             lay.o(c, buf["acc_d"])
             t0 = self._t("gemm_out", t0)

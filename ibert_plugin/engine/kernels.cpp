@@ -2,9 +2,9 @@
 //
 // Every kernel implements a formula of docs/integer_spec.md on integers (int32 / int64, int128 only where a product can
 // exceed 63 bits) and is bit-exact against the pure-PyTorch spec reference (tests/test_engine_kernels.py).
-// Activations that feed the next ORT MatMulInteger are written as u8 with zero point 128 (s8 value + 128).
-// Parallelism: OpenMP over rows, in torch's OpenMP pool (the extension resolves libgomp.so.1 to the copy torch loaded),
-// sized by at::get_num_threads().
+// Activations that feed the next GEMM are written as u8 with zero point 128 (s8 value + 128).
+// Parallelism: OpenMP over rows (attention: at::parallel_for over batch x heads), in torch's OpenMP pool (the
+// extension resolves libgomp.so.1 to the copy torch loaded), sized by at::get_num_threads().
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
@@ -68,112 +68,258 @@ inline int bit_width(i64 qmax) { return 64 - __builtin_clzll((unsigned long long
 void check(bool ok, const char* msg) { TORCH_CHECK(ok, msg); }
 
 // ---------------------------------------------------------------------------------------------------------------
-// QKV: acc [B*T, 3D] (q | k | v columns), per-column constants -> q [B,H,T,dh], kT [B,H,dh,T], v [B,H,T,dh], u8 +128.
-void requant_qkv(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& m, const at::Tensor& e, int64_t qmax,
-                 int64_t Bsz, int64_t T, int64_t H, at::Tensor& q, at::Tensor& kT, at::Tensor& v) {
-  check(acc.scalar_type() == at::kInt && acc.is_contiguous(), "acc: contiguous int32");
-  const i64 N = acc.size(1), D = N / 3, dh = D / H;
-  check(acc.size(0) == Bsz * T && D * 3 == N && dh * H == D, "qkv shapes");
-  const i32* A = acc.data_ptr<i32>();
-  const i64* Bi = bias.data_ptr<i64>();
-  const i64* Mm = m.data_ptr<i64>();
-  const i64* E = e.data_ptr<i64>();
-  u8* Q = q.data_ptr<u8>();
-  u8* K = kT.data_ptr<u8>();
-  u8* V = v.data_ptr<u8>();
-  std::vector<i64> rnd(N), sh(N);
-  for (i64 j = 0; j < N; ++j) sh[j] = cap_shift(E[j]), rnd[j] = i64(1) << (sh[j] - 1);
-  const i64 *R = rnd.data(), *SH = sh.data();
-#pragma omp parallel num_threads(nthreads()) if (Bsz * T * N >= kParallelMin)
-  {
-    std::vector<u8> row(N);
-#pragma omp for schedule(static)
-    for (i64 r = 0; r < Bsz * T; ++r) {
-      const i64 b = r / T, t = r % T;
-      const i32* a = A + r * N;
-      for (i64 j = 0; j < N; ++j) {
-        i64 val = ((i64(a[j]) + Bi[j]) * Mm[j] + R[j]) >> SH[j];
-        row[j] = (u8)(clampi(val, -qmax, qmax) + 128);
-      }
-      for (i64 h = 0; h < H; ++h) {
-        const i64 bh = b * H + h;
-        std::copy(row.data() + h * dh, row.data() + (h + 1) * dh, Q + (bh * T + t) * dh);
-        std::copy(row.data() + 2 * D + h * dh, row.data() + 2 * D + (h + 1) * dh, V + (bh * T + t) * dh);
-        u8* kb = K + bh * dh * T + t;
-        const u8* kr = row.data() + D + h * dh;
-        for (i64 i = 0; i < dh; ++i) kb[i * T] = kr[i];
-      }
+// Integer pair dot products for the attention GEMMs. An int32 "pair" holds two int16 values (low half first); madd
+// adds lo(a) lo(b) + hi(a) hi(b) to each int32 lane, which is vpmaddwd (vpdpwssd with VNNI). Operands here are s8
+// values or probabilities in [0, 255], so no pair sum comes near the one vpmaddwd overflow (both pairs -2^15 x -2^15).
+#if defined(__AVX512BW__)
+#include <immintrin.h>
+constexpr i64 kLanes = 16;
+using vec = __m512i;
+inline vec vzero() { return _mm512_setzero_si512(); }
+inline vec vbcast(i32 a) { return _mm512_set1_epi32(a); }
+inline vec vload(const i32* p) { return _mm512_loadu_si512(p); }
+inline void vstore(i32* p, vec v) { _mm512_storeu_si512(p, v); }
+#if defined(__AVX512VNNI__)
+inline vec vmadd(vec c, vec a, vec b) { return _mm512_dpwssd_epi32(c, a, b); }
+#else
+inline vec vmadd(vec c, vec a, vec b) { return _mm512_add_epi32(c, _mm512_madd_epi16(a, b)); }
+#endif
+#elif defined(__AVX2__)
+#include <immintrin.h>
+constexpr i64 kLanes = 8;
+using vec = __m256i;
+inline vec vzero() { return _mm256_setzero_si256(); }
+inline vec vbcast(i32 a) { return _mm256_set1_epi32(a); }
+inline vec vload(const i32* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline void vstore(i32* p, vec v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+inline vec vmadd(vec c, vec a, vec b) { return _mm256_add_epi32(c, _mm256_madd_epi16(a, b)); }
+#else
+constexpr i64 kLanes = 1;
+using vec = i32;
+inline vec vzero() { return 0; }
+inline vec vbcast(i32 a) { return a; }
+inline vec vload(const i32* p) { return *p; }
+inline void vstore(i32* p, vec v) { *p = v; }
+inline vec vmadd(vec c, vec a, vec b) {
+  return c + i32(int16_t(a & 0xffff)) * i32(int16_t(b & 0xffff)) + i32(int16_t(a >> 16)) * i32(int16_t(b >> 16));
+}
+#endif
+constexpr i64 kTile = 2 * kLanes;  // output lanes of one madd tile
+
+inline i64 round_up(i64 n, i64 k) { return (n + k - 1) / k * k; }
+inline i32 pack16(i64 lo, i64 hi) { return i32(uint32_t(uint16_t(lo)) | (uint32_t(uint16_t(hi)) << 16)); }
+
+// o0[j] = sum_p madd(a0[p], b[p ldb + j]), o1 likewise with a1, for j < n (n a multiple of kTile): two rows times
+// two vectors, four independent accumulators (a madd has 4-5 cycles of latency).
+inline void madd_rows2(const i32* a0, const i32* a1, i64 np, const i32* b, i64 ldb, i64 n, i32* o0, i32* o1) {
+  for (i64 j = 0; j < n; j += kTile) {
+    vec c00 = vzero(), c01 = vzero(), c10 = vzero(), c11 = vzero();
+    for (i64 p = 0; p < np; ++p) {
+      const vec x = vbcast(a0[p]), y = vbcast(a1[p]);
+      const vec b0 = vload(b + p * ldb + j), b1 = vload(b + p * ldb + j + kLanes);
+      c00 = vmadd(c00, x, b0);
+      c01 = vmadd(c01, x, b1);
+      c10 = vmadd(c10, y, b0);
+      c11 = vmadd(c11, y, b1);
     }
+    vstore(o0 + j, c00);
+    vstore(o0 + j + kLanes, c01);
+    vstore(o1 + j, c10);
+    vstore(o1 + j + kLanes, c11);
   }
 }
 
-// i-softmax via LUT: scores int32 [B,H,T,T]; key_pad u8 [B,T] (1 = padding) or empty; lut int32 [L] with
-// lut[i] = e(d = -i), i in [0, L-1] (index clamped at L-1 == 30|x0|). Output p u8 [B,H,T,T] in [0, 255].
+// One i-softmax row (quant/nonlinear.int_softmax through the i-exp table): s int32 [n]; keep int32 [n], -1 on keys
+// that count and 0 on padding; lut[i] = e(d = -i) for i in [0, lm1] (index clamped at lm1, the table's trailing 0).
+// Writes the probabilities p in [0, 255] to pr. s - max is computed in int32, exact for |s| < 2^30 (attention scores
+// are below dh 2^14; softmax_u8 checks); a fully padded row gives all zeros as the reference does. Branch-free
+// (masks, gathers), so every loop vectorises.
+inline void softmax_row(const i32* __restrict s, i64 n, const i32* __restrict keep, const i32* __restrict lut,
+                        i32 lm1, i32* __restrict ev, i32* __restrict pr) {
+  i32 mx = INT32_MIN;
+  for (i64 j = 0; j < n; ++j) mx = std::max(mx, (s[j] & keep[j]) | (~keep[j] & INT32_MIN));
+  i64 sum = 0;
+  for (i64 j = 0; j < n; ++j) {
+    const i32 d = mx - s[j];  // negative only on padded keys above the unpadded max (and all keys of a padded row)
+    const i32 idx = d < 0 ? 0 : (d < lm1 ? d : lm1);
+    ev[j] = lut[idx] & keep[j];
+    sum += ev[j];
+  }
+  if (sum < 1) sum = 1;
+  const i64 f = (i64(1) << 40) / sum;  // ev <= sum: ev f 255 < 2^48
+  const i64 half = i64(1) << 39;
+  for (i64 j = 0; j < n; ++j) {
+    const i64 p = (i64(ev[j]) * f * 255 + half) >> 40;
+    pr[j] = i32(p > 255 ? 255 : p);
+  }
+}
+
+// keep[j] = -1 (key j counts) or 0 (padding), from a u8 padding row (1 = padding) or none.
+inline void keep_row(const u8* kp, i64 n, i32* keep) {
+  for (i64 j = 0; j < n; ++j) keep[j] = kp && kp[j] ? 0 : -1;
+}
+
+void check_lut(const at::Tensor& lut) {
+  check(lut.scalar_type() == at::kInt && lut.is_contiguous() && lut.numel() >= 1 && lut.numel() < (i64(1) << 30),
+        "lut: int32 i-exp table");
+}
+
+// i-softmax over the last dim: scores int32 [B,H,Tq,Tk] with |s| < 2^30; key_pad u8 [B,Tk] (1 = padding) or empty.
+// Output p u8 [B,H,Tq,Tk] in [0, 255]. The engine runs the same rows inside attention_u8; this entry point serves
+// the build check of an installed package.
 void softmax_u8(const at::Tensor& scores, const at::Tensor& key_pad, const at::Tensor& lut, at::Tensor& out) {
   check(scores.scalar_type() == at::kInt && scores.is_contiguous() && scores.dim() == 4, "scores: int32 [B,H,T,T]");
+  check_lut(lut);
   const i64 Bsz = scores.size(0), H = scores.size(1), Tq = scores.size(2), Tk = scores.size(3);
   const bool has_mask = key_pad.defined() && key_pad.numel() > 0;
   const u8* KP = has_mask ? key_pad.data_ptr<u8>() : nullptr;
   const i32* S = scores.data_ptr<i32>();
-  const i32* LUT = lut.data_ptr<i32>();
-  const i64 Lm1 = lut.numel() - 1;
   u8* O = out.data_ptr<u8>();
-  const i64 rows = Bsz * H * Tq;
-#pragma omp parallel num_threads(nthreads()) if (rows * Tk >= kParallelMin)
-  {
-    std::vector<i32> ev(Tk);
-#pragma omp for schedule(static)
-    for (i64 r = 0; r < rows; ++r) {
-      const i64 b = r / (H * Tq);
-      const i32* s = S + r * Tk;
-      const u8* kp = has_mask ? KP + b * Tk : nullptr;
-      u8* o = O + r * Tk;
-      i32 mx = INT32_MIN;
-      if (kp) {
-        for (i64 j = 0; j < Tk; ++j)
-          if (!kp[j]) mx = std::max(mx, s[j]);
-      } else {
-        for (i64 j = 0; j < Tk; ++j) mx = std::max(mx, s[j]);
+  std::vector<i32> ev(Tk), pr(Tk), keep(Tk);
+  for (i64 r = 0; r < Bsz * H * Tq; ++r) {
+    const i32* s = S + r * Tk;
+    for (i64 j = 0; j < Tk; ++j) check(s[j] > -(1 << 30) && s[j] < (1 << 30), "scores: |s| >= 2^30");
+    keep_row(has_mask ? KP + (r / (H * Tq)) * Tk : nullptr, Tk, keep.data());
+    softmax_row(s, Tk, keep.data(), lut.data_ptr<i32>(), i32(lut.numel() - 1), ev.data(), pr.data());
+    for (i64 j = 0; j < Tk; ++j) O[r * Tk + j] = u8(pr[j]);
+  }
+}
+
+// Below this many multiply-adds (QK^T + P V of one call) attention runs on one thread (see kParallelMin).
+constexpr int64_t kAttnParallelMin = int64_t(1) << 23;
+
+// Constants of one attention_u8 call (shapes, per-column q/k/v requant, the i-exp table, attn_act requant).
+struct AttnArgs {
+  i64 T, H, D, dh, N, qmax;
+  const i32* acc;
+  const i64 *bias, *m, *rnd, *sh;
+  const u8* key_pad;  // [B, T] or null
+  const i32* lut;
+  i32 lm1;
+  i64 ctx_m, ctx_e, ctx_rnd;
+  u8 *out, *q_out, *k_out, *v_out, *p_out;  // optional outputs null
+};
+
+// Work buffers of one thread: packed operands qp [T+1][dh2], kp [dh2][Tp] (pairs of head dims), vp [Tm][dhp] (pairs
+// of keys), and one query-row pair's scores, probabilities and contexts.
+struct AttnScratch {
+  std::vector<i32> qp, kp, vp, s, ev, pr, pp, c, keep;
+  std::vector<i64> row;
+  AttnScratch(i64 T, i64 dh2, i64 Tp, i64 Tm, i64 dhp, i64 dh)
+      : qp((T + 1) * dh2), kp(dh2 * Tp), vp(Tm * dhp), s(2 * Tp), ev(Tp), pr(2 * Tp), pp(2 * Tm), c(2 * dhp),
+        keep(T), row(3 * dh) {}
+};
+
+// One (batch b, head h): requant + pack q/k/v, then per query-row pair scores, i-softmax, contexts, attn_act.
+void attention_head(const AttnArgs& P, i64 b, i64 h, AttnScratch& W) {
+  const i64 T = P.T, H = P.H, D = P.D, dh = P.dh, N = P.N, qmax = P.qmax;
+  const i64 dh2 = (dh + 1) / 2, Tp = round_up(T, kTile), Tm = (T + 1) / 2, dhp = round_up(dh, kTile);
+  const i64 bh = b * H + h;
+  i32 *__restrict qp = W.qp.data(), *__restrict kp = W.kp.data(), *__restrict vp = W.vp.data();
+  i64* __restrict x = W.row.data();
+  std::fill(W.kp.begin(), W.kp.end(), 0);
+  std::fill(W.vp.begin(), W.vp.end(), 0);
+  std::fill(qp + T * dh2, qp + (T + 1) * dh2, 0);  // the phantom row past an odd T
+  for (i64 t = 0; t < T; ++t) {
+    const i32* __restrict a = P.acc + (b * T + t) * N;
+    for (i64 part = 0; part < 3; ++part) {  // this head's q | k | v columns of row t
+      const i64 c0 = part * D + h * dh;
+      const i64 *__restrict bi = P.bias + c0, *__restrict mm = P.m + c0, *__restrict rn = P.rnd + c0,
+                            *__restrict sh = P.sh + c0;
+      i64* __restrict xp = x + part * dh;
+      for (i64 d = 0; d < dh; ++d) {
+        const i64 val = ((i64(a[c0 + d]) + bi[d]) * mm[d] + rn[d]) >> sh[d];
+        xp[d] = val < -qmax ? -qmax : (val > qmax ? qmax : val);
       }
-      i64 sum = 0;
-      for (i64 j = 0; j < Tk; ++j) {
-        i64 idx = i64(mx) - i64(s[j]);
-        idx = idx < Lm1 ? idx : Lm1;
-        i32 ej = (kp && kp[j]) ? 0 : LUT[idx < 0 ? 0 : idx];
-        ev[j] = ej;
-        sum += ej;
+    }
+    const i64 *xq = x, *xk = x + dh, *xv = x + 2 * dh;
+    for (i64 p = 0; p < dh / 2; ++p) {
+      qp[t * dh2 + p] = pack16(xq[2 * p], xq[2 * p + 1]);
+      kp[p * Tp + t] = pack16(xk[2 * p], xk[2 * p + 1]);
+    }
+    if (dh % 2) {
+      qp[t * dh2 + dh2 - 1] = pack16(xq[dh - 1], 0);
+      kp[(dh2 - 1) * Tp + t] = pack16(xk[dh - 1], 0);
+    }
+    i32* __restrict vr = vp + (t / 2) * dhp;
+    const int hs = t % 2 ? 16 : 0;
+    for (i64 d = 0; d < dh; ++d) vr[d] |= i32(uint32_t(uint16_t(xv[d])) << hs);
+    const i64 oo = (bh * T + t) * dh;
+    if (P.q_out) for (i64 d = 0; d < dh; ++d) P.q_out[oo + d] = u8(xq[d] + 128);
+    if (P.k_out) for (i64 d = 0; d < dh; ++d) P.k_out[oo + d] = u8(xk[d] + 128);
+    if (P.v_out) for (i64 d = 0; d < dh; ++d) P.v_out[oo + d] = u8(xv[d] + 128);
+  }
+  keep_row(P.key_pad ? P.key_pad + b * T : nullptr, T, W.keep.data());
+  const i64 cm = P.ctx_m, ce = P.ctx_e, crnd = P.ctx_rnd;
+  i32 *__restrict s = W.s.data(), *__restrict pr = W.pr.data(), *__restrict pp = W.pp.data(),
+                  *__restrict c = W.c.data();
+  for (i64 i = 0; i < T; i += 2) {  // query rows i, i + 1 (the phantom zero row past an odd T)
+    madd_rows2(qp + i * dh2, qp + (i + 1) * dh2, dh2, kp, Tp, Tp, s, s + Tp);
+    const i64 nr = std::min<i64>(2, T - i);
+    std::fill(pp, pp + 2 * Tm, 0);
+    for (i64 k = 0; k < nr; ++k) {
+      i32* __restrict prk = pr + k * Tp;
+      softmax_row(s + k * Tp, T, W.keep.data(), P.lut, P.lm1, W.ev.data(), prk);
+      if (P.p_out) {
+        u8* po = P.p_out + (bh * T + i + k) * T;
+        for (i64 j = 0; j < T; ++j) po[j] = u8(prk[j]);
       }
-      if (sum < 1) sum = 1;
-      const i64 f = (i64(1) << 40) / sum;
-      const i64 half = i64(1) << 39;
-      for (i64 j = 0; j < Tk; ++j) {
-        i64 p = (i64(ev[j]) * f * 255 + half) >> 40;
-        o[j] = (u8)(p > 255 ? 255 : p);
+      prk[T] = 0;  // pairs past an odd T
+      i32* __restrict ppk = pp + k * Tm;
+      for (i64 j = 0; j < Tm; ++j) ppk[j] = prk[2 * j] | (prk[2 * j + 1] << 16);  // p in [0, 255]
+    }
+    madd_rows2(pp, pp + Tm, Tm, vp, dhp, dhp, c, c + dhp);
+    for (i64 k = 0; k < nr; ++k) {
+      const i32* __restrict ck = c + k * dhp;
+      u8* __restrict o = P.out + (b * T + i + k) * D + h * dh;
+      for (i64 d = 0; d < dh; ++d) {
+        const i64 val = (i64(ck[d]) * cm + crnd) >> ce;
+        o[d] = u8((val < -qmax ? -qmax : (val > qmax ? qmax : val)) + 128);
       }
     }
   }
 }
 
-// attention context: ctx int32 [B,H,T,dh], per-tensor (m, e) -> u8 [B,T,H*dh] (+128).
-void requant_ctx(const at::Tensor& ctx, int64_t m, int64_t e, int64_t qmax, at::Tensor& out) {
-  check(ctx.scalar_type() == at::kInt && ctx.is_contiguous() && ctx.dim() == 4, "ctx: int32 [B,H,T,dh]");
-  const i64 Bsz = ctx.size(0), H = ctx.size(1), T = ctx.size(2), dh = ctx.size(3);
-  const i32* C = ctx.data_ptr<i32>();
-  u8* O = out.data_ptr<u8>();
-  e = cap_shift(e);
-  const i64 rnd = i64(1) << (e - 1);
-#pragma omp parallel for schedule(static) num_threads(nthreads()) if (Bsz * T * H * dh >= kParallelMin)
-  for (i64 r = 0; r < Bsz * T; ++r) {
-    const i64 b = r / T, t = r % T;
-    u8* o = O + r * H * dh;
-    for (i64 h = 0; h < H; ++h) {
-      const i32* c = C + ((b * H + h) * T + t) * dh;
-      for (i64 i = 0; i < dh; ++i) {
-        i64 v = (i64(c[i]) * m + rnd) >> e;
-        o[h * dh + i] = (u8)(clampi(v, -qmax, qmax) + 128);
-      }
-    }
-  }
+// The whole self-attention between the QKV and the output GEMM, per (batch, head), in one call:
+//   q, k, v = clamp(requant(acc + bias, m[c], e[c]), -qmax, qmax)   (the q/k/v QuantAct(8), per column c)
+//   s = q k^T (int32), p = i-softmax(s) over unpadded keys (u8 [0, 255]), ctx = p v (int32),
+//   out = clamp(requant(ctx, ctx_m, ctx_e), -qmax, qmax) + 128     (attn_act, per tensor) -> out u8 [B*T, D]
+// acc int32 [B*T, 3D] (q | k | v columns, head h at h dh), bias / m / e int64 [3D], key_pad u8 [B, T] or empty.
+// Bounds (int32 accumulation, checked): |q k| <= dh 2^14 < 2^31 for dh <= 2^16; |p v| <= T 255 128 < 2^31 for
+// T <= 2^16. Optional outputs (empty = not written): q_out / k_out / v_out u8 [B,H,T,dh] (+128), p_out u8 [B,H,T,T].
+void attention_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& m, const at::Tensor& e,
+                  int64_t qmax, int64_t Bsz, int64_t T, int64_t H, const at::Tensor& key_pad, const at::Tensor& lut,
+                  int64_t ctx_m, int64_t ctx_e, at::Tensor& out, at::Tensor& q_out, at::Tensor& k_out,
+                  at::Tensor& v_out, at::Tensor& p_out) {
+  check(acc.scalar_type() == at::kInt && acc.is_contiguous() && acc.dim() == 2, "acc: contiguous int32 [B*T, 3D]");
+  const i64 N = acc.size(1), D = N / 3, dh = H > 0 ? D / H : 0;
+  check(H >= 1 && acc.size(0) == Bsz * T && D * 3 == N && dh * H == D, "attention: acc is not [B*T, 3 H dh]");
+  check(T <= (i64(1) << 16) && dh <= (i64(1) << 16), "attention: T and head_dim must be <= 2^16 (int32 sums)");
+  check(qmax >= 1 && qmax <= 127, "attention: 8-bit activations only");
+  check(bias.numel() == N && m.numel() == N && e.numel() == N, "attention: per-column constants of length 3D");
+  check(out.scalar_type() == at::kByte && out.is_contiguous() && out.numel() == Bsz * T * D, "out: u8 [B*T, D]");
+  check_lut(lut);
+  const bool has_mask = key_pad.defined() && key_pad.numel() > 0;
+  check(!has_mask || (key_pad.scalar_type() == at::kByte && key_pad.numel() == Bsz * T), "key_pad: u8 [B, T]");
+  auto opt = [&](const at::Tensor& t, i64 n) -> u8* {
+    if (!t.defined() || t.numel() == 0) return nullptr;
+    check(t.scalar_type() == at::kByte && t.is_contiguous() && t.numel() == n, "attention: optional output shape");
+    return t.data_ptr<u8>();
+  };
+  std::vector<i64> rnd(N), sh(N);
+  for (i64 j = 0; j < N; ++j) sh[j] = cap_shift(e.data_ptr<i64>()[j]), rnd[j] = i64(1) << (sh[j] - 1);
+  const i64 ce = cap_shift(ctx_e);
+  const AttnArgs P{T, H, D, dh, N, qmax, acc.data_ptr<i32>(), bias.data_ptr<i64>(), m.data_ptr<i64>(), rnd.data(),
+                   sh.data(), has_mask ? key_pad.data_ptr<u8>() : nullptr, lut.data_ptr<i32>(),
+                   i32(lut.numel() - 1), ctx_m, ce, i64(1) << (ce - 1), out.data_ptr<u8>(),
+                   opt(q_out, Bsz * T * D), opt(k_out, Bsz * T * D), opt(v_out, Bsz * T * D),
+                   opt(p_out, Bsz * H * T * T)};
+  const i64 dh2 = (dh + 1) / 2, Tp = round_up(T, kTile), Tm = (T + 1) / 2, dhp = round_up(dh, kTile);
+  const i64 macs = Bsz * H * T * (Tp * dh2 + Tm * dhp) * 2;
+  at::parallel_for(0, Bsz * H, macs >= kAttnParallelMin ? 1 : Bsz * H, [&](int64_t lo, int64_t hi) {
+    AttnScratch W(T, dh2, Tp, Tm, dhp, dh);
+    for (i64 bh = lo; bh < hi; ++bh) attention_head(P, bh / H, bh % H, W);
+  });
 }
 
 // One IntLayerNorm row on q (int64, length C), then optional requant to the next QuantAct(8) (u8 +128) and/or
@@ -421,9 +567,8 @@ void gelu_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& k_
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.def("requant_qkv", &requant_qkv);
+  mod.def("attention_u8", &attention_u8);
   mod.def("softmax_u8", &softmax_u8);
-  mod.def("requant_ctx", &requant_ctx);
   mod.def("resid_ln", &resid_ln);
   mod.def("embed_ln", &embed_ln);
   mod.def("gelu_u8", &gelu_u8);
