@@ -240,19 +240,22 @@ def test_embed_ln():
     assert torch.equal(out_u8.view(B, T, C).to(f64), _ref_requant8(ln_out, nm, ne) + 128)
 
 
+@pytest.mark.parametrize("path", ["int32", "int64"])
 @pytest.mark.parametrize("constants", ["paper", "refit"])
 @pytest.mark.parametrize("s_lo, s_hi, k_sign", [(6.2e-5, 1.2e-4, 0), (5e-7, 2e-6, -1), (2e-3, 4e-2, 1)])
-def test_gelu_u8(s_lo, s_hi, k_sign, constants):
+def test_gelu_u8(s_lo, s_hi, k_sign, constants, path):
     """i-GELU + the fc2_act requant equal the QAT functions at fine (|g m| >> 2^63), usual and coarse scales
-    (erf pre-shift k < 0, = 0 and > 0)."""
+    (erf pre-shift k < 0, = 0 and > 0), on the int32 path (a tight accumulator bound) and the int64 one (a bound
+    that leaves no room for the bias), over two 256-column tiles and two 32-row tiles."""
     g = _gen(7)
-    M, N = 33, 80
+    M, N = 33, 300
     S = (torch.rand(N, generator=g, dtype=f64) * (s_hi - s_lo) + s_lo).float()
     x = torch.randn(M, N, generator=g, dtype=f64) * 3
     x[0] = 0
     x[1, :8] = torch.tensor([3.0, 6.0, -3.0, -6.0, 0.5, -0.5, 12.0, -12.0])
     bias = torch.randint(-5000, 5000, (N,), generator=g)
     acc = (torch.round(x / S.double()) - bias).clamp(-2 ** 31 + 1, 2 ** 31 - 1).to(torch.int32)
+    acc_bound = int(acc.abs().max()) if path == "int32" else 2 ** 31 - 1
     q = acc.to(f64) + bias.to(f64)
     gq, S_g = NL.int_gelu(q, S, constants)
     gc = NL.gelu_constants(S, constants)
@@ -261,7 +264,7 @@ def test_gelu_u8(s_lo, s_hi, k_sign, constants):
     out = torch.empty(M, N, dtype=torch.uint8)
     out_g = torch.empty(M, N, dtype=I64)
     K.gelu_u8(acc, bias, gc.shift.to(I64), gc.b_int.to(I64), gc.c_int.to(I64), gc.one.to(I64), nm.to(I64),
-              ne.to(I64), 127, out, out_g)
+              ne.to(I64), 127, acc_bound, out, out_g)
     assert torch.equal(out_g.to(f64), gq)
     assert torch.equal(out.float() - 128, requant_clamp(gq, nm, ne, 8))
     # exact Python-integer requant of g

@@ -42,6 +42,8 @@ class _Layer:
             setattr(self, k, g)
             self.routes[k] = g.route
             self.bias[k] = (lin.b_int.to(I64) + g.zp_correction).contiguous()
+        # |FC1 accumulator| bound for gelu_u8's int32 path: K products of |u8 or s8| <= 255 by |w| <= 128
+        self.fc1_acc_bound = 255 * 128 * L.fc1.w_int.shape[1]
 
 
 class IntegerEngine:
@@ -235,7 +237,7 @@ class IntegerEngine:
             F = L.fc1.w_int.shape[0]
             gq = torch.empty(M, F, dtype=I64) if collect else e
             K.gelu_u8(buf["acc_f"], lay.bias["fc1"], L.gelu_k, L.gelu_b, L.gelu_c, L.gelu_one, L.g_m, L.g_e, qmax8,
-                      g, gq)
+                      lay.fc1_acc_bound, g, gq)
             t0 = self._t("gelu", t0)
             if collect:
                 acts[pre + "gelu"] = gq.view(B, T, F)

@@ -487,78 +487,131 @@ void embed_ln(const at::Tensor& tokens, const at::Tensor& positions, const at::T
 // i-GELU on the FC1 accumulator (+bias), then the fc2_act QuantAct(8) requant -> u8 (+128).
 // Per channel j (quant/nonlinear.int_gelu): the erf input u = |q| << k (k >= 0, saturated at -b_int) or |q| >> -k;
 // t = min(u, -b_int) + b_int; Y = max(0, (2^13 - c_int - t^2) >> 14); g = q (one - sgn(q) Y) (|g| < 2^51 for
-// |q| <= 2^32); the requant of g needs up to ~71-bit products and runs in an exact saturating split: z is first
-// saturated at 2^(e + bits - 19) (beyond it the result saturates, |m| <= 2^20), then split z = zh 2^s + zl with
-// s = min(e - 1, 31): floor((zh m + 2^(e-1-s) + floor(zl m / 2^s)) / 2^(e-s)), every term below 2^62
-// (quant/primitives requant_clamp without identity).
+// |q| <= 2^32); the requant of g saturates z = g at BD = 2^(e + bits - 19) (beyond it the result saturates,
+// |m| <= 2^20), then v = floor((z m + 2^(e-1)) / 2^e) (quant/primitives requant_clamp without identity), computed
+// exactly as floor((zh m + 2^(e-1-s) + floor(zl m / 2^s)) / 2^(e-s)) with z = zh 2^s + zl, s = max(e - 41, 0):
+// |zh| <= 2^30 and 0 <= zl < 2^31, so both products are 32 x 32 -> 64 bit (vpmuldq) and every sum is below 2^62.
+// Widths: the erf runs in int32 (checked per column: -b_int <= 46340, so t^2 < 2^31, |c_int| < 2^31 - 2^14 and
+// |one| < 2^17, so |w| = |one - sgn(q) Y| < 2^18; i-GELU's scale normalisation keeps |b_int| < 41200 and
+// |c_int| < 1.9e9 for both coefficient sets), and so does q = acc + bias when acc_bound + max |bias| < 2^31 - 1
+// (acc_bound: the caller's bound on |acc|, the engine's 255 128 K for a K-deep GEMM; otherwise q, |q| and the
+// shifts run in int64); g = q w is 32 x 32 -> 64 bit.
+// Work runs in tiles of kGeluRows rows x kGeluCols columns, so that a tile's per-column constants stay in L1 across
+// its rows.
+constexpr i64 kGeluCols = 256, kGeluRows = 32;
+
 void gelu_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& k_sh, const at::Tensor& b_int,
              const at::Tensor& c_int, const at::Tensor& one, const at::Tensor& m, const at::Tensor& e, int64_t qmax,
-             at::Tensor& out, at::Tensor& out_g) {
+             int64_t acc_bound, at::Tensor& out, at::Tensor& out_g) {
   check(acc.scalar_type() == at::kInt && acc.is_contiguous() && acc.dim() == 2, "acc: int32 [M, N]");
+  check(qmax >= 1 && qmax <= 127, "gelu: 8-bit output only");
+  check(acc_bound >= 0, "gelu: acc_bound must be >= 0");
   const i64 M = acc.size(0), N = acc.size(1);
   const i32* A = acc.data_ptr<i32>();
-  const i64* Bi = bias.data_ptr<i64>();
   const i64* KS = k_sh.data_ptr<i64>();
   const i64* BI = b_int.data_ptr<i64>();
   const i64* CI = c_int.data_ptr<i64>();
   const i64* ON = one.data_ptr<i64>();
   const i64* Mm = m.data_ptr<i64>();
   const i64* E = e.data_ptr<i64>();
+  const i64* Bias = bias.data_ptr<i64>();
   u8* O = out.data_ptr<u8>();
   const bool want_g = out_g.defined() && out_g.numel() > 0;
   i64* G = want_g ? out_g.data_ptr<i64>() : nullptr;
   const int bits = bit_width(qmax);
-  // Per-column constants, so that the element loops are branch-free (vectorised with AVX-512 int64 arithmetic).
-  // erf input: u = |q| > SAT ? -b_int : (|q| >> kr) << kl, kl = max(k, 0) (saturated at -b_int above SAT),
-  // kr = min(max(-k, 0), 63) (|q| < 2^63, so >> 63 gives the 0 of every larger shift).
-  // requant_sat split: z saturated at +-BD, s = min(e - 1, 31), rounding 2^(e-1-s), final shift e - s.
-  std::vector<i64> NB(N), SAT(N), KL(N), KR(N), BD(N), S1(N), RND(N), SH2(N);
+  // Per-column constants, so that the element loops are branch-free (vectorised, 512-bit on AVX-512).
+  // u = min((min(|q|, CAP) >> kr) << kl, -b_int), kl = max(k, 0), kr = max(-k, 0) (capped where any larger shift
+  // gives the same u); CAP = ((-b_int) >> kl) + 1 when kl > 0 (any larger |q| saturates the erf), no cap otherwise.
+  std::vector<i64> BIA(N), CAP(N), KL(N), KR(N), BD(N), S1(N), RND(N), SH2(N);
+  std::vector<i32> NB(N), CI2(N), ON2(N), MM(N), BIA2(N), CAP2(N), KL2(N), KR2(N);
+  i64 bmax = 0;
+  bool small_k = true;
   for (i64 j = 0; j < N; ++j) {
     check(std::llabs(Mm[j]) <= (i64(1) << 20), "gelu requant multiplier above 2^20");
     check(E[j] >= 1, "gelu requant shift below 1");
-    NB[j] = -BI[j];
+    check(-BI[j] >= 0 && -BI[j] <= 46340 && std::llabs(CI[j]) < (i64(1) << 31) - (i64(1) << 14) &&
+              std::llabs(ON[j]) < (i64(1) << 17),
+          "gelu constants outside the int32 erf bounds (-b_int <= 46340, |c_int| < 2^31 - 2^14, |one| < 2^17)");
+    BIA[j] = Bias[j];
+    bmax = std::max<i64>(bmax, std::llabs(Bias[j]));
+    NB[j] = i32(-BI[j]);
+    CI2[j] = i32(CI[j]);
+    ON2[j] = i32(ON[j]);
+    MM[j] = i32(Mm[j]);
     const i64 k = KS[j];
     KL[j] = k > 0 ? (k > 62 ? 62 : k) : 0;
     KR[j] = k < 0 ? (-k > 63 ? 63 : -k) : 0;
-    SAT[j] = k >= 0 ? (NB[j] >> KL[j]) : INT64_MAX;
+    CAP[j] = KL[j] > 0 ? (i64(NB[j]) >> KL[j]) + 1 : INT64_MAX;
+    small_k = small_k && KL[j] <= 30;  // CAP << kl <= -b_int + 2^kl < 2^31
+    KL2[j] = i32(std::min<i64>(KL[j], 30));
+    KR2[j] = i32(std::min<i64>(KR[j], 31));  // |q| < 2^31: >> 31 gives the 0 of every larger shift
+    CAP2[j] = i32(std::min<i64>(CAP[j], INT32_MAX));
     const i64 ee = E[j] > 72 ? 72 : E[j];  // |z m| < 2^71 after the saturation: 0 for every larger shift too
     const i64 bexp = ee + bits - 19;
-    BD[j] = bexp < 62 ? (i64(1) << (bexp > 0 ? bexp : 0)) : INT64_MAX;
-    S1[j] = ee - 1 < 31 ? ee - 1 : 31;
+    BD[j] = i64(1) << (bexp > 0 ? bexp : 0);
+    S1[j] = ee > 41 ? ee - 41 : 0;
     RND[j] = i64(1) << (ee - 1 - S1[j]);
     SH2[j] = ee - S1[j];
   }
-  const i64 *pNB = NB.data(), *pSAT = SAT.data(), *pKL = KL.data(), *pKR = KR.data(), *pBD = BD.data(),
-            *pS1 = S1.data(), *pRND = RND.data(), *pSH2 = SH2.data();
+  const bool q32 = small_k && bmax + std::min<i64>(acc_bound, INT32_MAX) < (i64(1) << 31) - 1;
+  for (i64 j = 0; j < N && q32; ++j) BIA2[j] = i32(BIA[j]);
+  const i64 n_cb = (N + kGeluCols - 1) / kGeluCols, n_rb = (M + kGeluRows - 1) / kGeluRows;
 #pragma omp parallel num_threads(nthreads()) if (M * N >= kParallelMin)
   {
-    std::vector<i64> gbuf(N);
-    i64* gb = gbuf.data();
-#pragma omp for schedule(static)
-    for (i64 i = 0; i < M; ++i) {
-      const i32* a = A + i * N;
-      u8* o = O + i * N;
-      for (i64 j = 0; j < N; ++j) {
-        const i64 q = i64(a[j]) + Bi[j];
-        const i64 aq = q < 0 ? -q : q;
-        const i64 nb = pNB[j];
-        const i64 u = aq > pSAT[j] ? nb : ((aq >> pKR[j]) << pKL[j]);
-        const i64 t = (u < nb ? u : nb) - nb;
-        // integer erf y = -sgn(q) Y, Y = max(0, floor((2^13 - c_int - t^2) / 2^14)); q = 0 gives g = 0 anyway
-        i64 Y = (i64(8192) - CI[j] - t * t) >> 14;
-        Y = Y > 0 ? Y : 0;
-        gb[j] = q * (ON[j] - (q > 0 ? Y : -Y));
-      }
-      if (G) std::copy(gb, gb + N, G + i * N);
-      for (i64 j = 0; j < N; ++j) {  // requant_sat, column constants hoisted
-        const i64 bd = pBD[j];
-        const i64 z = gb[j] < -bd ? -bd : (gb[j] > bd ? bd : gb[j]);
-        const i64 s1 = pS1[j];
-        const i64 zh = z >> s1;
-        const i64 zl = z - (zh << s1);
-        i64 v = (zh * Mm[j] + pRND[j] + ((zl * Mm[j]) >> s1)) >> pSH2[j];
-        v = v < -qmax ? -qmax : (v > qmax ? qmax : v);
-        o[j] = (u8)(v + 128);
+    i64 qv[kGeluCols], gb[kGeluCols];
+    i32 u[kGeluCols], pos[kGeluCols], w[kGeluCols];
+#pragma omp for schedule(static) collapse(2)
+    for (i64 rb = 0; rb < n_rb; ++rb) {
+      for (i64 cb = 0; cb < n_cb; ++cb) {
+        const i64 j0 = cb * kGeluCols, nc = std::min(kGeluCols, N - j0);
+        const i64 *__restrict bd = BD.data() + j0, *__restrict s1 = S1.data() + j0, *__restrict rn = RND.data() + j0,
+                              *__restrict sh = SH2.data() + j0;
+        const i32 *__restrict nb = NB.data() + j0, *__restrict ci = CI2.data() + j0, *__restrict on = ON2.data() + j0,
+                              *__restrict mm = MM.data() + j0;
+        for (i64 i = rb * kGeluRows; i < std::min(M, (rb + 1) * kGeluRows); ++i) {
+          const i32* __restrict a = A + i * N + j0;
+          u8* __restrict o = O + i * N + j0;
+          if (q32) {  // everything in int32, g = q w in 32 x 32 -> 64 bit
+            const i32 *__restrict bia = BIA2.data() + j0, *__restrict cap = CAP2.data() + j0,
+                                  *__restrict kl = KL2.data() + j0, *__restrict kr = KR2.data() + j0;
+            for (i64 j = 0; j < nc; ++j) {
+              const i32 q = a[j] + bia[j];
+              const i32 aq = q < 0 ? -q : q;
+              const i32 uc = ((aq < cap[j] ? aq : cap[j]) >> kr[j]) << kl[j];
+              const i32 t = (uc < nb[j] ? uc : nb[j]) - nb[j];
+              i32 Y = (i32(8192) - ci[j] - t * t) >> 14;
+              Y = Y > 0 ? Y : 0;
+              gb[j] = i64(q) * i64(on[j] - (q > 0 ? Y : -Y));
+            }
+          } else {  // q, |q| and the erf input's shifts in int64, the erf in int32
+            const i64 *__restrict bia = BIA.data() + j0, *__restrict cap = CAP.data() + j0,
+                                  *__restrict kl = KL.data() + j0, *__restrict kr = KR.data() + j0;
+            for (i64 j = 0; j < nc; ++j) {
+              const i64 q = i64(a[j]) + bia[j];
+              const i64 aq = q < 0 ? -q : q;
+              const i64 uc = ((aq < cap[j] ? aq : cap[j]) >> kr[j]) << kl[j];
+              qv[j] = q;
+              u[j] = i32(uc < nb[j] ? uc : nb[j]);
+              pos[j] = q > 0;
+            }
+            for (i64 j = 0; j < nc; ++j) {
+              const i32 t = u[j] - nb[j];
+              i32 Y = (i32(8192) - ci[j] - t * t) >> 14;
+              Y = Y > 0 ? Y : 0;
+              w[j] = on[j] - (pos[j] ? Y : -Y);
+            }
+            for (i64 j = 0; j < nc; ++j) gb[j] = qv[j] * w[j];
+          }
+          if (G) std::copy(gb, gb + nc, G + i * N + j0);
+          for (i64 j = 0; j < nc; ++j) {  // requant: saturate, split, two 32 x 32 -> 64 bit products
+            const i64 z = gb[j] < -bd[j] ? -bd[j] : (gb[j] > bd[j] ? bd[j] : gb[j]);
+            const i64 zh = z >> s1[j];
+            const i64 zl = z - (zh << s1[j]);
+            i64 v = (i64(i32(zh)) * i64(mm[j]) + rn[j] + ((i64(i32(zl)) * i64(mm[j])) >> s1[j])) >> sh[j];
+            v = v < -qmax ? -qmax : (v > qmax ? qmax : v);
+            o[j] = u8(v + 128);
+          }
+        }
       }
     }
   }
