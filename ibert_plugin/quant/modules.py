@@ -226,7 +226,8 @@ class QuantAct(nn.Module):
         else:
             real = dequantize(x.detach(), scale)
             if identity is not None:
-                real = real + dequantize(identity.detach(), identity_scale)
+                other = dequantize(identity.detach(), identity_scale)
+                real = real.add_(other) if scale is not None else real + other  # (never add into x itself)
             lo, hi = torch.aminmax(real)
             cur_min, cur_max = lo.reshape(1), hi.reshape(1)
         # data parallel: every rank takes the global batch's range (no-op on one worker)

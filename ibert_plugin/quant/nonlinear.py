@@ -36,7 +36,7 @@ from typing import Optional, Tuple
 import torch
 
 from .config import NONLINEAR_CONSTANT_SETS
-from .primitives import floor_ste, isqrt, pow2, qmax, true_div
+from .primitives import isqrt, pow2, qmax, true_div
 
 __all__ = [
     "NONLINEAR_CONSTANT_SETS",
@@ -105,6 +105,12 @@ GELU_C = 1.0
 GELU_SHIFT = 14
 #: The erf runs at the normalised scale ``S' = S 2^-k`` in ``[2^-(E+1), 2^-E)`` (E = 13: 6.1e-5 .. 1.2e-4).
 GELU_SCALE_EXP = 13
+# i-GELU's Y = floor((2^13 - c_int - t^2) / 2^14) needs no clamp at 0: with t^2 <= b_int^2 <= (|b|/Sp + 1)^2 and
+# -c_int >= 1/(|a| Sp^2), the numerator is at least 2^13 - 1 + ((1/|a| - b^2)/Sp - 2|b|)/Sp, positive for every
+# Sp = S'/k_gelu < 2^-13.5 when 1/|a| - b^2 > 2|b| 2^-13.5 (paper: 0.33 > 4.3e-4).
+_GELU_Y_POSITIVE = all(1.0 / abs(c.gelu_a) - c.gelu_b**2 > 2.0 * abs(c.gelu_b) * 2.0 ** -(GELU_SCALE_EXP + 0.5)
+                       for c in _COEFFS.values())
+assert _GELU_Y_POSITIVE, "an i-GELU coefficient set makes Y negative: restore the clamp in _IntGELU.forward"
 
 # i-exp (I-BERT Eq. 10-12)
 EXP_LN2 = math.log(2.0)
@@ -122,12 +128,6 @@ LN_OUT_SHIFT = 30  # y_n = floor(y f / 2^(45 - 30)) = y / (sqrt(C) sigma) * 2^30
 
 def _pow2(x: torch.Tensor) -> torch.Tensor:
     return torch.exp2(x)
-
-
-def _pow2_neg_f32(z: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Exact ``2^-(z + shift)`` in float32 from the exponent bits, for integers ``0 <= z + shift < 127``."""
-    n = z.to(torch.int32).add_(shift.to(torch.int32))
-    return n.neg_().add_(127).bitwise_left_shift_(23).view(torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -217,10 +217,12 @@ class _IntGELU(torch.autograd.Function):
     def forward(ctx, q, shift, b_int, c_int, one):
         qd = q.to(torch.float64)
         p2k = pow2(shift)
-        u = (qd.abs() * p2k).floor_()  # |q| 2^k, exact (k >= 0), or floor(|q| / 2^-k)
-        t = u.clamp_(max=-b_int).add_(b_int)  # min(u, -b_int) + b_int, in [b_int, 0]
-        w = torch.addcmul(float(2 ** (GELU_SHIFT - 1)) - c_int, t, t, value=-1.0)
-        torch.floor_divide(w, float(2**GELU_SHIFT), out=w).clamp_(min=0.0)  # Y >= 0
+        t = qd.abs().mul_(p2k).floor_()  # u = |q| 2^k, exact (k >= 0), or floor(|q| / 2^-k)
+        t.clamp_(max=-b_int).add_(b_int)  # t = min(u, -b_int) + b_int, in [b_int, 0]
+        # (2^13 - c_int - t^2) / 2^14 in one pass: t^2 < 2^31 and the sum are exact multiples of 2^-14; it is
+        # positive (Y >= 0 without a clamp, see _GELU_Y_POSITIVE)
+        w = torch.addcmul((float(2 ** (GELU_SHIFT - 1)) - c_int) * 2.0**-GELU_SHIFT, t, t,
+                          value=-(2.0**-GELU_SHIFT)).floor_()
         torch.sub(one, w.mul_(torch.sign(qd)), out=w)  # y + one = one - sgn(q) Y (sgn(0) = 0: slope at 0 is 1/2)
         q_out = qd * w
         if ctx.needs_input_grad[0]:
@@ -276,9 +278,12 @@ def _exp_before_floor(d: torch.Tensor, x0, b_int, c_int, shift) -> torch.Tensor:
     """
     z = torch.div(d, x0).floor_()  # in [0, 30]
     r = d.addcmul_(z, x0, value=-1.0)  # d - x0 z in (x0, 0], in place
-    e = (r + b_int).mul_(r).add_(c_int)  # L = r (r + b) + c
-    # 2^-(z+T) built exactly from float32 exponent bits (z + T <= 30 + 37 < 127)
-    return e.mul_(_pow2_neg_f32(z, shift))
+    e = r + b_int
+    torch.addcmul(c_int, e, r, out=e)  # L = r (r + b) + c
+    # 2^-(z+T) exactly, in z's buffer: n = 1023 - T - z (in [956, 1023]) lies in the low mantissa bits of
+    # n + 2^52; shifting them into the exponent field gives the float64 2^(n - 1023)
+    torch.sub((float(2**52) + 1023.0) - shift, z, out=z)
+    return e.mul_(z.view(torch.int64).bitwise_left_shift_(52).view(torch.float64))
 
 
 def _int_exp(qd: torch.Tensor, ec: ExpConstants) -> torch.Tensor:
@@ -367,21 +372,26 @@ class _IntSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, km, x0, b_int, c_int, shift_t, out_bits):
         if km is not None:
-            rowmax = q.masked_fill(km, float("-inf")).amax(dim=-1, keepdim=True)
+            # masked keys at -inf: clipped to 30 x0 below, where i-exp floors to 0 (L < 2^(16 + T) <= 2^(30 + T))
+            q = q.masked_fill(km, float("-inf"))
+            rowmax = q.amax(dim=-1, keepdim=True)
             rowmax = torch.where(torch.isinf(rowmax), torch.zeros_like(rowmax), rowmax)  # fully masked rows
         else:
             rowmax = q.amax(dim=-1, keepdim=True)
         d = q.to(torch.float64, copy=True).sub_(rowmax.to(torch.float64)).clamp_(min=EXP_CLIP * x0)  # [30 x0, 0]
         e = _exp_before_floor(d, x0, b_int, c_int, shift_t)
-        if km is not None:
-            e.masked_fill_(km, 0.0)
-        e_pre = e.to(torch.float32) if ctx.needs_input_grad[0] else None  # pre-floor exp, for the STE chain
+        e_pre = None
+        if ctx.needs_input_grad[0]:  # pre-floor exp for the STE chain, 0 on masked keys (no gradient there)
+            e_pre = e.to(torch.float32)
+            if km is not None:
+                e_pre.masked_fill_(km, 0.0)
         e.floor_()  # < 2^16
         total = e.sum(dim=-1, keepdim=True).clamp_(min=1.0)
         f = torch.floor(true_div(float(2**SOFTMAX_NORM_BITS), total))
         p_max = float(2**out_bits - 1)
         k = p_max * 2.0**-SOFTMAX_NORM_BITS
-        p = e.mul_(f * k).add_(0.5).floor_().to(torch.float32)
+        # e f P / 2^40 + 1/2 exact: e f <= 2^40, so e f P < 2^48
+        p = torch.addcmul(torch.full_like(total, 0.5), e, f * k, out=e).floor_().to(torch.float32)
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(e_pre, f, total, x0)
             ctx.k = k
@@ -391,22 +401,39 @@ class _IntSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         e, f, total, x0 = ctx.saved_tensors
-        g = grad.to(torch.float32)
-        big = (g * e).sum(dim=-1, keepdim=True)
-        c1 = (f * ctx.k).to(torch.float32)
-        c2 = (float(2**SOFTMAX_NORM_BITS) * ctx.k / (total * total)).to(torch.float32)
-        grad_e = g * c1 - big * c2
-        grad_q = grad_e.mul_(e).mul_((EXP_LN2 / x0.abs()).to(torch.float32))
+        g = grad.to(torch.float32, memory_format=torch.contiguous_format)
+        big = torch.linalg.vecdot(g, e).unsqueeze(-1)
+        dz = EXP_LN2 / x0.abs()  # de/dd = e ln2 / |x0|, folded into the per-row factors
+        c1 = (f * ctx.k * dz).to(torch.float32)
+        c2 = (float(2**SOFTMAX_NORM_BITS) * ctx.k * dz / (total * total)).to(torch.float32)
+        grad_q = (g * c1).addcmul_(big, c2, value=-1.0).mul_(e)
         return grad_q.to(ctx.q_dtype), None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # IntLayerNorm
 # ----------------------------------------------------------------------------------------------------------------
-def _ln_center(qd: torch.Tensor) -> torch.Tensor:
-    c = qd.shape[-1]
-    mean = floor_ste((2.0 * qd.sum(dim=-1, keepdim=True) + c) / (2.0 * c))
-    return qd - mean
+def _ln_center(q: torch.Tensor) -> torch.Tensor:
+    """``y = q - floor((2 sum(q) + C) / (2C))``, exact: the sum accumulates in float64 (every partial sum an integer
+    below 2^53); float32 ``y`` for float32 ``q`` (``|q| < 2^23``, the bound of every QuantAct output (<= 24 bits),
+    so ``|y| < 2^24``), float64 otherwise."""
+    c = q.shape[-1]
+    total = q.sum(dim=-1, keepdim=True, dtype=torch.float64)
+    mean = torch.floor(true_div(total.mul_(2.0).add_(c), 2.0 * c))
+    if q.dtype == torch.float32:
+        return q - mean.to(torch.float32)
+    return q.to(torch.float64) - mean
+
+
+def _ln_shifted(y: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``floor(y / 2^shift)`` in the dtype of ``y`` (exact: a power-of-two scaling, ``shift < 126``)."""
+    return (y * pow2(-shift.to(torch.float64)).to(y.dtype)).floor_()
+
+
+def _row_sq_sum(ys: torch.Tensor) -> torch.Tensor:
+    """``sum_C(ys^2)`` per row in float64 (exact below 2^53), shape ``(..., 1)``."""
+    ys = ys.to(torch.float64)
+    return torch.linalg.vecdot(ys, ys).unsqueeze(-1)
 
 
 @torch.no_grad()
@@ -426,9 +453,7 @@ def layernorm_shift_update(q: torch.Tensor, shift: torch.Tensor) -> torch.Tensor
     Returns:
         the new float32 ``(1,)`` shift (never smaller).
     """
-    y = _ln_center(q.to(torch.float64))
-    ys = torch.floor(y * _pow2(-shift.to(torch.float64)))
-    v = (ys * ys).sum(dim=-1).amax().reshape(1)
+    v = _row_sq_sum(_ln_shifted(_ln_center(q), shift)).amax().reshape(1)
     margin = math.log2(2.0 ** (LN_VAR_BITS // 2) - math.sqrt(q.shape[-1]) - 1.0)
     grow = torch.ceil(0.5 * torch.log2(v.clamp(min=1.0)) - margin)
     k = torch.where(v >= float(2**LN_VAR_BITS), grow.clamp(min=1.0), torch.zeros_like(grow))
@@ -522,23 +547,19 @@ class _IntLayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, gamma, beta, shift, lc):
-        c = q.shape[-1]
-        y = q.to(torch.float64, copy=True)
-        mean = torch.floor(true_div(y.sum(dim=-1, keepdim=True).mul_(2.0).add_(c), 2.0 * c))
-        y.sub_(mean)  # |y| < 2^23
-        sh = shift.to(torch.float64)
-        ys = (y * pow2(-sh)).floor_()
-        var = torch.linalg.vecdot(ys, ys).unsqueeze(-1)  # exact: every partial sum < 2^53
+        y = _ln_center(q)  # float32 for the model's float32 (<= 24-bit) inputs
+        ys = _ln_shifted(y, shift)
+        var = _row_sq_sum(ys)
         root = isqrt(var)
+        sh = shift.to(torch.float64)
         sd = root.clamp(min=1.0).mul_(pow2(sh))
         f = torch.floor(true_div(float(2**LN_FACTOR_BITS), sd))
-        y_n = (y * f).mul_(float(2.0 ** (LN_OUT_SHIFT - LN_FACTOR_BITS))).floor_()
-        s_n, g64, b_raw = lc.s_n, lc.gamma, lc.b_raw
-        q_out = y_n.add_(lc.b_int)
+        # |y f| <= 2^46 (|y| <= 2 sd): exact in float64
+        q_out = y.to(torch.float64, copy=True).mul_(f * float(2.0 ** (LN_OUT_SHIFT - LN_FACTOR_BITS))).floor_()
+        q_out.add_(lc.b_int)
         if any(ctx.needs_input_grad[:3]):
-            ctx.save_for_backward(y.to(torch.float32), ys.to(torch.float32), f, sd, root, q_out, g64, gamma,
-                                  beta, b_raw)
-            ctx.s_n = s_n
+            ctx.save_for_backward(y, ys, f, sd, root, q_out, lc.gamma, gamma, beta, lc.b_raw)
+            ctx.s_n = lc.s_n
             ctx.q_dtype = q.dtype
         return q_out
 
@@ -548,21 +569,25 @@ class _IntLayerNorm(torch.autograd.Function):
         s_n = ctx.s_n
         c = y.shape[-1]
         grad_q = grad_gamma = grad_beta = None
-        g = grad.to(torch.float64)
+        # straight-through gradients need no exact arithmetic: float32, per-row constants in float64
+        g = grad.to(torch.float32, memory_format=torch.contiguous_format)
         if ctx.needs_input_grad[0]:
             # y_n = y f / 2^15, f = 2^45 / sd, sd = sqrt(sum ys^2) 2^s, ys = y / 2^s (floors as identity)
-            a = (g * y).sum(dim=-1, keepdim=True)
-            coef = a * float(2**LN_OUT_SHIFT) / (sd * sd * root.clamp(min=1.0))
-            gy = g * (f * float(2.0 ** (LN_OUT_SHIFT - LN_FACTOR_BITS))) - coef * ys
-            grad_q = (gy - gy.mean(dim=-1, keepdim=True)).to(ctx.q_dtype)
+            yf, ysf = y.to(torch.float32), ys.to(torch.float32)
+            a = torch.linalg.vecdot(g, yf).unsqueeze(-1).to(torch.float64)
+            coef = (a * float(2**LN_OUT_SHIFT) / (sd * sd * root.clamp(min=1.0))).to(torch.float32)
+            gy = g * (f * float(2.0 ** (LN_OUT_SHIFT - LN_FACTOR_BITS))).to(torch.float32)
+            gy.addcmul_(ysf, coef, value=-1.0)
+            grad_q = gy.sub_(gy.mean(dim=-1, keepdim=True)).to(ctx.q_dtype)
         n32 = float(qmax(32))
+        rows = g.view(-1, c)
+        g_sum = rows.sum(0).to(torch.float64)
         live = (b_raw.abs() <= n32).to(torch.float64)  # b_int not saturated
-        rows = g.reshape(-1, c)
         if ctx.needs_input_grad[2]:
-            grad_beta = (rows.sum(0) * live / (g64 * s_n)).to(beta.dtype)
+            grad_beta = (g_sum * live / (g64 * s_n)).to(beta.dtype)
         if ctx.needs_input_grad[1]:
             guard = (gamma.detach().abs() >= LN_GAMMA_EPS).to(torch.float64)
-            via_scale = (rows * q_out.reshape(-1, c)).sum(0) / g64
-            via_bias = rows.sum(0) * live * beta.detach().to(torch.float64) / (g64 * g64 * s_n)
+            via_scale = torch.linalg.vecdot(rows, q_out.view(-1, c).to(torch.float32), dim=0).to(torch.float64) / g64
+            via_bias = g_sum * live * beta.detach().to(torch.float64) / (g64 * g64 * s_n)
             grad_gamma = ((via_scale - via_bias) * guard).to(gamma.dtype)
         return grad_q, grad_gamma, grad_beta, None, None

@@ -146,7 +146,9 @@ def dequantize(q: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
     """
     if scale is None:
         return q
-    return (q * scale).float()
+    # the promoted product (float64 for float64 q), computed with same-dtype operands: mixed float32/float64
+    # elementwise kernels are not vectorised on CPU
+    return (q * scale.to(torch.promote_types(q.dtype, scale.dtype))).float()
 
 
 class _FloorSTE(torch.autograd.Function):
@@ -251,57 +253,52 @@ def dyadic(ratio: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return m * pow2(lift), e + lift
 
 
-_MAGIC = 6755399441055744.0  # 2^52 + 2^51
-#: Inputs of :func:`requant` are float64 integers below this bound (exact conversion to int64, see ``_f64_to_i64``).
+#: Inputs of :func:`requant` are integers below this bound (``zl m < 2^51`` in the split of ``_requant_f64``).
 REQUANT_Z_BITS = 51
 #: Shifts above this give 0 for every input of the domain (``|z m| < 2^71 <= 2^(e-1)``); larger ones are capped.
 _REQUANT_E_CAP = 72
-#: Low part of the split requant: ``z = zh 2^s + zl`` with ``s <= 31`` keeps ``zl m < 2^51`` and ``zh m < 2^62``.
+#: Low part of the split requant: ``z = zh 2^s + zl`` with ``s <= 31`` keeps ``zl m < 2^51`` and ``|zh m| < 2^40``.
 _REQUANT_SPLIT = 31
 
 
-def _f64_to_i64(z: torch.Tensor) -> torch.Tensor:
-    """Exact float64 -> int64 for integers ``|z| < 2^51`` (round to nearest), vectorised without ``cvttpd2qq``:
-    ``z + 1.5 * 2^52`` puts the integer in the low mantissa bits; reinterpret and subtract the constant's bits."""
-    return (z + _MAGIC).view(torch.int64).sub_(0x4338000000000000)
+def _requant_f64(z: torch.Tensor, m: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """``floor((z m + 2^(e-1)) / 2^e)`` for float64 integers ``|z| < 2^51``, ``|m| <= 2^20`` (``e <= 1`` when
+    larger), in float64 arithmetic where every operation is exact.
 
+    Split ``z = zh 2^s + zl`` with ``s = min(e - 1, 31)``, ``zh = floor(z 2^-s)``, ``0 <= zl < 2^s``; since ``zh m``
+    and ``2^(e-1-s)`` are integers, ``R = floor((zh m + lo) 2^-(e-s) + 1/2)`` with ``lo = floor(zl m 2^-s)``.
+    Exactness of each float64 step: ``z 2^-s``, ``zh 2^s`` and every ``* 2^-k`` are power-of-two scalings; ``zl``
+    is a difference below ``2^s``; ``zl m < 2^51``; ``u = zh m + lo`` with ``|zh m| < 2^40`` when ``s = 31``, and
+    ``|u| <= 2 |R| + 2^21`` when ``s = e - 1 < 31`` (``e - s = 1``), so ``u`` and ``u/2^(e-s) + 1/2`` are exact
+    whenever ``|R| < 2^51``. Beyond, rounding being monotone, the computed result is still beyond ``+-2^50`` with
+    the sign of ``R``: saturating callers (any ``|clamp| <= 2^23``) get the exact clamped value for every
+    ``|z| < 2^51``. Non-integer ``z`` (training-time dropout) is rounded half to even (by rounding ``zl``, which
+    has the parity of ``z`` when ``s >= 1``), as the int64 split this replaces did.
 
-def _requant_i64(z: torch.Tensor, m: torch.Tensor, e: torch.Tensor, sat_bits: Optional[int]) -> torch.Tensor:
-    """Exact ``floor((z m + 2^(e-1)) / 2^e)`` in int64 for float64 integers ``|z| < 2^51``, ``|m| <= 2^20``.
-
-    ``sat_bits``: the result is clamped to ``sat_bits`` bits afterwards, so ``z`` is first clamped to
-    ``+-2^max(0, e + sat_bits - 19)`` (beyond it ``|z m| / 2^e >= 2^sat_bits``: the clamped result is unchanged). Split
-    ``z = zh 2^s + zl`` (``s = min(e - 1, 31)``, ``0 <= zl < 2^s``): ``floor((z m + 2^(e-1)) / 2^e) =
-    floor((zh m + 2^(e-1-s) + floor(zl m / 2^s)) / 2^(e-s))``, every term below 2^62 whenever the result is
-    below ``2^(62 - 31)`` (always after the saturation clamp; the residual sums of the model stay far below).
+    Returns float64 integers (11 vectorised passes, no int64 multiply, which AVX2 lacks).
     """
     e = e.clamp(max=float(_REQUANT_E_CAP))
-    if sat_bits is not None:
-        bound = pow2((e + float(sat_bits - 19)).clamp(min=0.0, max=float(REQUANT_Z_BITS)))
-        z = torch.minimum(torch.maximum(z, -bound), bound)
     s = (e - 1.0).clamp(min=0.0, max=float(_REQUANT_SPLIT))
     zh = (z * pow2(-s)).floor_()
-    zl = torch.addcmul(z, zh, pow2(s), value=-1.0)  # exact, in [0, 2^s)
-    mi = m.to(torch.int64)
-    si, ei = s.to(torch.int64), e.to(torch.int64)
-    out = (_f64_to_i64(zl) * mi).bitwise_right_shift_(si)
-    out.add_(_f64_to_i64(zh) * mi).add_(torch.bitwise_left_shift(torch.ones_like(ei), ei - 1 - si))
-    return out.bitwise_right_shift_(ei - si)
+    lo = torch.addcmul(z, zh, pow2(s), value=-1.0).round_()  # zl, exact, in [0, 2^s]
+    lo.mul_(m * pow2(-s)).floor_()
+    u = lo.addcmul_(zh, m)  # zh m + lo
+    return torch.addcmul(torch.full_like(e, 0.5), u, pow2(s - e), out=u).floor_()
 
 
-def _requant_forward(z: torch.Tensor, m: torch.Tensor, e: torch.Tensor, sat_bits: Optional[int] = None
-                     ) -> torch.Tensor:
-    """Exact ``floor((z*m + 2^(e-1)) / 2^e)``: float64 for float32 ``z`` (``|z*m| < 2^44``), int64 otherwise.
+def _requant_forward(z: torch.Tensor, m: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """Exact ``floor((z*m + 2^(e-1)) / 2^e)`` in float64: one fused pass for float32 ``z`` (``|z*m| < 2^44``),
+    the split of ``_requant_f64`` for float64 ``z``. Returns float64.
 
-    Returns float64 (float32 input) or int64 (float64 input). Non-integer inputs (training-time dropout) are
-    handled without a rounding pass: float32 ones are rounded by the dyadic rounding itself (``floor(z r + 1/2)``),
-    float64 ones are rounded to integers by the exact conversion (``|z| < 2^51``).
+    Non-integer inputs (training-time dropout): float32 ones are rounded by the dyadic rounding itself
+    (``floor(z r + 1/2)``), float64 ones to the nearest integer first.
     """
     if z.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        # |z| < 2^24 and |m| <= 2^20: every intermediate is an exact float64 integer (see spec for e >= 53).
-        out = torch.addcmul(pow2(e - 1.0), z, m)  # z m + 2^(e-1), float64, one pass
-        return out.mul_(pow2(-e)).floor_()
-    return _requant_i64(z.to(torch.float64), m, e, sat_bits)
+        # |z| < 2^24, |m| <= 2^20: z m is exact, and so is z m 2^-e + 1/2 = (z m + 2^(e-1)) 2^-e when e <= 52
+        # (numerator below 2^53); for e >= 53 it lies in (1/2 - 2^-9, 1/2 + 2^-9) and floors to 0, as R does
+        zd = z.to(torch.float64, copy=True)
+        return torch.addcmul(torch.full_like(e, 0.5), zd, m * pow2(-e), out=zd).floor_()
+    return _requant_f64(z.to(torch.float64), m, e)
 
 
 class _Requant(torch.autograd.Function):
@@ -320,9 +317,9 @@ class _Requant(torch.autograd.Function):
 def requant(z: torch.Tensor, m: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     """Dyadic requantization ``floor((z * m + 2^(e-1)) / 2^e)`` (round half up), exact.
 
-    Computed in float64 for float32 ``z`` (``|z| < 2^24``) and in split int64 arithmetic for float64 ``z``
-    (``|z| < 2^51``, see ``_requant_i64``); exact whenever the result is below ``2^61`` (any ``z`` of the domain
-    when ``e > 32``). :func:`requant_clamp` without identity saturates instead (exact for every ``|z| < 2^51``).
+    Computed in float64: in one pass for float32 ``z`` (``|z| < 2^24``), by an exact split for float64 ``z``
+    (``|z| < 2^51``, see ``_requant_f64``); exact whenever the result is below ``2^51`` (any ``z`` of the domain
+    when ``e > 31``). :func:`requant_clamp` saturates beyond (exact for every ``|z| < 2^51``).
     Backward (STE): ``grad * m / 2^e``; no gradient to ``m``/``e``.
 
     Args:
@@ -349,13 +346,10 @@ class _RequantClamp(torch.autograd.Function):
     def forward(ctx, z, m, e, z_id, m_id, e_id, n):
         ctx.save_for_backward(m, e, m_id, e_id)
         ctx.dtypes = (z.dtype, None if z_id is None else z_id.dtype)
-        # Without a residual the clamp is monotone in z: saturate z first (exact for every |z| < 2^51).
-        out = _requant_forward(z, m, e, sat_bits=None if z_id is not None else int(n).bit_length() + 1)
+        # exact terms below 2^50 (float64), saturating beyond (see _requant_f64): the clamp is exact
+        out = _requant_forward(z, m, e)
         if z_id is not None:
-            other = _requant_forward(z_id, m_id, e_id)
-            if out.dtype != other.dtype:
-                out, other = out.to(torch.int64), other.to(torch.int64)
-            out.add_(other)
+            out.add_(_requant_forward(z_id, m_id, e_id))
         return out.clamp_(-n, n).to(torch.float32)
 
     @staticmethod
@@ -379,9 +373,10 @@ def requant_clamp(
 ) -> torch.Tensor:
     """QuantAct's integer path: ``clamp(requant(z, m, e) [+ requant(z_id, m_id, e_id)], -n(b), n(b))``.
 
-    Both requantizations and their sum are exact (int64 when an operand is float64); without ``z_id`` the result
-    saturates for every ``|z| < 2^51`` (no int64 overflow however fine the input scale). Gradients: ``grad * m/2^e`` to
-    ``z`` and ``grad * m_id/2^e_id`` to ``z_id`` (straight through the clamp), in the operands' dtypes.
+    Both requantizations (float64, see :func:`requant`) and their sum are exact below ``2^50``; a term beyond keeps
+    its sign, so the result saturates exactly for every ``|z| < 2^51`` however fine the input scale (with ``z_id``:
+    when the other term is below ``2^50``). Gradients: ``grad * m/2^e`` to ``z`` and ``grad * m_id/2^e_id`` to
+    ``z_id`` (straight through the clamp), in the operands' dtypes.
 
     Args:
         z: integer-valued input ``(..., C)``; ``m``, ``e``: its dyadic ratio ``(1,)`` or ``(C,)``.
@@ -534,18 +529,23 @@ class _ExactIntMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         a32, b32 = ctx.saved_tensors
-        g = grad.to(torch.float32)
+        # one conversion to a contiguous float32 gradient (incoming ones are often permuted views): the
+        # reshapes below are then views, not copies
+        g = grad.to(torch.float32, memory_format=torch.contiguous_format)
         grad_a = grad_b = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_a = torch.matmul(g, b32).to(ctx.dtypes[0])
-        if ctx.needs_input_grad[1]:
-            if b32.dim() == 2:
-                grad_b = g.reshape(-1, g.shape[-1]).t().matmul(a32.reshape(-1, a32.shape[-1]))
-            else:
-                grad_b = torch.matmul(g.transpose(-1, -2), a32)
-            grad_b = grad_b.to(ctx.dtypes[1])
-        if ctx.needs_input_grad[2]:
-            grad_bias = g.reshape(-1, g.shape[-1]).sum(0).to(ctx.dtypes[2])
+        if b32.dim() == 2:
+            g2 = g.view(-1, g.shape[-1])
+            if ctx.needs_input_grad[0]:
+                grad_a = torch.mm(g2, b32).view(a32.shape).to(ctx.dtypes[0])
+            if ctx.needs_input_grad[1]:
+                grad_b = torch.mm(g2.t(), a32.reshape(-1, a32.shape[-1])).to(ctx.dtypes[1])
+            if ctx.needs_input_grad[2]:
+                grad_bias = g2.sum(0).to(ctx.dtypes[2])
+        else:
+            if ctx.needs_input_grad[0]:
+                grad_a = torch.matmul(g, b32).to(ctx.dtypes[0])
+            if ctx.needs_input_grad[1]:
+                grad_b = torch.matmul(g.transpose(-1, -2), a32).to(ctx.dtypes[1])
         return grad_a, grad_b, grad_bias, None
 
 
