@@ -334,10 +334,9 @@ def requant(z: torch.Tensor, m: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
 
 
 def _scaled_grad(grad: torch.Tensor, ratio: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``grad * ratio`` produced directly in ``dtype`` (no extra cast by autograd)."""
+    """``grad * ratio`` in the gradient's dtype (float32: a straight-through gradient needs no float64; the
+    integer GEMM that consumes an accumulator's gradient rounds it to float32 anyway), returned in ``dtype``."""
     # same-dtype ops only: mixed float32/float64 elementwise kernels are not vectorised on CPU (~10x slower)
-    if dtype == torch.float64:
-        return grad.to(torch.float64, copy=True).mul_(ratio.to(torch.float64))
     return torch.mul(grad, ratio.to(grad.dtype)).to(dtype)
 
 
