@@ -18,7 +18,8 @@ Variants (``--variants``, comma list):
   the FP checkpoint) instead of cross-entropy on the labels (same weight decay, 0.1, and Adam betas).
 
 Checkpoints come from a finished demo run (``--demo-dir``, default ``outputs/demo``: its ``demo_state.json``), or are
-given with ``--fp-checkpoint`` / ``--ternary-checkpoint``; a ``baseline`` already trained by that demo is reused.
+given with ``--fp-checkpoint`` / ``--ternary-checkpoint``; a ``baseline`` already trained by that demo is reused, and
+so is every variant finished by an earlier run with the same arguments (``<output-dir>/state.json``).
 Usage::
 
     OMP_NUM_THREADS=2 python benchmarks/int_ternary_ablation.py [--demo-dir outputs/demo] [--variants ...]
@@ -98,6 +99,8 @@ def main(argv=None) -> int:
     out = Path(a.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "scores.json"
+    state_file = out / "state.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
     schedule = demo._schedule(a.updates, 0.0, max(1, demo.UPDATES_PER_EPOCH // 2))
     fp_scores = demo._scores(Path(fp_ckpt), data_bin, glue_dir, cache)
     rows = {}
@@ -115,12 +118,20 @@ def main(argv=None) -> int:
                       *schedule[:schedule.index("--")], "--", *extra]
             if name == "distill":  # the teacher is the FP model, not the TernaryBERT checkpoint training starts from
                 argv_v += ["--teacher-path", fp_ckpt]
-            demo._log(f"{name}: python run.py {' '.join(argv_v)}")
-            res = run_py.main(argv_v)
-            if res.returncode != 0 or not res.checkpoint:
-                print(f"error: variant {name} failed (exit {res.returncode}); see {res.log_path}", file=sys.stderr)
-                return 1
-            ckpt, best = res.checkpoint, res.best
+            key = " ".join(argv_v)
+            done = state.get(key)
+            if done and Path(done["checkpoint"]).exists():  # finished by an earlier run with the same arguments
+                ckpt, best = done["checkpoint"], done["best"]
+                demo._log(f"{name}: reusing {ckpt}")
+            else:
+                demo._log(f"{name}: python run.py {key}")
+                res = run_py.main(argv_v)
+                if res.returncode != 0 or not res.checkpoint:
+                    print(f"error: variant {name} failed (exit {res.returncode}); see {res.log_path}", file=sys.stderr)
+                    return 1
+                ckpt, best = res.checkpoint, res.best
+                state[key] = {"checkpoint": ckpt, "best": best}
+                state_file.write_text(json.dumps(state, indent=1))
         sc = demo._scores(Path(ckpt), data_bin, glue_dir, cache)
         row = dict(dev_acc=best, test_acc=round(100.0 * sum(sc["test"]) / len(sc["test"]), 2),
                    gap_vs_fp=paired_bootstrap(fp_scores["test"], sc["test"]).to_dict(),

@@ -18,8 +18,8 @@ accuracy.
 
 SQuAD v2.0 (``--task SQUAD2``): the Disfl-QA set (v2.0-style, 27 % unanswerable), trained on ``SQUAD2/train.json``
 minus its last contexts (selection set), reported on the held-out contexts of ``SQUAD2/dev.json`` (default the first
-60 = 381 questions, 104 unanswerable; ``--dev-articles all`` = 1,546), with HasAns / NoAns F1 beside EM/F1; CPU caps
-FP 80, W2A8 30, I-BERT 8 updates (a pipeline run on real v2.0 data, not a converged model)::
+40 = 257 questions, 77 unanswerable; ``--dev-articles all`` = 1,546), with HasAns / NoAns F1 beside EM/F1; CPU caps
+FP 40, W2A8 16, I-BERT 4 updates (a pipeline run on real v2.0 data, not a converged model)::
 
     python benchmarks/squad_accuracy.py --task SQUAD2
 
@@ -46,7 +46,7 @@ from ibert_plugin.stats import paired_bootstrap_scores  # noqa: E402
 TARGETS = {"w2a8": 2.0, "int8": 1.0}
 SCHEDULES = {
     # name: (fp, ternary, ibert) update caps (per task where they differ), batch, extra recipe flags
-    "cpu": dict(caps={"SQUAD1": "fp=120,ternary=60,ibert=16", "SQUAD2": "fp=80,ternary=30,ibert=8"}, bs=16,
+    "cpu": dict(caps={"SQUAD1": "fp=120,ternary=60,ibert=16", "SQUAD2": "fp=40,ternary=16,ibert=4"}, bs=16,
                 flags=["--learning_rate", "1e-4", "--ternary_learning_rate", "5e-5"]),
     "quick": dict(caps="fp=6,ternary=3,ibert=2", bs=8, flags=["--learning_rate", "1e-4"]),
     "full": dict(caps=None, bs=32, flags=["--num_train_epochs", "2", "--ternary_epochs", "3", "--ibert_epochs", "1",
@@ -123,8 +123,8 @@ def main(argv=None) -> int:
     ap.add_argument("--task", choices=("SQUAD1", "SQUAD2"), default="SQUAD1",
                     help="SQUAD1: SQuAD v1.1 (official dev); SQUAD2: v2.0-style Disfl-QA with unanswerable questions")
     ap.add_argument("--dev-articles", default=None,
-                    help="dev article indices or ranges, or 'all' (SQUAD1 default 1,2; SQUAD2 default 0-59, i.e. the "
-                         "first 60 held-out contexts; quick: one article; full: all)")
+                    help="dev article indices or ranges, or 'all' (SQUAD1 default 1,2; SQUAD2 default 0-39, i.e. the "
+                         "first 40 held-out contexts; quick: one article; full: all)")
     ap.add_argument("--select-questions", type=int, default=None, help="selection-set size (default 100; quick 40)")
     ap.add_argument("--data-dir", default=str(REPO / "data" / "squad"))
     ap.add_argument("--output-dir", default=None, help="default outputs/bench_squad_<schedule>")
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     sched = SCHEDULES[name]
     v2 = args.task == "SQUAD2"
     caps = sched["caps"][args.task] if isinstance(sched["caps"], dict) else sched["caps"]
-    dev_articles = args.dev_articles or {"quick": "2", "full": "all"}.get(name, "0-59" if v2 else "1,2")
+    dev_articles = args.dev_articles or {"quick": "2", "full": "all"}.get(name, "0-39" if v2 else "1,2")
     select_q = args.select_questions or (40 if args.quick else 100)
     suffix = "_v2" if v2 else ""
     out = Path(args.output_dir or REPO / "outputs" / f"bench_squad{suffix}_{name}").resolve()
