@@ -24,8 +24,9 @@ are torch tensors bound zero-copy through ``IOBinding``. Routes (see docs/intege
   to 16 bits (``vpmaddwd``), so ``Y = x_s8 @ w_s8`` exactly.
 * ``u8s8`` (fast): A = x_s8 + 128 as u8 (zp 128), B = w_s8 (zp 0). On AVX2 without VNNI ``vpmaddubsw`` saturates pairs
   at int16, so this is exact only when ``|w| <= 64`` (7-bit or ternary weights); the start-up self-test checks it.
-* attention: batched ``[B,H,M,K] x [B,H,K,N]`` with both operands dynamic u8: QK^T with both zero points 128 (s8 q, k),
-  P.V with P in [0, 255] (zp 0) and V = v_s8 + 128 (zp 128): the u8u8 kernels, exact.
+* attention (``BatchedGemm``, checked by the start-up self-test; the engine itself runs attention in the fused C++
+  kernel ``attention_u8``): batched ``[B,H,M,K] x [B,H,K,N]`` with both operands dynamic u8: QK^T with both zero points
+  128 (s8 q, k), P.V with P in [0, 255] (zp 0) and V = v_s8 + 128 (zp 128): the u8u8 kernels, exact.
 """
 from __future__ import annotations
 
