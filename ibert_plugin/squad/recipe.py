@@ -304,6 +304,7 @@ def _run_logged(cmd: List[str], log_path: Path) -> int:
             text = line.decode("utf-8", "replace")
             sys.stdout.write(text)
             log.write(text)
+            log.flush()  # the log is what a user tails during a long stage
         return proc.wait()
 
 
