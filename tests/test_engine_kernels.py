@@ -99,7 +99,7 @@ def test_attention_u8_extremes_and_threads(S):
     """Saturated q/k/v (scores at +-64 127^2, the int32 bound's worst case), no padding mask, and a call large
     enough for the 2-thread path; the result does not depend on the thread count."""
     g = _gen(9)
-    B, T, H, dh = 8, 130, 8, 64  # 2^27.2 multiply-adds: above the kernel's 2-thread threshold
+    B, T, H, dh = 8, 130, 8, 64  # 2^27.2 multiply-adds: above the kernel's 2-thread threshold (2^23)
     n0 = torch.get_num_threads()
     for extreme in (True, False):
         acc, bias, m, e, _, lut, s = _attention_case(g, B, T, H, dh, S, [], extreme=extreme)

@@ -185,11 +185,11 @@ void softmax_u8(const at::Tensor& scores, const at::Tensor& key_pad, const at::T
   }
 }
 
-// Below this many multiply-adds (QK^T + P V of one call, ~2 ms of work on one thread) attention runs on one thread,
-// for the reason of kParallelMin: at 2^23, length-bucketed MiniLM batches of real sentences (batch 8) went to two
-// threads and ran slower per call than on one on the loaded host (engine_profile). roberta_base seq 128 batch 8
-// (2^27.6) runs on two.
-constexpr int64_t kAttnParallelMin = int64_t(1) << 27;
+// Below this many multiply-adds (QK^T + P V of one call) attention runs on one thread. Measured on the quiet 2-core
+// host with the demo's MiniLM models on the 1,000 real dev sentences (engine eval --compare-fp32): at 2^27 the
+// length-bucketed batches stayed on one thread (W7A8 1.72x / 1.54x FP32 at batch 8 / 32); at 2^23 they go parallel
+// (2.05x / 2.01x). (On a host loaded by other jobs two threads were slower per call: load, not the kernel.)
+constexpr int64_t kAttnParallelMin = int64_t(1) << 23;
 
 // Constants of one attention_u8 call (shapes, per-column q/k/v requant, the i-exp table, attn_act requant).
 struct AttnArgs {
