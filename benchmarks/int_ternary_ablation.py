@@ -91,8 +91,6 @@ def main(argv=None) -> int:
                   f"-checkpoint)", file=sys.stderr)
             return 2
 
-    import run as run_py
-
     data = demo._data_dir(a.data_dir)
     data_bin = data / "glue-bin" / f"{demo.TASK}-bin"
     glue_dir = data / "glue"
@@ -100,8 +98,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "scores.json"
     state_file = out / "state.json"
-    state = json.loads(state_file.read_text()) if state_file.exists() else {}
-    schedule = demo._schedule(a.updates, 0.0, max(1, demo.UPDATES_PER_EPOCH // 2))
+    validate_every = max(1, demo.UPDATES_PER_EPOCH // 2)
+    schedule = demo._schedule(a.updates, 0.0, validate_every)
     fp_scores = demo._scores(Path(fp_ckpt), data_bin, glue_dir, cache)
     rows = {}
     for name in names:
@@ -112,26 +110,19 @@ def main(argv=None) -> int:
             ckpt, best = base_rec["checkpoint"], base_rec["best"]
             demo._log(f"{name}: reusing the demo's stage {ckpt}")
         else:
-            extra = schedule[schedule.index("--") + 1:]
             argv_v = ["--arch", "minilm", "--task", demo.TASK, "--data-dir", str(data / "glue-bin"),
                       "--output-dir", str(out / name), *VARIANTS[name], "--restore-file", tern_ckpt, "--lr", a.lr,
-                      *schedule[:schedule.index("--")], "--", *extra]
+                      *schedule]
             if name == "distill":  # the teacher is the FP model, not the TernaryBERT checkpoint training starts from
                 argv_v += ["--teacher-path", fp_ckpt]
-            key = " ".join(argv_v)
-            done = state.get(key)
-            if done and Path(done["checkpoint"]).exists():  # finished by an earlier run with the same arguments
-                ckpt, best = done["checkpoint"], done["best"]
-                demo._log(f"{name}: reusing {ckpt}")
-            else:
-                demo._log(f"{name}: python run.py {key}")
-                res = run_py.main(argv_v)
-                if res.returncode != 0 or not res.checkpoint:
-                    print(f"error: variant {name} failed (exit {res.returncode}); see {res.log_path}", file=sys.stderr)
-                    return 1
-                ckpt, best = res.checkpoint, res.best
-                state[key] = {"checkpoint": ckpt, "best": best}
-                state_file.write_text(json.dumps(state, indent=1))
+            stage = demo.Stage(name, f"ablation {name}", "int_ternary", a.updates,
+                               demo._validations(a.updates, validate_every), argv_v)
+            try:  # the demo's stage runner: progress lines, and reuse of a variant finished with the same arguments
+                res = demo._run_stage(stage, state_file, False, demo.Progress(out / name), 0.0)
+            except demo.DemoError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+            ckpt, best = res.checkpoint, res.best
         sc = demo._scores(Path(ckpt), data_bin, glue_dir, cache)
         row = dict(dev_acc=best, test_acc=round(100.0 * sum(sc["test"]) / len(sc["test"]), 2),
                    gap_vs_fp=paired_bootstrap(fp_scores["test"], sc["test"]).to_dict(),

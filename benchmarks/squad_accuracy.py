@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from ibert_plugin.squad import recipe  # noqa: E402
 from ibert_plugin.squad.metrics import f1_v1, f1_v2, normalize_answer  # noqa: E402
-from ibert_plugin.stats import paired_bootstrap_scores  # noqa: E402
+from ibert_plugin.stats import DEFAULT_RESAMPLES, DEFAULT_SEED, paired_bootstrap_scores  # noqa: E402
 
 TARGETS = {"w2a8": 2.0, "int8": 1.0}
 SCHEDULES = {
@@ -180,7 +180,8 @@ def main(argv=None) -> int:
            "int8": paired_bootstrap_scores(f1q["fp"], f1q["int8"])}
     result["gap_f1_ci95"] = {k: [round(g.low, 2), round(g.high, 2)] for k, g in cis.items()}
     result["gap_f1_is_noise"] = {k: not g.significant for k, g in cis.items()}
-    result["bootstrap"] = {"resamples": 10000, "seed": 0, "level": 0.95, "unit": "per-question F1 (points)"}
+    result["bootstrap"] = {"resamples": DEFAULT_RESAMPLES, "seed": DEFAULT_SEED, "level": 0.95,
+                           "unit": "per-question F1 (points)"}
     result["targets_f1_gap"] = TARGETS
     result["met"] = {k: gaps[k] >= -TARGETS[k] for k in TARGETS}
     result["wall_seconds"] = round(time.time() - t0, 1)
