@@ -24,9 +24,8 @@ are torch tensors bound zero-copy through ``IOBinding``. Routes (see docs/intege
   to 16 bits (``vpmaddwd``), so ``Y = x_s8 @ w_s8`` exactly.
 * ``u8s8`` (fast): A = x_s8 + 128 as u8 (zp 128), B = w_s8 (zp 0). On AVX2 without VNNI ``vpmaddubsw`` saturates pairs
   at int16, so this is exact only when ``|w| <= 64`` (7-bit or ternary weights); the start-up self-test checks it.
-* attention (``BatchedGemm``, checked by the start-up self-test; the engine itself runs attention in the fused C++
-  kernel ``attention_u8``): batched ``[B,H,M,K] x [B,H,K,N]`` with both operands dynamic u8: QK^T with both zero points
-  128 (s8 q, k), P.V with P in [0, 255] (zp 0) and V = v_s8 + 128 (zp 128): the u8u8 kernels, exact.
+* attention is not a GEMM here: the engine runs it in the fused C++ kernel ``attention_u8`` (``kernels.cpp``; int32
+  16-bit pair multiply-adds), which the start-up self-test checks.
 """
 from __future__ import annotations
 
@@ -204,37 +203,6 @@ class LinearGemm:
         io = self.sess.io_binding()
         io.bind_input("A", "cpu", 0, np.uint8, (M, self.K), _ptr(a_u8))
         io.bind_output("Y", "cpu", 0, np.int32, (M, self.N), _ptr(out))
-        self.sess.run_with_iobinding(io)
-        return out
-
-
-class BatchedGemm:
-    """Batched ``Y[..., M, N] = (A - a_zp)[..., M, K] @ (B - 128)[..., K, N]`` with u8 A and B (int32, exact)."""
-
-    def __init__(self, a_zero_point: int, threads: Optional[int] = None):
-        inits = [numpy_helper.from_array(np.array(128, dtype=np.uint8), "b_zp")]
-        ins = ["A", "B", "", "b_zp"]
-        if a_zero_point:
-            inits.append(numpy_helper.from_array(np.array(a_zero_point, dtype=np.uint8), "a_zp"))
-            ins[2] = "a_zp"
-        node = helper.make_node("MatMulInteger", ins, ["Y"])
-        model = _model(
-            [node],
-            [helper.make_tensor_value_info("A", TensorProto.UINT8, ["b", "h", "m", "k"]),
-             helper.make_tensor_value_info("B", TensorProto.UINT8, ["b", "h", "k", "n"])],
-            [helper.make_tensor_value_info("Y", TensorProto.INT32, ["b", "h", "m", "n"])], inits)
-        self.sess = _session(model, threads)
-
-    def __call__(self, a_u8: torch.Tensor, b_u8: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        assert a_u8.dtype == torch.uint8 and b_u8.dtype == torch.uint8
-        assert a_u8.is_contiguous() and b_u8.is_contiguous()
-        shp = tuple(a_u8.shape[:-1]) + (b_u8.shape[-1],)
-        if out is None:
-            out = torch.empty(shp, dtype=torch.int32)
-        io = self.sess.io_binding()
-        io.bind_input("A", "cpu", 0, np.uint8, tuple(a_u8.shape), _ptr(a_u8))
-        io.bind_input("B", "cpu", 0, np.uint8, tuple(b_u8.shape), _ptr(b_u8))
-        io.bind_output("Y", "cpu", 0, np.int32, shp, _ptr(out))
         self.sess.run_with_iobinding(io)
         return out
 
