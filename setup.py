@@ -15,7 +15,7 @@ setup(
     version="0.1.0",
     description="I-BERT (integer-only) and TernaryBERT quantization for fairseq RoBERTa encoders (--user-dir plugin)",
     packages=find_packages(include=["ibert_plugin", "ibert_plugin.*"]),
-    package_data={"ibert_plugin": ["engine/*.cpp", "*.json", "*/*.json", "*/*/*.json"]},
+    package_data={"ibert_plugin": ["engine/*.cpp", "quant/*.cpp", "*.json", "*/*.json", "*/*/*.json"]},
     python_requires=">=3.10",
     install_requires=[],
     zip_safe=False,

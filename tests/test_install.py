@@ -27,6 +27,7 @@ CHECK = textwrap.dedent("""
     root = Path(ibert_plugin.__file__).resolve().parent
     assert str(root).startswith(sys.prefix), root  # the installed copy, not the checkout
     assert (root / "engine" / "kernels.cpp").is_file() and (root / "engine" / "fbgemm_gemm.cpp").is_file()
+    assert (root / "quant" / "qat_kernels.cpp").is_file()
     assert "fairseq" not in sys.modules
     K = kernels.load()
     g = torch.Generator().manual_seed(0)

@@ -36,6 +36,7 @@ from typing import Optional, Tuple
 import torch
 
 from .config import NONLINEAR_CONSTANT_SETS
+from . import fused
 from .primitives import isqrt, pow2, qmax, true_div
 
 __all__ = [
@@ -215,6 +216,13 @@ class _IntGELU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, shift, b_int, c_int, one):
+        k = fused.usable(q, shift, b_int, c_int, one)
+        if k is not None:  # CPU: the same integers in one pass (qat_kernels.cpp)
+            q_out, deriv = k.int_gelu(q, shift, b_int, c_int, one, GELU_SHIFT, bool(ctx.needs_input_grad[0]))
+            if ctx.needs_input_grad[0]:
+                ctx.save_for_backward(deriv)
+                ctx.q_dtype = q.dtype
+            return q_out
         qd = q.to(torch.float64)
         p2k = pow2(shift)
         t = qd.abs().mul_(p2k).floor_()  # u = |q| 2^k, exact (k >= 0), or floor(|q| / 2^-k)
