@@ -54,7 +54,8 @@ def _ratios(g, n, lo, hi):
 
 
 @pytest.mark.parametrize("bits", [8, 22])
-@pytest.mark.parametrize("z_bits,ratio_range", [(31, (-40, -20)), (50, (-60, -35)), (20, (-10, 5)), (12, (18, 40))])
+@pytest.mark.parametrize("z_bits,ratio_range", [(31, (-40, -20)), (50, (-60, -35)), (51, (-95, -25)), (20, (-10, 5)),
+                                                  (12, (18, 40)), (45, (20, 22))])
 def test_requant_clamp_matches_reference(kernels, monkeypatch, bits, z_bits, ratio_range):
     """Integer accumulators up to 2^50 (i-GELU outputs), fine and coarse ratios (shifts up to the cap, lifted
     multipliers at e = 1), per-channel and per-tensor constants, saturation, with and without a residual operand of

@@ -56,3 +56,25 @@ def usable(*tensors: Optional[torch.Tensor]):
                               or t.dtype not in (torch.float32, torch.float64)):
             return None
     return load()
+
+
+def _per_channel_of(x: torch.Tensor, *consts: Optional[torch.Tensor]) -> bool:
+    """Every constant is ``(1,)`` or ``(C,)`` for the last dim ``C`` of ``x`` (the kernels' broadcasting)."""
+    c = x.shape[-1] if x.dim() else -1
+    return all(t is None or (t.dim() == 1 and t.numel() in (1, c)) for t in consts)
+
+
+def for_requant(z, m, e, z_id=None, m_id=None, e_id=None):
+    """The kernels when :func:`requant_clamp`'s operands fit them (CPU, contiguous, per-channel constants over the
+    last dim, a residual of the same shape), else ``None`` (the reference broadcasts anything else)."""
+    if not (_per_channel_of(z, m, e) and m.shape == e.shape):
+        return None
+    if z_id is not None and not (z_id.shape == z.shape and m_id is not None and e_id is not None
+                                 and _per_channel_of(z, m_id, e_id) and m_id.shape == e_id.shape):
+        return None
+    return usable(z, m, e, z_id, m_id, e_id)
+
+
+def for_gelu(q, *consts):
+    """The kernels when i-GELU's operands fit them (see :func:`for_requant`), else ``None``."""
+    return usable(q, *consts) if _per_channel_of(q, *consts) else None

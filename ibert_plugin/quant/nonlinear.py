@@ -216,7 +216,7 @@ class _IntGELU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, shift, b_int, c_int, one):
-        k = fused.usable(q, shift, b_int, c_int, one)
+        k = fused.for_gelu(q, shift, b_int, c_int, one)
         if k is not None:  # CPU: the same integers in one pass (qat_kernels.cpp)
             q_out, deriv = k.int_gelu(q, shift, b_int, c_int, one, GELU_SHIFT, bool(ctx.needs_input_grad[0]))
             if ctx.needs_input_grad[0]:

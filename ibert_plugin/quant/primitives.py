@@ -347,7 +347,7 @@ class _RequantClamp(torch.autograd.Function):
     def forward(ctx, z, m, e, z_id, m_id, e_id, n):
         ctx.save_for_backward(m, e, m_id, e_id)
         ctx.dtypes = (z.dtype, None if z_id is None else z_id.dtype)
-        k = fused.usable(z, m, e, z_id, m_id, e_id)
+        k = fused.for_requant(z, m, e, z_id, m_id, e_id)
         if k is not None:  # CPU: the same integers in one pass (qat_kernels.cpp)
             return k.requant_clamp(z, m, e, z_id, m_id, e_id, n)
         # exact terms below 2^50 (float64), saturating beyond (see _requant_f64): the clamp is exact
