@@ -47,3 +47,10 @@ def load(name: str, source: Path, cflags: Sequence[str], ldflags: Sequence[str] 
 
     return _load(name=name, sources=[str(source)], extra_cflags=list(cflags), extra_ldflags=list(ldflags),
                  build_directory=str(build_dir(name)), verbose=verbose)
+
+
+def failure(e: BaseException) -> str:
+    """One line saying why an extension did not build or load: the exception type and the last line of its text
+    (a compiler's log ends with the error that stopped it)."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[-1] if text else ''}"

@@ -35,7 +35,7 @@ def _build(name: str):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 ok = fused.load() is not None
-            why = "" if ok else (fused._ERR or "disabled by IBERT_QAT_KERNELS=0")
+            why = "" if ok else (fused.error() or "disabled by IBERT_QAT_KERNELS=0")
     except Exception as e:  # noqa: BLE001  (reported below, per extension)
         ok, why = False, f"{type(e).__name__}: {e}".splitlines()[0]
     return name, ok, why, time.perf_counter() - t0

@@ -14,7 +14,7 @@ f64 = torch.float64
 @pytest.fixture(scope="module")
 def kernels():
     k = fused.load()
-    assert k is not None, f"fused QAT kernels did not build: {fused._ERR}"
+    assert k is not None, f"fused QAT kernels did not build: {fused.error()}"
     return k
 
 

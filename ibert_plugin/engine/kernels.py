@@ -50,7 +50,7 @@ def load_fbgemm(verbose: bool = False):
                     raise RuntimeError("fbgemm does not support this CPU")
                 _FBGEMM = mod
             except Exception as e:  # noqa: BLE001  (any build or load failure means: use the ORT routes)
-                _FBGEMM_ERR = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+                _FBGEMM_ERR = _cext.failure(e)
     return _FBGEMM
 
 

@@ -43,10 +43,15 @@ def load():
                 _MOD = _cext.load("ibert_qat_kernels", _SRC, ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off",
                                                               "-fno-math-errno", "-fno-trapping-math"])
             except Exception as e:  # noqa: BLE001  (no compiler, no headers: the PyTorch path computes the same)
-                _ERR = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+                _ERR = _cext.failure(e)
                 warnings.warn(f"ibert_plugin: fused QAT kernels unavailable ({_ERR}); using the PyTorch path "
                               f"(same results, slower training on CPU)")
     return _MOD
+
+
+def error() -> Optional[str]:
+    """Why :func:`load` returned ``None`` after trying (``None`` when it loaded, was disabled or was not tried)."""
+    return _ERR
 
 
 def usable(*tensors: Optional[torch.Tensor]):

@@ -10,8 +10,11 @@
 //       straight-through derivative the backward needs.
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
+#include <vector>
 
 namespace {
 
@@ -57,7 +60,6 @@ struct Requant {
       p2se[c] = std::ldexp(1.0, int(sh - e));
     }
   }
-  inline i64 idx(i64 c) const { return per_channel ? c : 0; }
 };
 
 // One operand's R = floor((z m + 2^(e-1)) / 2^e) over a row (stored, or added into acc), exactly the reference's
