@@ -35,8 +35,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .config import NONLINEAR_CONSTANT_SETS
 from . import fused
+from .config import NONLINEAR_CONSTANT_SETS
 from .primitives import isqrt, pow2, qmax, true_div
 
 __all__ = [
