@@ -23,6 +23,7 @@ from ibert_plugin.quant.primitives import dyadic, quantize, symmetric_scale
 from ibert_plugin.quant.weight import WeightQuantizer, register_weight_quantizer
 
 SYM = QuantConfig(quant_mode="symmetric")
+SYM_LN32 = SYM.replace(ln_var_bits=32)  # upstream's variance bound: 22-bit inputs of a few channels need a shift
 NONE = QuantConfig()
 TB = QuantConfig(quant_mode="ternarybert", weight_bits=2, weight_method="twn")
 
@@ -311,9 +312,21 @@ def test_integer_modules_reject_real_inputs():
             mod(*args)
 
 
+def test_int_layernorm_module_default_bound_needs_no_shift_for_22_bit_inputs():
+    q = torch.round(torch.randn(4, 768) * 2**20).clamp(-2**21 + 1, 2**21 - 1)
+    ln = IntLayerNorm(768, cfg=SYM).train()
+    ln(q, torch.tensor([1e-6]))
+    assert ln.shift.item() == 0
+    ln32 = IntLayerNorm(768, cfg=SYM_LN32).train()
+    ln32(q, torch.tensor([1e-6]))
+    assert ln32.shift.item() >= 6  # sqrt(768 * 2^40) ~ 2^24.8 must come below 2^16
+    with pytest.raises(ValueError, match="ln_var_bits"):
+        SYM.replace(ln_var_bits=53)
+
+
 def test_int_layernorm_module_shift_grows_in_train_frozen_in_eval_and_ste_to_gamma_beta():
     torch.manual_seed(8)
-    ln = IntLayerNorm(32, cfg=SYM)
+    ln = IntLayerNorm(32, cfg=SYM_LN32)
     assert "shift" in ln.state_dict()
     q = torch.round(torch.randn(4, 32) * 2**20).clamp(-2**21 + 1, 2**21 - 1)
     s = torch.tensor([1e-6])
@@ -399,7 +412,7 @@ def test_state_dict_round_trip_of_quantization_buffers():
             self.act = QuantAct(8, SYM)
             self.fc = QuantLinear(8, 8, cfg=SYM)
             self.res = QuantAct(22, SYM)
-            self.ln = IntLayerNorm(8, cfg=SYM)
+            self.ln = IntLayerNorm(8, cfg=SYM_LN32)
 
         def forward(self, x):
             q, s = self.act(x)

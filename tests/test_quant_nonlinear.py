@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from ibert_plugin.quant.nonlinear import (
     EXP_LN2,
+    LN_VAR_BITS,
     GELU_C,
     GELU_K,
     gelu_constants,
@@ -259,16 +260,43 @@ def test_layernorm_shift_grows_only_when_needed_and_bounds_variance():
     g = torch.Generator().manual_seed(5)
     small = torch.round(torch.randn(4, 64, generator=g) * 100)
     assert layernorm_shift_update(small, torch.tensor([0.0])).item() == 0
-    big = torch.round(torch.randn(4, 768, generator=g) * 2**20).clamp(-2**21 + 1, 2**21 - 1)
+    # full-range 22-bit rows of BERT-base width need no shift under the 2^52 bound (exact float64 / int64 variance)
+    wide = torch.round(torch.randn(4, 768, generator=g) * 2**20).clamp(-2**21 + 1, 2**21 - 1)
+    assert layernorm_shift_update(wide, torch.tensor([0.0])).item() == 0
+    c = 8192
+    big = torch.round(torch.randn(4, c, generator=g, dtype=torch.float64) * 2**21).clamp(-2**21 + 1, 2**21 - 1)
     sh = layernorm_shift_update(big, torch.tensor([0.0]))
     assert sh.item() >= 1 and layernorm_shift_update(big, sh).item() == sh.item()
-    y = big.double() - torch.floor((2 * big.double().sum(-1, keepdim=True) + 768) / 1536)
+    y = big - torch.floor((2 * big.sum(-1, keepdim=True) + c) / (2 * c))
     var = torch.floor(y / 2 ** sh.item()).pow(2).sum(-1)
-    assert var.max().item() < 2**32
+    assert var.max().item() < 2**LN_VAR_BITS
     assert layernorm_shift_update(big, sh - 1).item() == sh.item()  # relative growth from a too-small shift
     # one less would overflow for this input (the bound is tight to within one bit)
     var1 = torch.floor(y / 2 ** (sh.item() - 2)).pow(2).sum(-1)
-    assert var1.max().item() >= 2**32
+    assert var1.max().item() >= 2**LN_VAR_BITS
+
+
+def test_layernorm_keeps_small_variance_rows_precise_beside_a_large_one():
+    """A token whose spread is 2^-12 of the largest row's (MiniLM's special tokens) keeps LayerNorm's precision:
+    the variance bound leaves the shift at 0, where upstream's 2^32 bound would floor its y to a few bits."""
+    g = torch.Generator().manual_seed(8)
+    c = 384
+    big = torch.randn(1, c, generator=g, dtype=torch.float64) * 2**19
+    small = torch.randn(1, c, generator=g, dtype=torch.float64) * 2**7
+    q = torch.round(torch.cat([big, small])).clamp(-2**21 + 1, 2**21 - 1).float()
+    sh = layernorm_shift_update(q, torch.tensor([0.0]))
+    assert sh.item() == 0
+    gamma, beta = torch.ones(c), torch.zeros(c)
+    q_out, s_out = int_layernorm(q, torch.tensor([1.0]), gamma, beta, sh)
+    ref = F.layer_norm(q.double(), (c,), eps=0.0)
+    err = (q_out * s_out.double() - ref).abs().max().item()
+    assert err < 0.5 / 2**7, err  # the integer mean (|y - exact| <= 1/2) on a row of spread 2^7
+    # the shift upstream's 2^32 bound needs for the large row loses the small row's precision
+    y = q.double() - q.double().mean(-1, keepdim=True)
+    old = math.ceil(0.5 * math.log2(y.pow(2).sum(-1).max().item()) - math.log2(2**16 - math.sqrt(c) - 1))
+    assert old >= 7
+    q_old, _ = int_layernorm(q, torch.tensor([1.0]), gamma, beta, torch.tensor([float(old)]))
+    assert (q_old[1] * s_out.double() - ref[1]).abs().max().item() > 0.1
 
 
 def test_int_layernorm_gradients_match_float_layernorm():

@@ -38,6 +38,7 @@ from fairseq.modules.transformer_sentence_encoder import init_bert_params
 from ..quant.config import (
     ACT_RANGES,
     FORCE_DEQUANT,
+    LN_VAR_BITS_DEFAULT,
     NONLINEAR_CONSTANT_SETS,
     QUANT_MODES,
     WEIGHT_METHODS,
@@ -492,6 +493,9 @@ class IBertRobertaModel(RobertaModel):
                             help="TernaryBERT activation quantizer: symmetric max or min-max")
         parser.add_argument("--nonlinear-constants", choices=list(NONLINEAR_CONSTANT_SETS), default="paper",
                             help="i-GELU / i-exp coefficients: paper (I-BERT's) or refit")
+        parser.add_argument("--ln-var-bits", type=int, default=LN_VAR_BITS_DEFAULT,
+                            help="IntLayerNorm variance bound in bits: training grows the LayerNorm shift so that "
+                                 "the sum of squares stays below 2^N (52: exact; 32: I-BERT upstream)")
 
     @classmethod
     def build_model(cls, args, task):
@@ -567,6 +571,7 @@ def ibert_base_architecture(args):
     args.clip_val = getattr(args, "clip_val", 2.5)
     args.act_range = getattr(args, "act_range", "symmetric")
     args.nonlinear_constants = getattr(args, "nonlinear_constants", "paper")
+    args.ln_var_bits = getattr(args, "ln_var_bits", LN_VAR_BITS_DEFAULT)
     base_architecture(args)
 
 

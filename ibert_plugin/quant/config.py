@@ -27,6 +27,10 @@ ACT_RANGES = ("symmetric", "minmax")
 EMBEDDING_GRANULARITIES = ("row", "tensor")
 #: i-GELU / i-exp coefficient sets (``quant.nonlinear``): I-BERT's published ones, or the refit.
 NONLINEAR_CONSTANT_SETS = ("paper", "refit")
+#: Default IntLayerNorm variance bound (bits): the sum of squares stays below 2^52, exact in float64 and int64.
+#: I-BERT upstream bounds it by 2^32 (an int32 accumulator), which leaves a token whose variance is far below the
+#: batch's largest only a few bits of ``y >> shift`` (MiniLM SQuAD, W8A8 calibrated, no QAT: F1 34.7 -> 36.3).
+LN_VAR_BITS_DEFAULT = 52
 #: Widest symmetric-mode activation whose integer products stay exact in float32 GEMMs (n(13)^2 < 2^24).
 SYMMETRIC_MAX_ACT_BITS = 13
 
@@ -71,6 +75,9 @@ class QuantConfig:
         lat_iters: number of ``(alpha, b)`` alternations of the LAT closed form after the TWN start (5).
         nonlinear_constants: i-GELU / i-exp coefficients: ``"paper"`` (I-BERT's ``a = -0.2888, b = -1.769`` and
             ``0.35815147, 0.96963238, 1``) or ``"refit"`` (``-0.287, -1.775``; ``0.3671, 0.9736, 1``).
+        ln_var_bits: IntLayerNorm variance bound: training grows the LayerNorm ``shift`` so that every row's
+            ``sum((y >> shift)^2) < 2^ln_var_bits`` (52, exact in float64 / int64; 32 = I-BERT upstream's int32
+            accumulator, at a precision cost on low-variance tokens). 16..52.
 
     Raises:
         ValueError: on any out-of-range or inconsistent field, with one sentence naming it.
@@ -95,6 +102,7 @@ class QuantConfig:
     lat_eps: float = 1e-8
     lat_iters: int = 5
     nonlinear_constants: str = "paper"
+    ln_var_bits: int = LN_VAR_BITS_DEFAULT
 
     def __post_init__(self) -> None:
         self.validate()
@@ -136,6 +144,7 @@ class QuantConfig:
             raise ValueError(f"lat_eps must be a positive number, got {e!r}")
         _check_bits("lat_iters", self.lat_iters, 1, 100)
         _check_choice("nonlinear_constants", self.nonlinear_constants, NONLINEAR_CONSTANT_SETS)
+        _check_bits("ln_var_bits", self.ln_var_bits, 16, 52)  # above 2^53 float64 sums stop being exact
         if self.quant_mode == "symmetric" and self.act_bits > SYMMETRIC_MAX_ACT_BITS:
             raise ValueError(
                 f"act_bits {self.act_bits} is not supported in symmetric mode: the integer attention products "
@@ -179,7 +188,7 @@ class QuantConfig:
 
         Reads ``quant_mode``, ``force_dequant``, ``weight_bits``, ``weight_quant_method`` (``None`` means ``"twn"``
         for ``weight_bits=2`` and ``"sym"`` otherwise), ``input_bits`` (-> ``act_bits``), ``clip_val`` and
-        ``act_range`` when present; LAT's ``lat_beta2`` / ``lat_eps`` come from the optimizer's ``adam_betas``
+        ``act_range``, ``nonlinear_constants`` and ``ln_var_bits`` when present; LAT's ``lat_beta2`` / ``lat_eps`` come from the optimizer's ``adam_betas``
         (``"(0.9, 0.999)"``) / ``adam_eps`` when the namespace has them (fairseq passes the whole command line to a
         legacy model), so LAT's ``v`` is Adam's. Every other field keeps its default.
 
@@ -213,6 +222,7 @@ class QuantConfig:
             lat_beta2=beta2,
             lat_eps=eps,
             nonlinear_constants=str(get("nonlinear_constants", defaults.nonlinear_constants)),
+            ln_var_bits=int(get("ln_var_bits", defaults.ln_var_bits)),
         )
 
 

@@ -606,7 +606,8 @@ class IntLayerNorm(nn.LayerNorm):
     Integer when ``cfg.integer_layernorm``: input ``(q, S)`` with ``S`` ``(1,)`` (the ``cfg.residual_bits``-bit
     residual sum) -> ``(q_out, S_out)``: float64 integers and float32 ``(C,)`` scale ``sqrt(C)/2^30 * gamma'``, see
     :func:`~ibert_plugin.quant.nonlinear.int_layernorm`. The buffer ``shift`` (float32 ``(1,)``, symmetric mode
-    only, saved in checkpoints) only grows, in training, so that the sum of squares stays below 2^32.
+    only, saved in checkpoints) only grows, in training, so that the sum of squares stays below
+    ``2^cfg.ln_var_bits`` (2^52; upstream 2^32).
     Otherwise ``F.layer_norm`` on the real input (identical to ``nn.LayerNorm``), returning ``(y, None)``.
 
     Args:
@@ -635,7 +636,7 @@ class IntLayerNorm(nn.LayerNorm):
             beta = self.bias if self.bias is not None else x.new_zeros(c, dtype=torch.float32)
             if self.training:
                 # the shift grows monotonically with the batch's largest variance: MAX over data-parallel ranks
-                self.shift.copy_(all_reduce_max(layernorm_shift_update(x, self.shift)))
+                self.shift.copy_(all_reduce_max(layernorm_shift_update(x, self.shift, self.cfg.ln_var_bits)))
             return int_layernorm(x, scale, gamma, beta, self.shift)
         real = dequantize(x, scale)
         return F.layer_norm(real, self.normalized_shape, self.weight, self.bias, self.eps), None

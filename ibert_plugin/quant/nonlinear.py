@@ -36,7 +36,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import fused
-from .config import NONLINEAR_CONSTANT_SETS
+from .config import LN_VAR_BITS_DEFAULT, NONLINEAR_CONSTANT_SETS
 from .primitives import isqrt, pow2, qmax, true_div
 
 __all__ = [
@@ -121,7 +121,7 @@ SOFTMAX_NORM_BITS = 40  # f = floor(2^40 / sum)
 EXP_LUT_MAX = 1 << 25  # largest i-exp table exp_lut builds (score scales down to ~6e-7)
 
 # IntLayerNorm
-LN_VAR_BITS = 32  # training grows `shift` so that the sum of squares stays below 2^32
+LN_VAR_BITS = LN_VAR_BITS_DEFAULT  # default variance bound of layernorm_shift_update (QuantConfig.ln_var_bits)
 LN_GAMMA_EPS = 1e-8
 LN_FACTOR_BITS = 45  # f = floor(2^45 / sd) (upstream 2^31: only ~7 bits of 1/sd for wide 22-bit inputs)
 LN_OUT_SHIFT = 30  # y_n = floor(y f / 2^(45 - 30)) = y / (sqrt(C) sigma) * 2^30, scale sqrt(C) / 2^30
@@ -445,26 +445,29 @@ def _row_sq_sum(ys: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def layernorm_shift_update(q: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Training-time growth of the IntLayerNorm ``shift`` so that ``sum_C(floor(y / 2^shift)^2) < 2^32``.
+def layernorm_shift_update(q: torch.Tensor, shift: torch.Tensor, var_bits: int = LN_VAR_BITS) -> torch.Tensor:
+    """Training-time growth of the IntLayerNorm ``shift`` so that ``sum_C(floor(y / 2^shift)^2) < 2^var_bits``
+    (default ``2^52``, :data:`~ibert_plugin.quant.config.LN_VAR_BITS_DEFAULT`; upstream I-BERT ``2^32``).
 
-    With ``V`` the largest row sum of squares at the current shift, when ``V >= 2^32`` the shift grows by
-    ``k = max(1, ceil(log2(sqrt(V) / (2^16 - sqrt(C) - 1))))``. Since ``floor(floor(y/2^s)/2^k) = floor(y/2^(s+k))``
-    and ``|floor(u/2^k)| <= |u|/2^k + 1``, the new sum satisfies ``sqrt(V') <= sqrt(V)/2^k + sqrt(C) < 2^16``.
+    With ``V`` the largest row sum of squares at the current shift and ``h = var_bits / 2``, when
+    ``V >= 2^(2h)`` the shift grows by ``k = max(1, ceil(log2(sqrt(V) / (2^h - sqrt(C) - 1))))``. Since
+    ``floor(floor(y/2^s)/2^k) = floor(y/2^(s+k))`` and ``|floor(u/2^k)| <= |u|/2^k + 1``, the new sum satisfies
+    ``sqrt(V') <= sqrt(V)/2^k + sqrt(C) < 2^h``. 22-bit inputs with ``C <= 1024`` never need a shift.
     (Upstream takes ``max(shift, k')`` with ``k'`` measured at the *current* shift, which stops growing once
     ``shift >= k'``.) Only training changes the shift; it is frozen in eval.
 
     Args:
         q: integer input ``(..., C)``.
         shift: float32 ``(1,)`` current shift.
+        var_bits: the bound's bits (``QuantConfig.ln_var_bits``; even values keep the bound tight).
 
     Returns:
         the new float32 ``(1,)`` shift (never smaller).
     """
     v = _row_sq_sum(_ln_shifted(_ln_center(q), shift)).amax().reshape(1)
-    margin = math.log2(2.0 ** (LN_VAR_BITS // 2) - math.sqrt(q.shape[-1]) - 1.0)
+    margin = math.log2(2.0 ** (var_bits // 2) - math.sqrt(q.shape[-1]) - 1.0)
     grow = torch.ceil(0.5 * torch.log2(v.clamp(min=1.0)) - margin)
-    k = torch.where(v >= float(2**LN_VAR_BITS), grow.clamp(min=1.0), torch.zeros_like(grow))
+    k = torch.where(v >= float(2**var_bits), grow.clamp(min=1.0), torch.zeros_like(grow))
     return (shift + k.to(shift.dtype)).to(shift.dtype)
 
 
