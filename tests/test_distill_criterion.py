@@ -75,6 +75,25 @@ def test_soft_cross_entropy_by_hand():
     assert "att_loss" not in log and "rep_loss" not in log
 
 
+def test_pred_distill_weight_scales_only_the_prediction_term():
+    s_att, t_att = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)
+    student = FixedModel([[0.0, 0.0], [0.0, math.log(3.0)]], states=[torch.zeros(2, 2, 4)], scores=[s_att])
+    teacher = FixedModel([[0.0, math.log(3.0)], [0.0, 0.0]], states=[torch.ones(2, 2, 4)], scores=[t_att])
+    sample = _sample([[0, 5], [0, 6]], [0, 1])
+    base = _criterion(teacher, pred_distill=True, intermediate_distill=True)
+    heavy = _criterion(teacher, pred_distill=True, intermediate_distill=True, pred_distill_weight=10.0)
+    l1, _, log1 = base(student, sample)
+    l10, _, log10 = heavy(student, sample)
+    pred = (math.log(2) + -(0.5 * math.log(0.25) + 0.5 * math.log(0.75))) / 4
+    # logged components stay unweighted; only the optimised sum changes, by 9 x the prediction term
+    assert log10["pred_loss"].item() == pytest.approx(log1["pred_loss"].item())
+    assert l1.item() == pytest.approx(2 * (pred + 1.0 + 1.0), rel=1e-6)
+    assert l10.item() == pytest.approx(2 * (10 * pred + 1.0 + 1.0), rel=1e-6)
+    for bad in (-1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="--pred-distill-weight"):
+            _criterion(teacher, pred_distill=True, pred_distill_weight=bad)
+
+
 def test_regression_prediction_mse_and_label_loss():
     student = FixedModel([[1.0], [3.0]])
     teacher = FixedModel([[2.0], [1.0]])

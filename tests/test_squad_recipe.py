@@ -26,7 +26,8 @@ def test_stage_selection_and_errors():
                       (["--task", "SQUAD1", "--stages", "fp,bogus"], "unknown stage"),
                       (["--task", "SQUAD1", "--stages", "fp", "--max_updates", "fp=x"], "expected N or fp=N"),
                       (["--task", "SQUAD1", "--weight_bits", "3"], "invalid choice"),
-                      (["--task", "SQUAD1", "--stages", "fp", "--lr", "0"], "must be > 0")):
+                      (["--task", "SQUAD1", "--stages", "fp", "--lr", "0"], "must be > 0"),
+                      (["--task", "SQUAD1", "--pred_distill", "--pred_distill_weight", "-1"], "pred_distill_weight")):
         with pytest.raises(recipe.RecipeError, match=msg):
             recipe.parse_args(argv + TOK)
 
@@ -40,7 +41,8 @@ def test_dry_run_passes_ternarybert_flags(tmp_path, capsys):
                            "--restore-file", str(fp), "--weight_bits", "2", "--input_bits", "8", "--pred_distill",
                            "--intermediate_distill", "--max_seq_length", "64", "--doc_stride", "32",
                            "--max_query_length", "16", "--null_score_diff_threshold", "0.5", "--bs", "4",
-                           "--max-update", "7", "--seed", "3", "--dry-run", *TOK])
+                           "--max-update", "7", "--seed", "3", "--pred_distill_weight", "256", "--clip_val", "10",
+                           "--dry-run", *TOK])
     assert rc == 0
     argv = shlex.split(capsys.readouterr().out.strip().splitlines()[-1])
     flags = dict(zip(argv, argv[1:]))
@@ -52,5 +54,6 @@ def test_dry_run_passes_ternarybert_flags(tmp_path, capsys):
     assert (flags["--max-seq-length"], flags["--doc-stride"], flags["--max-query-length"]) == ("64", "32", "16")
     assert flags["--null-score-diff-threshold"] == "0.5" and flags["--max-update"] == "7"
     assert flags["--batch-size"] == "4" and flags["--seed"] == "3"
+    assert flags["--pred-distill-weight"] == "256" and flags["--clip-val"] == "10"
     assert flags["--best-checkpoint-metric"] == "f1" and "--maximize-best-checkpoint-metric" in argv
     assert not (tmp_path / "outputs").exists()

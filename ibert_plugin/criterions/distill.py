@@ -12,7 +12,8 @@ Zhang et al., "TernaryBERT: Distillation-aware Ultra-low Bit BERT", EMNLP 2020 (
   (an explicit key-padding mask, where upstream thresholded at -100; fairseq masks with -inf);
 * an optional ground-truth loss ``--label-loss-weight`` (default 0: upstream's PyTorch code has none).
 
-``loss = pred_loss + rep_loss + att_loss + label_loss_weight * label_loss`` (unweighted sum, as upstream). Every term is
+``loss = w_pred * pred_loss + rep_loss + att_loss + label_loss_weight * label_loss`` (``w_pred`` =
+``--pred-distill-weight``, default 1: the unweighted sum of upstream). Every term is
 a per-batch mean; the criterion returns it multiplied by ``sample_size`` (= number of sentences), because fairseq
 divides gradients by ``sample_size``: the optimised quantity is exactly upstream's.
 
@@ -48,6 +49,11 @@ class DistillFlags(FairseqDataclass):
     intermediate_distill: bool = field(
         default=False, metadata={"help": "distil every hidden state and every layer's pre-softmax attention scores"}
     )
+    pred_distill_weight: float = field(
+        default=1.0,
+        metadata={"help": "weight of the prediction-distillation term (1 = upstream; the soft CE is a mean over "
+                          "classes or span positions, so a span model's term is ~1/T of a per-window CE)"},
+    )
 
 
 def attach_teacher(criterion, cfg: DistillFlags, task, teacher, name: str) -> None:
@@ -69,6 +75,14 @@ class TernaryDistillConfig(SentencePredictionConfig, DistillFlags):
     label_loss_weight: float = field(
         default=0.0, metadata={"help": "weight of the ground-truth loss (0 = upstream TernaryBERT: none)"}
     )
+
+
+def pred_distill_weight(cfg: DistillFlags) -> float:
+    """``cfg.pred_distill_weight`` checked: a finite number >= 0 (``ValueError`` otherwise)."""
+    w = float(getattr(cfg, "pred_distill_weight", 1.0))
+    if not math.isfinite(w) or w < 0:
+        raise ValueError(f"--pred-distill-weight must be a finite number >= 0, got {w}")
+    return w
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -131,6 +145,7 @@ class TernaryDistillCriterion(SentencePredictionCriterion):
         self.pred_distill = bool(cfg.pred_distill)
         self.intermediate_distill = bool(cfg.intermediate_distill)
         self.label_loss_weight = float(cfg.label_loss_weight)
+        self.pred_distill_weight = pred_distill_weight(cfg)
         src_dict = getattr(task, "source_dictionary", None)
         self.padding_idx = src_dict.pad() if src_dict is not None else 1
         attach_teacher(self, cfg, task, teacher, "ternary_distill")
@@ -218,9 +233,8 @@ class TernaryDistillCriterion(SentencePredictionCriterion):
             else:
                 parts["label_loss"] = F.nll_loss(F.log_softmax(logits, dim=-1, dtype=torch.float32), targets)
 
-        mean_loss = sum(
-            (self.label_loss_weight * v if k == "label_loss" else v) for k, v in parts.items()
-        )
+        weights = {"label_loss": self.label_loss_weight, "pred_loss": self.pred_distill_weight}
+        mean_loss = sum(weights.get(k, 1.0) * v for k, v in parts.items())
         loss = mean_loss * sample_size
 
         logging_output = {

@@ -6,8 +6,9 @@
   ``pred_loss = SCE(start_s, start_t) + SCE(end_s, end_t)`` with the soft cross-entropy of
   :func:`ibert_plugin.criterions.distill.soft_cross_entropy` (temperature 1, mean over batch x positions), and the
   intermediate ``rep_loss`` / ``att_loss`` of :mod:`ibert_plugin.criterions.distill` (hidden states and pre-softmax
-  attention scores, padded keys zeroed); ``loss = pred_loss + rep_loss + att_loss`` (no ground-truth term, as
-  upstream). The FP teacher is loaded and frozen as by ``ternary_distill``.
+  attention scores, padded keys zeroed); ``loss = w * pred_loss + rep_loss + att_loss`` (no ground-truth term, as
+  upstream; ``w`` = ``--pred-distill-weight``, default 1 as upstream: the soft CE is a mean over the window's T
+  positions, so ``w`` near T makes the term a per-window soft CE). The FP teacher is loaded and frozen as by ``ternary_distill``.
 
 Both return ``loss * sample_size`` with ``sample_size`` = windows in the batch (fairseq divides by it) and, in eval
 mode, the start/end logits for the task's whole-dev-set metrics.
@@ -23,7 +24,8 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.logging import metrics
 
 from ..squad.head import SPAN_HEAD, span_logits
-from .distill import DistillFlags, attach_teacher, hidden_state_mse, masked_attention_mse, soft_cross_entropy
+from .distill import (DistillFlags, attach_teacher, hidden_state_mse, masked_attention_mse, pred_distill_weight,
+                      soft_cross_entropy)
 
 COMPONENTS = ("pred_loss", "att_loss", "rep_loss")
 
@@ -100,6 +102,7 @@ class SquadSpanDistillCriterion(SquadSpanCriterion):
         if not (cfg.pred_distill or cfg.intermediate_distill):
             raise ValueError("--criterion squad_span_distill needs --pred-distill and/or --intermediate-distill")
         self.pred_distill, self.intermediate_distill = bool(cfg.pred_distill), bool(cfg.intermediate_distill)
+        self.pred_weight = pred_distill_weight(cfg)
         attach_teacher(self, cfg, task, teacher, "squad_span_distill")
 
     def forward(self, model, sample, reduce=True):
@@ -120,5 +123,5 @@ class SquadSpanDistillCriterion(SquadSpanCriterion):
             parts["att_loss"] = masked_attention_mse(extra["attn_scores"], t_extra["attn_scores"], pad)
             parts["rep_loss"] = hidden_state_mse(extra["inner_states"], t_extra["inner_states"])
         n = sample["target"].size(0)
-        loss = sum(parts.values()) * n
+        loss = sum((self.pred_weight if k == "pred_loss" else 1.0) * v for k, v in parts.items()) * n
         return loss, n, self._logging(model, sample, loss, start, end, parts)

@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "ibert_weight_bits", type=int, default=8, help="I-BERT weight bits (8, or 7 for the fast engine routes)")
     _flag(p, "pred_distill", action="store_true")
     _flag(p, "intermediate_distill", action="store_true")
+    _flag(p, "pred_distill_weight", type=float, default=1.0,
+          help="weight of the start/end soft CE in the ternary stage's loss (1 = upstream, where it is a mean over "
+               "the window's positions and is dwarfed by the attention-score MSE; ~T, e.g. 256, makes it a "
+               "per-window soft CE)")
     _flag(p, "save_fp_model", action="store_true", help="keep the ternary stage's float fairseq checkpoints")
     _flag(p, "save_quantized_model", action="store_true", help="export the packed ternary model (export stage)")
     _flag(p, "seed", type=int, default=42)
@@ -168,6 +172,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                  "max_answer_length", "eval_batch_size"):
         if getattr(a, name) < 1:
             raise RecipeError(f"--{name} must be >= 1")
+    if not (a.pred_distill_weight >= 0 and math.isfinite(a.pred_distill_weight)):
+        raise RecipeError("--pred_distill_weight must be a finite number >= 0")
     if not 2 <= a.input_bits <= 8 or not 2 <= a.ibert_weight_bits <= 8:
         raise RecipeError("--input_bits and --ibert_weight_bits must be in 2..8")
     a.caps = _parse_caps(a.max_updates)
@@ -286,6 +292,8 @@ def train_command(a, stage: str, save_dir: Path, restore: Optional[Path], n_wind
                 "--input-bits", str(a.input_bits), "--clip-val", f"{a.clip_val:g}",
                 "--criterion", "squad_span_distill", "--teacher-path", str(restore)]
         cmd += ["--pred-distill"] * a.pred_distill + ["--intermediate-distill"] * a.intermediate_distill
+        if a.pred_distill_weight != 1.0:
+            cmd += ["--pred-distill-weight", f"{a.pred_distill_weight:g}"]
     if restore is not None:
         cmd += ["--finetune-from-model", str(restore)]
     if a.eval_device == "cpu":
