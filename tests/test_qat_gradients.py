@@ -117,19 +117,20 @@ def _ln_python(row, gamma, beta, shift):
     return [(v * f) >> (LN_FACTOR_BITS - LN_OUT_SHIFT) for v in y], _ints(lc.b_int)
 
 
-def test_int_layernorm_float32_inputs_equal_python_integers_and_the_float64_path():
+@pytest.mark.parametrize("var_bits", [32, 52])  # upstream's bound (a shift > 0 here) and the default (shift 0)
+def test_int_layernorm_float32_inputs_equal_python_integers_and_the_float64_path(var_bits):
     g = torch.Generator().manual_seed(13)
     c = 48
     q = torch.round(torch.randn(9, c, generator=g) * 2**20).clamp(-(2**23 - 1), 2**23 - 1)
     q[0] = 2**23 - 1  # constant row at the 24-bit bound
     q[1], q[1, 0] = 2**23 - 1, -(2**23 - 1)  # y[1, 0] = -(2^23 - 1) - mean, close to -2^24
     gamma, beta = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
-    shift = layernorm_shift_update(q, torch.zeros(1))
-    assert float(shift) > 0
+    shift = layernorm_shift_update(q, torch.zeros(1), var_bits)
+    assert (float(shift) > 0) == (var_bits == 32)
     out32, s32 = int_layernorm(q, torch.ones(1), gamma, beta, shift)
     out64, s64 = int_layernorm(q.double(), torch.ones(1), gamma, beta, shift)
     assert out32.dtype == torch.float64 and torch.equal(out32, out64) and torch.equal(s32, s64)
-    assert torch.equal(layernorm_shift_update(q.double(), torch.zeros(1)), shift)
+    assert torch.equal(layernorm_shift_update(q.double(), torch.zeros(1), var_bits), shift)
     for row, got in zip(q.tolist(), out32.tolist()):
         y_n, b_int = _ln_python([int(v) for v in row], gamma, beta, int(shift))
         assert [int(v) for v in got] == [a + b for a, b in zip(y_n, b_int)]
