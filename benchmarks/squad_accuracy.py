@@ -138,8 +138,7 @@ def main(argv=None) -> int:
     name = "quick" if args.quick else "full" if args.full else "cpu"
     sched = SCHEDULES[name]
     v2 = args.task == "SQUAD2"
-    caps = sched["caps"][args.task] if isinstance(sched["caps"], dict) else sched["caps"]
-    flags = sched["flags"][args.task] if isinstance(sched["flags"], dict) else sched["flags"]
+    caps, flags = (sched[k][args.task] if isinstance(sched[k], dict) else sched[k] for k in ("caps", "flags"))
     dev_articles = args.dev_articles or {"quick": "2", "full": "all"}.get(name, "0-39" if v2 else "1,2")
     select_q = args.select_questions or (40 if args.quick else 100)
     suffix = "_v2" if v2 else ""

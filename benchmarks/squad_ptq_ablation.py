@@ -84,7 +84,6 @@ def main(argv=None) -> int:
 
     import numpy as np
     import torch
-    from fairseq import checkpoint_utils
 
     import ibert_plugin  # noqa: F401  (registers the architectures)
     from squad_accuracy import _article_indices
@@ -93,6 +92,7 @@ def main(argv=None) -> int:
     from ibert_plugin.squad.features import OffsetTokenizer, build_features
     from ibert_plugin.tasks.squad import load_dictionary
     from ibert_plugin.wiring.checkpoint import build_model_for_state
+    from ibert_plugin.wiring.checkpoint_file import CheckpointError, check_fairseq_checkpoint
 
     tmp = tempfile.TemporaryDirectory()
     eval_file = args.eval_file
@@ -115,16 +115,21 @@ def main(argv=None) -> int:
     except SquadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    state = checkpoint_utils.load_checkpoint_to_cpu(args.checkpoint)
+    try:
+        state = check_fairseq_checkpoint(args.checkpoint)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    model_cfg = state["cfg"]["model"] if state.get("cfg") is not None else state["args"]
     rng = np.random.RandomState(args.seed)
     pool = [examples[i] for i in rng.permutation(len(examples))[:4 * args.calib_windows]]
-    feats = build_features(pool, tok, 384, 128, 64)[:args.calib_windows]
+    feats = build_features(pool, tok)[:args.calib_windows]  # the recipe's windows: 384 / stride 128 / query 64
     sd = state["model"]
     shapes = {k: list(v.shape) for k, v in sd.items()}
     results = {}
     for spec in variants:
         t0 = time.time()
-        mc = copy.deepcopy(state["cfg"]["model"])
+        mc = copy.deepcopy(model_cfg)
         for k, v in overrides[spec].items():
             setattr(mc, k, v)
         model = build_model_for_state(mc, shapes)

@@ -40,3 +40,13 @@ def test_missing_checkpoint_is_an_error_not_a_traceback(tmp_path, capsys):
     rc = abl.main(["--checkpoint", str(tmp_path / "none.pt"), "--train-file", str(tmp_path / "t.json"),
                    "--variants", "fp"])
     assert rc == 2 and capsys.readouterr().err.startswith("error: ")
+
+
+def test_a_file_that_is_not_a_checkpoint_is_one_error_line(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    train = tmp_path / "t.json"
+    train.write_text('{"version": "1.1", "data": []}')
+    rc = abl.main(["--checkpoint", str(bad), "--train-file", str(train), "--variants", "fp"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1

@@ -8,7 +8,8 @@
   intermediate ``rep_loss`` / ``att_loss`` of :mod:`ibert_plugin.criterions.distill` (hidden states and pre-softmax
   attention scores, padded keys zeroed); ``loss = w * pred_loss + rep_loss + att_loss`` (no ground-truth term, as
   upstream; ``w`` = ``--pred-distill-weight``, default 1 as upstream: the soft CE is a mean over the window's T
-  positions, so ``w`` near T makes the term a per-window soft CE). The FP teacher is loaded and frozen as by ``ternary_distill``.
+  positions, so ``w`` near T makes the term a per-window soft CE). The FP teacher is loaded and frozen as by
+  ``ternary_distill``.
 
 Both return ``loss * sample_size`` with ``sample_size`` = windows in the batch (fairseq divides by it) and, in eval
 mode, the start/end logits for the task's whole-dev-set metrics.

@@ -187,10 +187,10 @@ class QuantConfig:
         """Build from fairseq-style arguments (``argparse.Namespace``, omegaconf node or any object).
 
         Reads ``quant_mode``, ``force_dequant``, ``weight_bits``, ``weight_quant_method`` (``None`` means ``"twn"``
-        for ``weight_bits=2`` and ``"sym"`` otherwise), ``input_bits`` (-> ``act_bits``), ``clip_val`` and
-        ``act_range``, ``nonlinear_constants`` and ``ln_var_bits`` when present; LAT's ``lat_beta2`` / ``lat_eps`` come from the optimizer's ``adam_betas``
-        (``"(0.9, 0.999)"``) / ``adam_eps`` when the namespace has them (fairseq passes the whole command line to a
-        legacy model), so LAT's ``v`` is Adam's. Every other field keeps its default.
+        for ``weight_bits=2`` and ``"sym"`` otherwise), ``input_bits`` (-> ``act_bits``), ``clip_val``,
+        ``act_range``, ``nonlinear_constants`` and ``ln_var_bits`` when present; LAT's ``lat_beta2`` / ``lat_eps``
+        come from the optimizer's ``adam_betas`` (``"(0.9, 0.999)"``) / ``adam_eps`` when the namespace has them
+        (fairseq passes the whole command line to a legacy model), so LAT's ``v`` is Adam's. Every other field keeps its default.
 
         Raises:
             ValueError: if the resulting configuration is invalid.
