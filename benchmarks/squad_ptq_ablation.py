@@ -8,6 +8,7 @@ training windows) and scores a SQuAD file with the official EM/F1. Variants (``-
 * ``fp``: the checkpoint as it is;
 * ``T<bits>:<clip>``: TernaryBERT fake quantization, weights at ``bits`` (2 = TWN ternary, 8 = symmetric 8-bit, to
   isolate the activations), 8-bit dynamic activations clipped to ``clip`` (``T8:2.5``, ``T8:10``, ``T2:10``);
+  ``T2r:<clip>`` is TWN with one ``alpha`` per output row of every Linear (``--ternary-linear row``);
 * ``<bits>[:<force_dequant>][@<ln_var_bits>]``: I-BERT integer-only at ``bits`` weight bits, optionally with one
   nonlinear op in float (``8:gelu``, ``8:softmax``, ``8:layernorm``, ``8:nonlinear``) and a LayerNorm variance bound
   (``8@32`` = upstream's 2^32).
@@ -34,7 +35,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def parse_variant(spec: str) -> dict:
-    """``fp`` / ``T<bits>:<clip>`` / ``<bits>[:<force_dequant>][@<ln_var_bits>]`` -> model-config overrides."""
+    """``fp`` / ``T<bits>[r]:<clip>`` / ``<bits>[:<force_dequant>][@<ln_var_bits>]`` -> model-config overrides."""
     from ibert_plugin.quant.config import FORCE_DEQUANT
 
     try:
@@ -42,11 +43,15 @@ def parse_variant(spec: str) -> dict:
             return {}
         if spec.startswith("T"):
             bits, _, clip = spec[1:].partition(":")
-            b = int(bits)
-            if b not in (2, 8):
+            row = bits.endswith("r")
+            b = int(bits[:-1] if row else bits)
+            if b not in (2, 8) or (row and b != 2):
                 raise ValueError
-            return {"quant_mode": "ternarybert", "weight_bits": b, "weight_quant_method": "twn" if b == 2 else "sym",
-                    "input_bits": 8, "clip_val": float(clip or 2.5)}
+            out = {"quant_mode": "ternarybert", "weight_bits": b, "weight_quant_method": "twn" if b == 2 else "sym",
+                   "input_bits": 8, "clip_val": float(clip or 2.5)}
+            if row:
+                out["ternary_linear"] = "row"
+            return out
         body, _, var_bits = spec.partition("@")
         bits, _, fd = body.partition(":")
         if fd and fd not in FORCE_DEQUANT:
@@ -56,7 +61,7 @@ def parse_variant(spec: str) -> dict:
             out["ln_var_bits"] = int(var_bits)
         return out
     except ValueError:
-        raise SystemExit(f"error: variant {spec!r}: expected fp, T<2|8>:<clip> or <bits>[:<force_dequant>]"
+        raise SystemExit(f"error: variant {spec!r}: expected fp, T<2|2r|8>:<clip> or <bits>[:<force_dequant>]"
                          "[@<ln_var_bits>]") from None
 
 

@@ -29,10 +29,11 @@ def _train_a_step(model, tokens):
     [
         ["--quant-mode", "ternarybert", "--weight-bits", "2"],
         ["--quant-mode", "ternarybert", "--weight-bits", "2", "--weight-quant-method", "lat"],
+        ["--quant-mode", "ternarybert", "--weight-bits", "2", "--ternary-linear", "row"],
         ["--quant-mode", "ternarybert", "--weight-bits", "8"],
         ["--quant-mode", "symmetric", "--weight-bits", "8"],
     ],
-    ids=["tern-twn", "tern-lat", "tern-w8", "ibert-int8"],
+    ids=["tern-twn", "tern-lat", "tern-twn-row", "tern-w8", "ibert-int8"],
 )
 def test_packed_reload_gives_identical_logits(dictionary, tmp_path, extra):
     torch.manual_seed(0)
@@ -54,7 +55,10 @@ def test_packed_reload_gives_identical_logits(dictionary, tmp_path, extra):
         emb = loaded["quantized"]["encoder.sentence_encoder.embed_tokens.weight"]
         assert emb["scale"].numel() == emb["shape"][0]  # row-wise alpha
         fc1 = loaded["quantized"]["encoder.sentence_encoder.layers.0.fc1.weight"]
-        assert fc1["scale"].numel() == 1  # layer-wise alpha
+        if "row" in extra:  # one alpha per output row, and the rows do differ
+            assert fc1["scale"].numel() == fc1["shape"][0] and fc1["scale"].unique().numel() > 1
+        else:
+            assert fc1["scale"].numel() == 1  # layer-wise alpha
     else:
         assert encodings == {"int8"}
     reloaded = load_packed_model(path)

@@ -11,7 +11,7 @@ def test_defaults_are_ibert_bitwidths():
     assert (c.act_bits, c.weight_bits, c.bias_bits, c.embed_bits, c.embed_act_bits) == (8, 8, 32, 8, 16)
     assert (c.residual_bits, c.softmax_out_bits, c.act_momentum, c.clip_val) == (22, 8, 0.95, 2.5)
     assert c.quant_mode == "none" and c.weight_method == "sym" and c.weight_per_channel
-    assert c.act_range == "symmetric" and c.ternary_embedding == "row"
+    assert c.act_range == "symmetric" and c.ternary_embedding == "row" and c.ternary_linear == "tensor"
 
 
 @pytest.mark.parametrize(
@@ -35,6 +35,7 @@ def test_defaults_are_ibert_bitwidths():
         (dict(lat_iters=0), "lat_iters must be between"),
         (dict(act_range="percentile"), "act_range must be one of"),
         (dict(ternary_embedding="column"), "ternary_embedding must be one of"),
+        (dict(ternary_linear="channel"), "ternary_linear must be one of"),
         (dict(weight_bits=8.0), "weight_bits must be between 2 and 8"),
     ],
 )
@@ -83,3 +84,7 @@ def test_from_namespace_reads_fairseq_names_and_defaults():
     assert c.weight_method == "lat" and c.act_bits == 6
     with pytest.raises(ValueError, match="needs weight_bits=2"):
         QuantConfig.from_namespace(argparse.Namespace(weight_bits=8, weight_quant_method="twn"))
+    c = QuantConfig.from_namespace(argparse.Namespace(weight_bits=2, ternary_linear="row"))
+    assert c.ternary_linear == "row" and c.linear_rowwise
+    # the granularity only concerns the ternary methods: sym keeps its own per-channel switch
+    assert not QuantConfig(weight_bits=8, ternary_linear="row").linear_rowwise

@@ -161,6 +161,14 @@ def test_ternary_stage(tiny_glue, tmp_path, fp_ckpt, integer_only):
     assert flag(argv, "--weight-decay") == "0.01" and flag(argv, "--clip-norm") == "1.0"
     assert res.mode == ("ternary_int_w2_twn" if integer_only else "ternary_w2_twn")
     assert f"/{res.mode}/RTE-tiny/wd0.01_ad0.1_d0.1_lr2e-5/" in res.log_path
+    assert "--ternary-linear" not in argv  # the model's default granularity (TernaryBERT's) unless asked
+
+
+def test_ternary_linear_granularity_reaches_the_model(tiny_glue, tmp_path, fp_ckpt):
+    res = dry(tiny_glue, tmp_path, "--task", "RTE", "--quant-mode", "ternarybert", "--restore-file", str(fp_ckpt),
+              "--pred-distill", "--integer-only", "--ternary-linear", "row")
+    (argv,) = res.argv
+    assert flag(argv, "--ternary-linear") == "row" and flag(argv, "--quant-mode") == "symmetric"
 
 
 def test_cpu_distributed_argv(tiny_glue, tmp_path):

@@ -82,6 +82,8 @@ def test_bits_and_stage_flags(tiny_glue, tmp_path):
     (["--act-range", "minmax"], "--act-range selects TernaryBERT's float activation quantizer"),
     (["--quant-mode", "ternarybert", "--integer-only", "--act-range", "minmax"], "--act-range"),
     (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
+    (["--quant-mode", "ternarybert", "--weight-bits", "8", "--ternary-linear", "row"], "--ternary-linear sets"),
+    (["--ternary-linear", "row"], "needs --weight-bits 2"),
 ])
 def test_impossible_flag_combinations(flags, needle, tiny_glue, tmp_path, capsys):
     ck = tmp_path / "ck.pt"

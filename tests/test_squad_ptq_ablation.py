@@ -24,13 +24,15 @@ def test_variants_build_the_configs_they_name():
     t = _cfg("T8:10")
     assert (t.quant_mode, t.weight_bits, t.weight_method, t.act_bits, t.clip_val) == ("ternarybert", 8, "sym", 8, 10.0)
     t2 = _cfg("T2:2.5")
-    assert (t2.weight_bits, t2.weight_method, t2.clip_val) == (2, "twn", 2.5)
+    assert (t2.weight_bits, t2.weight_method, t2.clip_val) == (2, "twn", 2.5) and t2.ternary_linear == "tensor"
+    t2r = _cfg("T2r:10")
+    assert (t2r.weight_method, t2r.clip_val, t2r.ternary_linear, t2r.linear_rowwise) == ("twn", 10.0, "row", True)
     i = _cfg("8:gelu@32")
     assert (i.quant_mode, i.weight_bits, i.force_dequant, i.ln_var_bits) == ("symmetric", 8, "gelu", 32)
     assert _cfg("7").ln_var_bits == QuantConfig().ln_var_bits == 52 and _cfg("7").force_dequant == "none"
 
 
-@pytest.mark.parametrize("spec", ["T4:1", "Tx", "8:bogus", "eight", "8@x"])
+@pytest.mark.parametrize("spec", ["T4:1", "Tx", "T8r:10", "8:bogus", "eight", "8@x"])
 def test_bad_variant_is_one_error_line(spec):
     with pytest.raises(SystemExit, match="error: variant"):
         abl.parse_variant(spec)

@@ -42,7 +42,7 @@ def test_dry_run_passes_ternarybert_flags(tmp_path, capsys):
                            "--intermediate_distill", "--max_seq_length", "64", "--doc_stride", "32",
                            "--max_query_length", "16", "--null_score_diff_threshold", "0.5", "--bs", "4",
                            "--max-update", "7", "--seed", "3", "--pred_distill_weight", "256", "--clip_val", "10",
-                           "--dry-run", *TOK])
+                           "--ternary_linear", "row", "--dry-run", *TOK])
     assert rc == 0
     argv = shlex.split(capsys.readouterr().out.strip().splitlines()[-1])
     flags = dict(zip(argv, argv[1:]))
@@ -55,5 +55,6 @@ def test_dry_run_passes_ternarybert_flags(tmp_path, capsys):
     assert flags["--null-score-diff-threshold"] == "0.5" and flags["--max-update"] == "7"
     assert flags["--batch-size"] == "4" and flags["--seed"] == "3"
     assert flags["--pred-distill-weight"] == "256" and flags["--clip-val"] == "10"
+    assert flags["--ternary-linear"] == "row"
     assert flags["--best-checkpoint-metric"] == "f1" and "--maximize-best-checkpoint-metric" in argv
     assert not (tmp_path / "outputs").exists()

@@ -221,3 +221,32 @@ def test_rowwise_twn_is_row_independent():
     ids = torch.tensor([7, 3, 3, 49, 0])
     part_int, part_scale = q(table[ids])
     assert torch.equal(part_int, full_int[ids]) and torch.equal(part_scale, full_scale[ids])
+
+
+@pytest.mark.parametrize("method", ["twn", "lat"])
+def test_quant_linear_row_granularity_ternarizes_each_output_row_alone(method):
+    """``ternary_linear="row"``: a Linear's row r gets TWN's alpha of row r alone (checked in NumPy), in the fake-quant
+    forward and in the integer form (per-channel accumulator scale alpha_r * S_in); "tensor" keeps one alpha."""
+    from ibert_plugin.quant.modules import QuantLinear
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(6, 20, generator=g) * torch.logspace(-1, 0.3, 6).reshape(-1, 1)  # rows of different spread
+    for mode in ("ternarybert", "symmetric"):
+        row = QuantLinear(20, 6, cfg=QuantConfig(quant_mode=mode, weight_bits=2, weight_method=method,
+                                                 ternary_linear="row"))
+        tensor = QuantLinear(20, 6, cfg=QuantConfig(quant_mode=mode, weight_bits=2, weight_method=method))
+        for m in (row, tensor):
+            m.weight.data.copy_(w)
+        w_int, scale = row.weight_quantizer(row.weight)
+        wn = w.clamp(-2.5, 2.5).numpy()  # clipped at clip_val first
+        for r in range(6):
+            a = np.abs(wn[r])
+            mask = a > 0.7 * a.mean()
+            np.testing.assert_allclose(scale[r].item(), a[mask].mean(), rtol=1e-6)
+            np.testing.assert_array_equal(w_int[r].detach().numpy(), np.sign(wn[r]) * mask)
+        assert len(set(tensor.weight_quantizer(tensor.weight)[1].tolist())) == 1
+        if mode == "symmetric":
+            s_in = torch.tensor([0.05])
+            form = row.int_form(s_in)
+            torch.testing.assert_close(form.s_acc, scale.float() * 0.05, rtol=1e-6, atol=0)
+            assert set(form.w_int.unique().tolist()) <= {-1, 0, 1} and form.w_bits == 2

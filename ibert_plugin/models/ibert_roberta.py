@@ -41,6 +41,7 @@ from ..quant.config import (
     LN_VAR_BITS_DEFAULT,
     NONLINEAR_CONSTANT_SETS,
     QUANT_MODES,
+    TERNARY_GRANULARITIES,
     WEIGHT_METHODS,
     QuantConfig,
 )
@@ -491,6 +492,9 @@ class IBertRobertaModel(RobertaModel):
                             help="TernaryBERT clipping range for weights and activations")
         parser.add_argument("--act-range", choices=list(ACT_RANGES), default="symmetric",
                             help="TernaryBERT activation quantizer: symmetric max or min-max")
+        parser.add_argument("--ternary-linear", choices=list(TERNARY_GRANULARITIES), default="tensor",
+                            help="ternary (twn/lat) Linear weights: one alpha per matrix (tensor, TernaryBERT) or "
+                                 "one per output row (row)")
         parser.add_argument("--nonlinear-constants", choices=list(NONLINEAR_CONSTANT_SETS), default="paper",
                             help="i-GELU / i-exp coefficients: paper (I-BERT's) or refit")
         parser.add_argument("--ln-var-bits", type=int, default=LN_VAR_BITS_DEFAULT,
@@ -570,6 +574,7 @@ def ibert_base_architecture(args):
     args.input_bits = getattr(args, "input_bits", 8)
     args.clip_val = getattr(args, "clip_val", 2.5)
     args.act_range = getattr(args, "act_range", "symmetric")
+    args.ternary_linear = getattr(args, "ternary_linear", "tensor")
     args.nonlinear_constants = getattr(args, "nonlinear_constants", "paper")
     args.ln_var_bits = getattr(args, "ln_var_bits", LN_VAR_BITS_DEFAULT)
     base_architecture(args)

@@ -18,13 +18,16 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["QuantConfig", "QUANT_MODES", "FORCE_DEQUANT", "WEIGHT_METHODS", "ACT_RANGES", "EMBEDDING_GRANULARITIES"]
+__all__ = ["QuantConfig", "QUANT_MODES", "FORCE_DEQUANT", "WEIGHT_METHODS", "ACT_RANGES", "EMBEDDING_GRANULARITIES",
+           "TERNARY_GRANULARITIES"]
 
 QUANT_MODES = ("none", "symmetric", "ternarybert")
 FORCE_DEQUANT = ("none", "gelu", "softmax", "layernorm", "nonlinear")
 WEIGHT_METHODS = ("sym", "twn", "lat")
 ACT_RANGES = ("symmetric", "minmax")
 EMBEDDING_GRANULARITIES = ("row", "tensor")
+#: Ternary (``twn`` / ``lat``) Linear-weight granularity: one ``alpha`` per matrix (TernaryBERT) or per output row.
+TERNARY_GRANULARITIES = ("tensor", "row")
 #: i-GELU / i-exp coefficient sets (``quant.nonlinear``): I-BERT's published ones, or the refit.
 NONLINEAR_CONSTANT_SETS = ("paper", "refit")
 #: Default IntLayerNorm variance bound (bits): the sum of squares stays below 2^52, exact in float64 and int64.
@@ -69,6 +72,9 @@ class QuantConfig:
             (asymmetric min-max over the tensor, no clip).
         ternary_embedding: TernaryBERT word-embedding granularity: ``"row"`` (one scale per token row) or
             ``"tensor"``.
+        ternary_linear: granularity of ternary (``twn`` / ``lat``) Linear weights: ``"tensor"`` (one ``alpha`` per
+            matrix, TernaryBERT) or ``"row"`` (one ``alpha`` per output row, each row ternarized alone; still 2-bit
+            codes plus one float32 per row on disk, and a per-channel accumulator scale in the integer engine).
         lat_beta2: LAT's second-moment decay (Hou & Kwok 2018 use Adam's ``v``, so this must equal the optimizer's
             beta2; :meth:`from_namespace` takes it from ``--adam-betas``; default 0.999, fairseq's Adam default).
         lat_eps: LAT curvature ``D = sqrt(v) + lat_eps`` (the optimizer's eps; from ``--adam-eps``; default 1e-8).
@@ -98,6 +104,7 @@ class QuantConfig:
     clip_val: float = 2.5
     act_range: str = "symmetric"
     ternary_embedding: str = "row"
+    ternary_linear: str = "tensor"
     lat_beta2: float = 0.999
     lat_eps: float = 1e-8
     lat_iters: int = 5
@@ -136,6 +143,7 @@ class QuantConfig:
             raise ValueError(f"clip_val must be a positive number, got {c!r}")
         _check_choice("act_range", self.act_range, ACT_RANGES)
         _check_choice("ternary_embedding", self.ternary_embedding, EMBEDDING_GRANULARITIES)
+        _check_choice("ternary_linear", self.ternary_linear, TERNARY_GRANULARITIES)
         b2 = self.lat_beta2
         if isinstance(b2, bool) or not isinstance(b2, (int, float)) or not 0.0 < b2 < 1.0:
             raise ValueError(f"lat_beta2 must be in (0, 1), got {b2!r}")
@@ -177,6 +185,11 @@ class QuantConfig:
         """Weights are ternary (``weight_bits == 2``)."""
         return self.weight_bits == 2
 
+    @property
+    def linear_rowwise(self) -> bool:
+        """Linear weights use a ternary method with one ``alpha`` per output row (``ternary_linear="row"``)."""
+        return self.weight_method in ("twn", "lat") and self.ternary_linear == "row"
+
     def replace(self, **changes: Any) -> "QuantConfig":
         """A validated copy with ``changes`` applied (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)
@@ -188,9 +201,10 @@ class QuantConfig:
 
         Reads ``quant_mode``, ``force_dequant``, ``weight_bits``, ``weight_quant_method`` (``None`` means ``"twn"``
         for ``weight_bits=2`` and ``"sym"`` otherwise), ``input_bits`` (-> ``act_bits``), ``clip_val``,
-        ``act_range``, ``nonlinear_constants`` and ``ln_var_bits`` when present; LAT's ``lat_beta2`` / ``lat_eps``
-        come from the optimizer's ``adam_betas`` (``"(0.9, 0.999)"``) / ``adam_eps`` when the namespace has them
-        (fairseq passes the whole command line to a legacy model), so LAT's ``v`` is Adam's. Every other field keeps its default.
+        ``act_range``, ``ternary_linear``, ``nonlinear_constants`` and ``ln_var_bits`` when present; LAT's
+        ``lat_beta2`` / ``lat_eps`` come from the optimizer's ``adam_betas`` (``"(0.9, 0.999)"``) / ``adam_eps`` when
+        the namespace has them (fairseq passes the whole command line to a legacy model), so LAT's ``v`` is Adam's.
+        Every other field keeps its default.
 
         Raises:
             ValueError: if the resulting configuration is invalid.
@@ -219,6 +233,7 @@ class QuantConfig:
             act_bits=int(get("input_bits", defaults.act_bits)),
             clip_val=float(get("clip_val", defaults.clip_val)),
             act_range=str(get("act_range", defaults.act_range)),
+            ternary_linear=str(get("ternary_linear", defaults.ternary_linear)),
             lat_beta2=beta2,
             lat_eps=eps,
             nonlinear_constants=str(get("nonlinear_constants", defaults.nonlinear_constants)),

@@ -379,7 +379,7 @@ class QuantLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.cfg = _cfg(cfg)
         if self.cfg.quant_mode != "none":
-            self.weight_quantizer: WeightQuantizer = build_weight_quantizer(self.cfg)
+            self.weight_quantizer: WeightQuantizer = build_weight_quantizer(self.cfg, rowwise=self.cfg.linear_rowwise)
         if self.cfg.quant_mode == "ternarybert":
             self.input_quant = DynamicActQuant(self.cfg.act_bits, self.cfg)
 

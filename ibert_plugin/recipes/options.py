@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import List, Optional, Sequence
 
-from ..quant.config import ACT_RANGES, FORCE_DEQUANT, QUANT_MODES, WEIGHT_METHODS, QuantConfig
+from ..quant.config import ACT_RANGES, FORCE_DEQUANT, QUANT_MODES, TERNARY_GRANULARITIES, WEIGHT_METHODS, QuantConfig
 from .tasks import ARCHS, SQUAD_TASKS, TASKS
 
 __all__ = ["RunError", "build_parser", "parse_args", "validate", "TERNARY_ONLY_FLAGS"]
@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TernaryBERT activation quantizer (ternarybert without --integer-only)")
     p.add_argument("--weight-quant-method", choices=list(WEIGHT_METHODS), default=None,
                    help="sym (any bits), twn or lat (ternary: --weight-bits 2)")
+    p.add_argument("--ternary-linear", choices=list(TERNARY_GRANULARITIES), default=None,
+                   help="ternary Linear weights: one alpha per matrix (tensor, TernaryBERT; default) or per output "
+                        "row (row)")
     p.add_argument("--integer-only", action="store_true",
                    help="ternarybert: I-BERT integer dataflow with ternary weights")
     p.add_argument("--pred-distill", action="store_true", help="ternarybert: distil the teacher's logits")
@@ -156,11 +159,15 @@ def _validate_quantization(a: argparse.Namespace) -> None:
     if a.weight_quant_method in ("twn", "lat") and wbits != 2:
         raise RunError(f"--weight-quant-method {a.weight_quant_method} ternarizes weights: it needs --weight-bits 2 "
                        f"(got {wbits})")
+    if a.ternary_linear is not None and not (wbits == 2 and a.weight_quant_method in (None, "twn", "lat")
+                                             and a.quant_mode != "none"):
+        raise RunError("--ternary-linear sets the granularity of ternary weights: it needs --weight-bits 2 with "
+                       "--weight-quant-method twn or lat")
     if a.quant_mode != "none":  # whatever else the one QuantConfig refuses, refused here with its sentence
         try:
             QuantConfig.from_namespace(argparse.Namespace(
                 quant_mode="symmetric" if integer else a.quant_mode, force_dequant=a.force_dequant,
                 weight_bits=wbits, weight_quant_method=a.weight_quant_method, input_bits=a.input_bits,
-                clip_val=a.clip_val, act_range=a.act_range))
+                clip_val=a.clip_val, act_range=a.act_range, ternary_linear=a.ternary_linear))
         except ValueError as e:
             raise RunError(f"invalid quantization flags: {e}") from None

@@ -182,6 +182,8 @@ def quantization_flags(a: argparse.Namespace, hp: HyperParameters) -> List[str]:
         flags += ["--clip-val", f"{a.clip_val:g}"]
     if a.act_range is not None:
         flags += ["--act-range", a.act_range]
+    if getattr(a, "ternary_linear", None) is not None:
+        flags += ["--ternary-linear", a.ternary_linear]
     return flags
 
 

@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "input_bits", type=int, default=8, help="TernaryBERT activation bits")
     _flag(p, "weight_quant_method", default="twn", choices=["twn", "lat", "sym"])
     _flag(p, "clip_val", type=float, default=2.5)
+    _flag(p, "ternary_linear", default="tensor", choices=["tensor", "row"],
+          help="ternary Linear weights: one alpha per matrix (tensor, TernaryBERT) or per output row (row)")
     _flag(p, "ibert_weight_bits", type=int, default=8, help="I-BERT weight bits (8, or 7 for the fast engine routes)")
     _flag(p, "pred_distill", action="store_true")
     _flag(p, "intermediate_distill", action="store_true")
@@ -294,6 +296,8 @@ def train_command(a, stage: str, save_dir: Path, restore: Optional[Path], n_wind
         cmd += ["--pred-distill"] * a.pred_distill + ["--intermediate-distill"] * a.intermediate_distill
         if a.pred_distill_weight != 1.0:
             cmd += ["--pred-distill-weight", f"{a.pred_distill_weight:g}"]
+        if a.ternary_linear != "tensor" and method in ("twn", "lat"):
+            cmd += ["--ternary-linear", a.ternary_linear]
     if restore is not None:
         cmd += ["--finetune-from-model", str(restore)]
     if a.eval_device == "cpu":
