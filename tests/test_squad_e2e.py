@@ -115,3 +115,18 @@ def test_squad2_reports_hasans_noans(tmp_path):
     log = (tmp_path / "out" / "fp" / "train.log").read_text()
     assert "--version-2-with-negative" in log and "| NoAns_f1 " in log and "data/gpt2_bpe" in log
     assert (tmp_path / "out" / "fp" / "null_odds.json").is_file()
+    # --rescore: the same checkpoint scored again, no training; "select" takes the dev file's F1-best threshold
+    # (never worse on dev than the fixed 0, which is one of the partitions it sweeps) and applies it to the test file
+    log_size = (tmp_path / "out" / "fp" / "train.log").stat().st_size
+    p = _recipe(["--task", "SQUAD2", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"),
+                 "--stages", "fp", *TINY, "--tokenizer_dir", str(REPO / "data" / "gpt2_bpe"), "--rescore",
+                 "--null_score_diff_threshold", "select", "--test_file", str(tmp_path / "SQUAD2" / "train.json")])
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    assert (tmp_path / "out" / "fp" / "train.log").stat().st_size == log_size
+    new = json.loads((tmp_path / "out" / "fp" / "eval.json").read_text())
+    assert new["f1"] >= rec["f1"] and rec["null_score_diff_threshold"] == 0.0
+    thr = new["null_score_diff_threshold"]
+    assert new["test"]["null_score_diff_threshold"] == thr and new["train_seconds"] == rec["train_seconds"]
+    preds = json.loads((tmp_path / "out" / "fp" / "test_predictions.json").read_text())
+    odds = json.loads((tmp_path / "out" / "fp" / "test_null_odds.json").read_text())
+    assert set(preds) == set(odds) and all(preds[q] == "" for q in preds if odds[q] > thr)

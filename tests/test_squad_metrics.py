@@ -86,3 +86,26 @@ def test_predict_uses_max_context_window_and_best_over_windows():
     s2[3 + 1], e2[3 + 1] = 3.0, 3.0                      # "gamma" in w2 (its max-context window)
     preds, _ = predict(ex, [w1, w2], [s1, s2], [e1, e2])
     assert preds == {"q": "gamma"}
+
+
+def test_best_null_threshold_by_hand():
+    from ibert_plugin.squad.metrics import best_null_threshold
+
+    gold = {"a": ["x y"], "b": [], "c": ["z"]}
+    texts = {"a": "x y", "b": "w", "c": "q"}
+    odds = {"a": -1.0, "b": 0.5, "c": 2.0}
+    # abstain everywhere: F1 sum 1 (b); answer a (t=-1): 2; then b: 1; then c: 1 -> best 2 of 3 at t = -1
+    f1, t = best_null_threshold(gold, texts, odds)
+    assert f1 == pytest.approx(200 / 3) and t == -1.0
+    # the rule "abstain when odds > t" reproduces the best score
+    preds = {q: "" if odds[q] > t else texts[q] for q in gold}
+    assert evaluate_v2(gold, preds)["f1"] == pytest.approx(f1)
+    # every text wrong: abstaining everywhere is best, threshold below every odds value
+    f1, t = best_null_threshold(gold, {"a": "no", "b": "w", "c": "q"}, odds)
+    assert f1 == pytest.approx(100 / 3) and t < -1.0
+    # tied odds move together: a (+1) and b (-1) share 0.0, so answering both gains nothing over abstaining
+    f1, t = best_null_threshold(gold, texts, {"a": 0.0, "b": 0.0, "c": 2.0})
+    assert f1 == pytest.approx(100 / 3) and t < 0.0
+    # partial F1 counts: "x" against "x y" is P 1, R 1/2 -> 2/3
+    f1, t = best_null_threshold({"a": ["x y"]}, {"a": "x"}, {"a": 3.0})
+    assert f1 == pytest.approx(200 / 3) and t == 3.0

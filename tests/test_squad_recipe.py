@@ -27,7 +27,9 @@ def test_stage_selection_and_errors():
                       (["--task", "SQUAD1", "--stages", "fp", "--max_updates", "fp=x"], "expected N or fp=N"),
                       (["--task", "SQUAD1", "--weight_bits", "3"], "invalid choice"),
                       (["--task", "SQUAD1", "--stages", "fp", "--lr", "0"], "must be > 0"),
-                      (["--task", "SQUAD1", "--pred_distill", "--pred_distill_weight", "-1"], "pred_distill_weight")):
+                      (["--task", "SQUAD1", "--pred_distill", "--pred_distill_weight", "-1"], "pred_distill_weight"),
+                      (["--task", "SQUAD2", "--null_score_diff_threshold", "abc"], "a number or 'select'"),
+                      (["--task", "SQUAD2", "--null_score_diff_threshold", "inf"], "a number or 'select'")):
         with pytest.raises(recipe.RecipeError, match=msg):
             recipe.parse_args(argv + TOK)
 
@@ -58,3 +60,12 @@ def test_dry_run_passes_ternarybert_flags(tmp_path, capsys):
     assert flags["--ternary-linear"] == "row"
     assert flags["--best-checkpoint-metric"] == "f1" and "--maximize-best-checkpoint-metric" in argv
     assert not (tmp_path / "outputs").exists()
+
+
+def test_rescore_without_a_checkpoint_is_one_error(tmp_path, capsys):
+    synthetic_squad(tmp_path / "SQUAD1" / "train.json", 2, 2, 4, seed=0)
+    synthetic_squad(tmp_path / "SQUAD1" / "dev.json", 1, 1, 4, seed=1)
+    rc = recipe.run_squad(["--task", "SQUAD1", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"),
+                           "--stages", "fp", "--rescore", "--max_seq_length", "64", "--doc_stride", "32", *TOK])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: --rescore: stage fp has no ")

@@ -25,7 +25,7 @@ import torch
 from .data import read_squad
 from .features import OffsetTokenizer, build_features, examples_gold
 from .head import SPAN_HEAD, span_logits, span_logits_float
-from .metrics import evaluate
+from .metrics import best_null_threshold, evaluate
 from .postprocess import predict
 
 LogitsFn = Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
@@ -72,15 +72,20 @@ def engine_logits(engine, padding_idx: int) -> LogitsFn:
 
 def evaluate_file(path, tokenizer: OffsetTokenizer, logits_fn: LogitsFn, version_2: bool = False,
                   max_seq_length: int = 384, doc_stride: int = 128, max_query_length: int = 64,
-                  n_best_size: int = 20, max_answer_length: int = 30, null_score_diff_threshold: float = 0.0,
-                  batch_size: int = 32, predictions_out=None) -> Dict[str, float]:
+                  n_best_size: int = 20, max_answer_length: int = 30,
+                  null_score_diff_threshold: Optional[float] = 0.0, batch_size: int = 32,
+                  predictions_out=None) -> Dict[str, float]:
     """Official EM/F1 of ``logits_fn`` on every question of ``path`` (see the module docstring).
 
     Args:
-        predictions_out: where to write the predictions JSON (``null_odds.json`` goes next to it for v2.0).
+        null_score_diff_threshold: v2.0: abstain when ``null - best_non_null`` exceeds it; ``None`` chooses the
+            F1-best threshold on this file (:func:`.metrics.best_null_threshold`) and applies it.
+        predictions_out: where to write the predictions JSON (v2.0: the null odds go next to it, ``predictions``
+            replaced by ``null_odds`` in the name).
 
     Returns:
-        The scores (``exact``, ``f1``, ``total``; v2.0 also ``HasAns_*`` / ``NoAns_*``).
+        The scores (``exact``, ``f1``, ``total``; v2.0 also ``HasAns_*`` / ``NoAns_*`` and
+        ``null_score_diff_threshold``, the threshold applied).
     """
     examples = read_squad(path, version_2=version_2)
     feats = build_features(examples, tokenizer, max_seq_length, doc_stride, max_query_length)
@@ -98,13 +103,24 @@ def evaluate_file(path, tokenizer: OffsetTokenizer, logits_fn: LogitsFn, version
         for r, i in enumerate(idx):
             n = len(feats[i].tokens)
             starts[i], ends[i] = st[r, :n], en[r, :n]
-    preds, odds = predict(examples, feats, starts, ends, version_2, n_best_size, max_answer_length,
-                          null_score_diff_threshold)
-    scores = evaluate(examples_gold(examples), preds, version_2)
+    gold = examples_gold(examples)
+    if version_2 and null_score_diff_threshold is None:
+        texts, odds = predict(examples, feats, starts, ends, True, n_best_size, max_answer_length, float("inf"))
+        null_score_diff_threshold = best_null_threshold(gold, texts, odds)[1]
+        preds = {q: ("" if odds[q] > null_score_diff_threshold else t) for q, t in texts.items()}
+    else:
+        preds, odds = predict(examples, feats, starts, ends, version_2, n_best_size, max_answer_length,
+                              0.0 if null_score_diff_threshold is None else null_score_diff_threshold)
+    scores = evaluate(gold, preds, version_2)
+    if version_2:
+        scores["null_score_diff_threshold"] = float(null_score_diff_threshold)
     if predictions_out:
         out = Path(predictions_out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(preds, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         if version_2:
-            (out.parent / "null_odds.json").write_text(json.dumps(odds, indent=1) + "\n")
+            # predictions.json -> null_odds.json, test_predictions.json -> test_null_odds.json
+            name = (out.name.replace("predictions", "null_odds") if "predictions" in out.name
+                    else f"{out.stem}_null_odds{out.suffix}")
+            out.with_name(name).write_text(json.dumps(odds, indent=1) + "\n")
     return scores

@@ -7,13 +7,15 @@
   the single gold answer ``""``; an empty prediction or gold gives F1 = EM = (both empty). Reported as ``exact``,
   ``f1``, ``total`` plus ``HasAns_*`` / ``NoAns_*`` breakdowns. As in TernaryBERT (no ``--na-prob-file``: all
   no-answer probabilities 0 with threshold 1.0), the raw scores are reported.
+* :func:`best_null_threshold`: the v2.0 script's ``best_f1`` / ``best_f1_thresh`` sweep over the null odds, used to
+  choose ``--null_score_diff_threshold`` on a selection set (``select``) and apply it to held-out data.
 """
 from __future__ import annotations
 
 import collections
 import re
 import string
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Tuple
 
 _PUNCT = set(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
@@ -103,6 +105,43 @@ def evaluate_v2(gold: Dict[str, List[str]], predictions: Dict[str, str]) -> Dict
     if no:
         out.update({f"NoAns_{k}": v for k, v in _totals(exact, f1, no).items()})
     return out
+
+
+def best_null_threshold(gold: Dict[str, List[str]], texts: Dict[str, str],
+                        null_odds: Dict[str, float]) -> Tuple[float, float]:
+    """The null-score threshold that maximises v2.0 F1 on ``gold`` (the official v2.0 script's ``best_f1`` sweep).
+
+    A question is answered with ``texts[qid]`` when ``null_odds[qid] <= threshold`` and abstains (``""``) otherwise,
+    the rule of :func:`ibert_plugin.squad.postprocess.predict`. Every distinct odds value is tried (ties move
+    together, so the rule reproduces the score), plus "abstain everywhere".
+
+    Args:
+        gold: question id -> gold answer texts, ``[]`` for an unanswerable question.
+        texts: question id -> best non-null answer text (``predict`` with an infinite threshold).
+        null_odds: question id -> ``null - best_non_null`` score difference.
+
+    Returns:
+        ``(best F1 in percent over every question of gold, threshold)``; the smallest threshold reaching the best.
+    """
+    qids = [q for q in gold if q in texts and q in null_odds]
+    if not qids or not gold:
+        return 0.0, 0.0
+    # answering a question instead of abstaining changes the F1 sum by text_f1 - null_f1
+    golds = {q: [a for a in gold[q] if normalize_answer(a)] or [""] for q in qids}
+    null_f1 = {q: max(f1_v2("", a) for a in golds[q]) for q in qids}
+    text_f1 = {q: max(f1_v2(texts[q], a) for a in golds[q]) for q in qids}
+    order = sorted(qids, key=lambda q: null_odds[q])
+    cur = sum(null_f1.values())
+    best, thresh = cur, min(null_odds[q] for q in qids) - 1.0
+    i = 0
+    while i < len(order):
+        v = null_odds[order[i]]
+        while i < len(order) and null_odds[order[i]] == v:
+            cur += text_f1[order[i]] - null_f1[order[i]]
+            i += 1
+        if cur > best:
+            best, thresh = cur, v
+    return 100.0 * best / len(gold), float(thresh)
 
 
 def _totals(exact: Dict[str, float], f1: Dict[str, float], qids: Iterable[str]) -> Dict[str, float]:

@@ -26,7 +26,10 @@ same checkpoint, for reporting on data the checkpoint was not selected on):
   question by question with the QAT model's predictions.
 
 Validation inside fairseq-train scores the whole dev file (best checkpoint on F1). A stage whose ``eval.json``
-exists is skipped (``--fresh`` redoes it). ``--task SQUAD1|SQUAD2`` picks ``<data_dir>/<TASK>/{train,dev}.json``
+exists is skipped (``--fresh`` redoes it; ``--rescore`` scores its existing checkpoint again without training, e.g.
+with another ``--null_score_diff_threshold``). v2.0: ``--null_score_diff_threshold select`` scores the dev
+(selection) file at its F1-best threshold and applies that threshold to ``--test_file`` (validation inside
+fairseq-train then uses 0). ``--task SQUAD1|SQUAD2`` picks ``<data_dir>/<TASK>/{train,dev}.json``
 (``python -m ibert_plugin.assets build --only squad``); SQUAD2 implies ``--version_2_with_negative``. A summary
 JSON (``<output_dir>/summary.json``) gathers the stages' scores. Bad input prints one ``error:`` line, exit 2.
 
@@ -78,6 +81,19 @@ def _flag(p, name: str, **kw):
     p.add_argument(*names, dest=name, **kw)
 
 
+def _threshold(text: str):
+    """``--null_score_diff_threshold``: a finite number, or ``select``."""
+    if text == "select":
+        return text
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a number or 'select', got {text!r}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m ibert_plugin.squad", description=__doc__.split("\n\n")[0])
     _flag(p, "task", required=True, help="SQUAD1 (v1.1) or SQUAD2 (v2.0-style, Disfl-QA)")
@@ -102,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "max_query_length", type=int, default=64)
     _flag(p, "n_best_size", type=int, default=20)
     _flag(p, "max_answer_length", type=int, default=30)
-    _flag(p, "null_score_diff_threshold", type=float, default=0.0)
+    _flag(p, "null_score_diff_threshold", type=_threshold, default=0.0,
+          help="v2.0: abstain when null - best_non_null exceeds this (0 = upstream), or 'select': the F1-best "
+               "threshold on the dev (selection) file, applied to --test_file")
     p.add_argument("--per_gpu_batch_size", "--per-gpu-batch-size", "--bs", dest="per_gpu_batch_size", type=int,
                    default=16, help="windows per update (TernaryBERT's batch size)")
     _flag(p, "learning_rate", type=float, default=5e-5, help="fp stage learning rate")
@@ -137,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "eval_batch_size", type=int, default=32)
     p.add_argument("--cpu", action="store_true", help="force CPU (default: GPU when available)")
     p.add_argument("--fresh", action="store_true", help="redo stages that already have eval.json")
+    p.add_argument("--rescore", action="store_true",
+                   help="score the stages' existing checkpoints again (new evaluation flags), without training")
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                    help="print the fairseq-train commands and exit")
     return p
@@ -264,7 +284,7 @@ def train_command(a, stage: str, save_dir: Path, restore: Optional[Path], n_wind
         "--max-seq-length", str(a.max_seq_length), "--doc-stride", str(a.doc_stride),
         "--max-query-length", str(a.max_query_length), "--n-best-size", str(a.n_best_size),
         "--max-answer-length", str(a.max_answer_length),
-        "--null-score-diff-threshold", f"{a.null_score_diff_threshold:g}",
+        "--null-score-diff-threshold", f"{_fixed_threshold(a):g}",
         "--arch", ARCHS[a.arch][0], "--max-positions", "512",
         "--batch-size", str(a.per_gpu_batch_size), "--max-tokens", str(a.per_gpu_batch_size * a.max_seq_length),
         "--required-batch-size-multiple", "1", "--batch-size-valid", str(a.eval_batch_size),
@@ -328,21 +348,29 @@ def _tokenizer(a):
     return OffsetTokenizer(a.tok_dir, d), d
 
 
+def _fixed_threshold(a) -> float:
+    """The threshold fairseq's validation applies (``select`` is chosen after training: validation uses 0)."""
+    return 0.0 if a.null_score_diff_threshold == "select" else a.null_score_diff_threshold
+
+
 def _score(a, logits_fn, tok, out_dir: Path, extra: Optional[dict] = None) -> dict:
     """Scores on the dev file (``predictions.json``) and, with ``--test_file``, the test file
-    (``test_predictions.json``, under ``"test"``); written to ``eval.json``."""
+    (``test_predictions.json``, under ``"test"``); written to ``eval.json``. v2.0 with
+    ``--null_score_diff_threshold select``: the dev file's F1-best threshold, applied to the test file."""
     from .evaluate import evaluate_file
 
-    def run(path, name):
+    def run(path, name, threshold):
         return evaluate_file(path, tok, logits_fn, a.version_2_with_negative, a.max_seq_length, a.doc_stride,
-                             a.max_query_length, a.n_best_size, a.max_answer_length, a.null_score_diff_threshold,
+                             a.max_query_length, a.n_best_size, a.max_answer_length, threshold,
                              a.eval_batch_size, out_dir / name)
 
     t0 = time.time()
-    scores = run(a.dev_path, "predictions.json")
+    select = a.null_score_diff_threshold == "select"
+    scores = run(a.dev_path, "predictions.json", None if select else a.null_score_diff_threshold)
     rec = {"dev_file": str(a.dev_path), **scores}
     if a.test_path is not None:
-        rec["test"] = {"file": str(a.test_path), **run(a.test_path, "test_predictions.json")}
+        rec["test"] = {"file": str(a.test_path),
+                       **run(a.test_path, "test_predictions.json", scores.get("null_score_diff_threshold", 0.0))}
     rec.update(eval_seconds=round(time.time() - t0, 1), **(extra or {}))
     (out_dir / "eval.json").write_text(json.dumps(rec, indent=1) + "\n")
     print(f"[squad] {out_dir.name}: EM {scores['exact']:.2f} F1 {scores['f1']:.2f} ({scores['total']} questions)",
@@ -381,7 +409,7 @@ def main(argv: Sequence[str]) -> dict:
     tok = dict_ = None
     for stage in a.stage_list:
         d = dirs[stage]
-        if (d / "eval.json").is_file() and not a.fresh and not a.dry_run:
+        if (d / "eval.json").is_file() and not (a.fresh or a.rescore or a.dry_run):
             print(f"[squad] {stage}: done before ({d / 'eval.json'}); --fresh redoes it", flush=True)
             stages[stage] = json.loads((d / "eval.json").read_text())
             continue
@@ -389,43 +417,55 @@ def main(argv: Sequence[str]) -> dict:
             restore = pretrained if stage == "fp" else fp_best
             if stage != "fp" and not fp_best.is_file() and not a.dry_run:
                 raise RecipeError(f"stage {stage} needs the fp stage's {fp_best} (run --stages fp first)")
-            cmd = train_command(a, stage, d, restore, n_windows)
-            if a.dry_run:
-                print(shlex.join(cmd))
-                continue
-            d.mkdir(parents=True, exist_ok=True)
-            t0 = time.time()
-            rc = _run_logged(cmd, d / "train.log")
-            if rc != 0:
-                raise RecipeError(f"stage {stage}: fairseq-train failed with exit code {rc}; see {d / 'train.log'}")
             best = d / "checkpoint_best.pt"
+            if a.rescore and not a.dry_run:
+                if not best.is_file():
+                    raise RecipeError(f"--rescore: stage {stage} has no {best} to score; train it first")
+                prev = json.loads((d / "eval.json").read_text()) if (d / "eval.json").is_file() else {}
+                train_seconds = prev.get("train_seconds")
+            else:
+                cmd = train_command(a, stage, d, restore, n_windows)
+                if a.dry_run:
+                    print(shlex.join(cmd))
+                    continue
+                d.mkdir(parents=True, exist_ok=True)
+                t0 = time.time()
+                rc = _run_logged(cmd, d / "train.log")
+                if rc != 0:
+                    raise RecipeError(f"stage {stage}: fairseq-train failed with exit code {rc}; see "
+                                      f"{d / 'train.log'}")
+                train_seconds = round(time.time() - t0, 1)
             if tok is None:
                 tok, dict_ = _tokenizer(a)
             from .evaluate import model_logits
 
             model = _load_model(best, len(dict_), a.eval_device)
             stages[stage] = _score(a, model_logits(model, dict_.pad()), tok, d,
-                                   {"checkpoint": str(best), "train_seconds": round(time.time() - t0, 1)})
+                                   {"checkpoint": str(best), "train_seconds": train_seconds})
         elif a.dry_run:
             continue
         elif stage == "export":
             src = dirs["ternary"] / "checkpoint_best.pt"
-            if not src.is_file():
+            packed = d / "model_packed.pt"
+            reuse = a.rescore and packed.is_file()  # the ternary checkpoints may be gone (--save_quantized_model)
+            if not src.is_file() and not reuse:
                 raise RecipeError(f"export needs the ternary stage's {src}")
             d.mkdir(parents=True, exist_ok=True)
-            packed = d / "model_packed.pt"
-            rc = _run_logged([sys.executable, "-m", "ibert_plugin.export", "--checkpoint", str(src), "--output",
-                              str(packed), "--omit-lm-head"], d / "export.log")
-            if rc != 0:
-                raise RecipeError(f"export failed with exit code {rc}; see {d / 'export.log'}")
+            if not reuse:
+                rc = _run_logged([sys.executable, "-m", "ibert_plugin.export", "--checkpoint", str(src),
+                                  "--output", str(packed), "--omit-lm-head"], d / "export.log")
+                if rc != 0:
+                    raise RecipeError(f"export failed with exit code {rc}; see {d / 'export.log'}")
             if tok is None:
                 tok, dict_ = _tokenizer(a)
             from .evaluate import model_logits
 
             model = _load_model(packed, len(dict_), a.eval_device)
+            prev = json.loads((d / "eval.json").read_text()) if reuse and (d / "eval.json").is_file() else {}
             stages[stage] = _score(a, model_logits(model, dict_.pad()), tok, d,
                                    {"packed_model": str(packed), "packed_bytes": packed.stat().st_size,
-                                    "checkpoint_bytes": src.stat().st_size})
+                                    "checkpoint_bytes": src.stat().st_size if src.is_file()
+                                    else prev.get("checkpoint_bytes")})
             if a.save_quantized_model and not a.save_fp_model:
                 for ck in dirs["ternary"].glob("checkpoint*.pt"):
                     ck.unlink()
