@@ -4,8 +4,12 @@
 
 1. ``pip download --no-deps --no-binary :all: bigbench==1.0.0`` once into ``<data>/cache`` (never installed: it
    pulls tensorflow, t5, seqio); the archive's size and sha256 are checked, a wrong file is deleted and re-fetched.
+   ``--squad-source PATH`` takes a local copy instead (:func:`members_from_source`): the sdist file, a folder
+   holding it, or an unpacked BIG-bench tree (the sdist unpacked, or a BIG-bench repository checkout whose files
+   are those of the 1.0.0 release) -- for machines without the package index, or when the index no longer serves
+   the release.
 2. The four needed members are streamed out of the 1.9 GB tree (``tarfile`` ``r|gz``, nothing unpacked to disk)
-   and each one's sha256 is verified.
+   and each one's sha256 is verified (read from a tree: each file's sha256 is verified the same way).
 3. ``<data>/squad/SQUAD1``: ``train.json`` = SQuADShifts new_wiki + nyt (17,992 questions, new Wikipedia articles
    and New York Times articles crowdsourced with SQuAD's pipeline, SQuAD v1.1 JSON, articles concatenated in that
    order); ``dev.json`` = the official SQuAD v1.1 dev set (48 articles, 10,565 questions). Answers that are not at their
@@ -30,7 +34,7 @@ import random
 import re
 import tarfile
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from .common import AssetError, log, sha256_file, stamp_ok, write_stamp, write_text_atomic
 
@@ -48,6 +52,18 @@ SQUAD2_SEED = 0
 SQUAD2_DEV_FRACTION = 0.2
 
 
+#: Where the members may sit inside a folder given to ``--squad-source``: the ``benchmark_tasks`` folder itself, a
+#: BIG-bench checkout or package folder, or the unpacked sdist.
+TREE_ROOTS = ("", "benchmark_tasks", "bigbench/benchmark_tasks", PREFIX)
+SOURCE_HINT = ("pass a local copy with --squad-source PATH: the bigbench-1.0.0.tar.gz sdist (sha256 "
+               f"{SDIST[4][:12]}...), a folder holding it, or a BIG-bench tree with bigbench/benchmark_tasks/"
+               "{squad_shifts,disfl_qa}")
+
+
+def _sdist_ok(path: Path) -> bool:
+    return path.stat().st_size == SDIST[3] and sha256_file(path) == SDIST[4]
+
+
 def ensure_bigbench_sdist(cache_dir: Path) -> Path:
     """The verified sdist in ``cache_dir`` (downloaded with ``pip download`` when absent or corrupt)."""
     from .packages import _pip
@@ -55,7 +71,7 @@ def ensure_bigbench_sdist(cache_dir: Path) -> Path:
     dist, version, fname, size, digest = SDIST
     dest = cache_dir / fname
     if dest.is_file():
-        if dest.stat().st_size == size and sha256_file(dest) == digest:
+        if _sdist_ok(dest):
             log(f"{fname} already in {cache_dir} (sha256 ok)")
             return dest
         log(f"{dest}: wrong size or sha256, downloading again")
@@ -68,7 +84,8 @@ def ensure_bigbench_sdist(cache_dir: Path) -> Path:
         _pip(["download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check", "-d", str(tmp),
               f"{dist}=={version}"], f"downloading {dist}=={version} sdist (358 MB)")
     except AssetError as e:
-        raise AssetError(f"cannot get the {dist}=={version} sdist from the package index: {e}") from None
+        raise AssetError(f"cannot get the {dist}=={version} sdist from the package index: {e}; "
+                         f"{SOURCE_HINT}") from None
     got = tmp / fname
     if not got.is_file():
         raise AssetError(f"pip download did not produce {fname} (got {[p.name for p in tmp.iterdir()]})")
@@ -78,6 +95,38 @@ def ensure_bigbench_sdist(cache_dir: Path) -> Path:
     got.replace(dest)
     tmp.rmdir()
     return dest
+
+
+def _verified(where: Path, out: Dict[str, bytes]) -> Dict[str, bytes]:
+    for name, data in out.items():
+        if hashlib.sha256(data).hexdigest() != MEMBERS[name]:
+            raise AssetError(f"{where}: {name} has an unexpected sha256 (not the bigbench 1.0.0 file)")
+    return out
+
+
+def members_from_source(source: Path) -> Dict[str, bytes]:
+    """:data:`MEMBERS` from a local copy (``--squad-source``), each sha256-verified.
+
+    Args:
+        source: the ``bigbench-1.0.0.tar.gz`` sdist (size and sha256 checked), a folder holding it (``pip download
+            -d``), or a folder with the members under one of :data:`TREE_ROOTS`.
+    """
+    source = Path(source)
+    fname = SDIST[2]
+    if source.is_dir() and (source / fname).is_file():
+        source = source / fname
+    if source.is_file():
+        if not _sdist_ok(source):
+            raise AssetError(f"--squad-source {source}: not the {fname} sdist (size or sha256 differ)")
+        return read_members(source)
+    if not source.is_dir():
+        raise AssetError(f"--squad-source {source}: no such file or folder")
+    for root in TREE_ROOTS:
+        if all((source / root / name).is_file() for name in MEMBERS):
+            log(f"SQuAD: reading {len(MEMBERS)} files from {source / root}")
+            return _verified(source / root, {name: (source / root / name).read_bytes() for name in MEMBERS})
+    raise AssetError(f"--squad-source {source}: neither {fname} nor a BIG-bench tree holding "
+                     f"{', '.join(MEMBERS)} (under one of: {', '.join(r or '.' for r in TREE_ROOTS)})")
 
 
 def read_members(sdist: Path) -> Dict[str, bytes]:
@@ -96,10 +145,16 @@ def read_members(sdist: Path) -> Dict[str, bytes]:
     missing = sorted(set(MEMBERS) - set(out))
     if missing:
         raise AssetError(f"{sdist}: missing {', '.join(missing)}")
-    for name, data in out.items():
-        if hashlib.sha256(data).hexdigest() != MEMBERS[name]:
-            raise AssetError(f"{sdist}: {name} has an unexpected sha256")
-    return out
+    return _verified(sdist, out)
+
+
+def squad_members(cache_dir: Path, source: Optional[Path] = None) -> Dict[str, bytes]:
+    """:data:`MEMBERS`, verified: from ``source`` when given, else from the cached (or downloaded) sdist."""
+    if source is not None:
+        return members_from_source(source)
+    sdist = ensure_bigbench_sdist(cache_dir)
+    log(f"SQuAD: streaming {len(MEMBERS)} files out of {sdist.name}")
+    return read_members(sdist)
 
 
 def _ws_pattern(text: str) -> re.Pattern:
@@ -200,8 +255,14 @@ def _write(task_dir: Path, step: str, files: Dict[str, bytes], key: Dict, meta: 
     write_stamp(task_dir, step, sorted(files) + ["SHA256SUMS"], key)
 
 
-def build_squad(sdist: Path, squad_dir: Path) -> Dict:
-    """Write ``squad_dir/SQUAD1`` and ``squad_dir/SQUAD2`` (see the module docstring); returns their meta."""
+def build_squad(load_members: Callable[[], Dict[str, bytes]], squad_dir: Path) -> Dict:
+    """Write ``squad_dir/SQUAD1`` and ``squad_dir/SQUAD2`` (see the module docstring); returns their meta.
+
+    Args:
+        load_members: returns the verified :data:`MEMBERS` (e.g. ``lambda: squad_members(cache)``); called only
+            when the outputs are not up to date, so a finished build needs neither the sdist nor the index.
+        squad_dir: output folder.
+    """
     key = {"source": "bigbench==1.0.0 sdist", "members": MEMBERS, "squad2_seed": SQUAD2_SEED,
            "squad2_dev_fraction": SQUAD2_DEV_FRACTION, "format": 2}
     d1, d2 = squad_dir / "SQUAD1", squad_dir / "SQUAD2"
@@ -209,8 +270,7 @@ def build_squad(sdist: Path, squad_dir: Path) -> Dict:
         log(f"SQUAD1/SQUAD2: up to date in {squad_dir}")
         return {"SQUAD1": json.loads((d1 / "meta.json").read_text()),
                 "SQUAD2": json.loads((d2 / "meta.json").read_text())}
-    log(f"SQuAD: streaming {len(MEMBERS)} files out of {sdist.name}")
-    raw = read_members(sdist)
+    raw = load_members()
     docs = {name: json.loads(raw[name]) for name in SQUAD1_TRAIN}
     train1 = {"version": "1.1", "canary": docs[SQUAD1_TRAIN[0]].get("canary", ""),
               "source": " + ".join(f"SQuADShifts {Path(n).stem}" for n in SQUAD1_TRAIN),
