@@ -101,6 +101,20 @@ def test_engine_logits_equal_qat_logits(squad1):
     assert torch.equal(qs, es) and torch.equal(qe, ee)
 
 
+def test_ibert_qat_distilled_from_the_fp_model(squad1, tmp_path):
+    root, out, _ = squad1
+    p = _recipe(["--task", "SQUAD1", "--data_dir", str(root), "--output_dir", str(tmp_path), *TINY,
+                 "--quant_mode", "symmetric", "--restore_file", str(out / "fp" / "checkpoint_best.pt"),
+                 "--ibert_distill", "all", "--pred_distill_weight", "16"])
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    log = (tmp_path / "ibert_w8" / "train.log").read_text()
+    assert "--criterion squad_span_distill" in log and "--quant-mode symmetric" in log
+    for key in ("pred_loss", "att_loss", "rep_loss"):   # the integer model's states and scores are distilled too
+        assert re.search(rf"\| {key} [0-9.]+", log), key
+    rec = json.loads((tmp_path / "engine" / "eval.json").read_text())
+    assert rec["same_predictions_as_qat"] == rec["questions"] > 0
+
+
 def test_squad2_reports_hasans_noans(tmp_path):
     synthetic_squad(tmp_path / "SQUAD2" / "train.json", 4, 3, 4, seed=0, version_2=True)
     synthetic_squad(tmp_path / "SQUAD2" / "dev.json", 2, 2, 4, seed=1, version_2=True)

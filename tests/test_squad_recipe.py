@@ -62,6 +62,28 @@ def test_dry_run_passes_ternarybert_flags(tmp_path, capsys):
     assert not (tmp_path / "outputs").exists()
 
 
+def test_ibert_stage_loss_is_ce_or_distillation_from_the_fp_model(tmp_path, capsys):
+    synthetic_squad(tmp_path / "SQUAD1" / "train.json", 2, 2, 4, seed=0)
+    synthetic_squad(tmp_path / "SQUAD1" / "dev.json", 1, 1, 4, seed=1)
+    fp = tmp_path / "fp.pt"
+    fp.write_bytes(b"x")
+    base = ["--task", "SQUAD1", "--data_dir", str(tmp_path), "--quant-mode", "symmetric", "--restore-file", str(fp),
+            "--max_seq_length", "64", "--doc_stride", "32", "--pred_distill_weight", "64", "--dry-run", *TOK]
+    seen = {}
+    for mode in ("none", "pred", "all"):
+        assert recipe.run_squad(base + ["--ibert_distill", mode]) == 0
+        argv = shlex.split(capsys.readouterr().out.strip().splitlines()[-1])
+        flags = dict(zip(argv, argv[1:]))
+        assert flags["--quant-mode"] == "symmetric" and flags["--finetune-from-model"] == str(fp)
+        seen[mode] = (flags["--criterion"], flags.get("--teacher-path"), flags.get("--pred-distill-weight"),
+                      "--pred-distill" in argv, "--intermediate-distill" in argv)
+    assert seen["none"] == ("squad_span", None, None, False, False)
+    assert seen["pred"] == ("squad_span_distill", str(fp), "64", True, False)
+    assert seen["all"] == ("squad_span_distill", str(fp), "64", True, True)
+    with pytest.raises(recipe.RecipeError, match="invalid choice"):
+        recipe.parse_args(["--task", "SQUAD1", "--ibert_distill", "soft", *TOK])
+
+
 def test_rescore_without_a_checkpoint_is_one_error(tmp_path, capsys):
     synthetic_squad(tmp_path / "SQUAD1" / "train.json", 2, 2, 4, seed=0)
     synthetic_squad(tmp_path / "SQUAD1" / "dev.json", 1, 1, 4, seed=1)

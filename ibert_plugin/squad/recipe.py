@@ -18,7 +18,8 @@ same checkpoint, for reporting on data the checkpoint was not selected on):
 * ``ternary``: TernaryBERT W``weight_bits``A``input_bits`` (``--quant-mode ternarybert``, TWN by default) distilled
   from the FP model (``--criterion squad_span_distill`` with ``--pred_distill`` / ``--intermediate_distill``;
   student initialised from the teacher).
-* ``ibert``: I-BERT integer-only QAT (``--quant-mode symmetric``, ``--ibert_weight_bits`` 8) from the FP model.
+* ``ibert``: I-BERT integer-only QAT (``--quant-mode symmetric``, ``--ibert_weight_bits`` 8) from the FP model,
+  on the span CE (I-BERT) or, with ``--ibert_distill pred|all``, distilled from the FP model like the ternary stage.
 * ``export``: the packed file of the ternary model (``python -m ibert_plugin.export --omit-lm-head``), reloaded and
   scored; with ``--save_quantized_model`` and without ``--save_fp_model`` the ternary stage's float checkpoints are
   deleted afterwards (TernaryBERT's save flags).
@@ -57,6 +58,7 @@ USER_DIR = Path(__file__).resolve().parents[1]
 STAGES = ("fp", "ternary", "ibert", "export", "engine")
 QUANT_MODE_STAGES = {"none": ("fp",), "symmetric": ("ibert", "engine"), "ternarybert": ("ternary",)}
 TASKS = {"SQUAD1": False, "SQUAD2": True}  # task -> version_2_with_negative
+IBERT_DISTILL = ("none", "pred", "all")  # --ibert_distill: the QAT stage's loss (see build_parser)
 #: --arch -> (fairseq arch, default tokenizer dir, default pretrained checkpoints)
 ARCHS = {
     "minilm": ("ibert_roberta_minilm", "@data/minilm", ("@data/minilm/model.pt", "minilm/model.pt")),
@@ -142,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "ternary_linear", default="tensor", choices=["tensor", "row"],
           help="ternary Linear weights: one alpha per matrix (tensor, TernaryBERT) or per output row (row)")
     _flag(p, "ibert_weight_bits", type=int, default=8, help="I-BERT weight bits (8, or 7 for the fast engine routes)")
+    _flag(p, "ibert_distill", default="none", choices=IBERT_DISTILL,
+          help="I-BERT QAT loss: none = the span CE on the labels (I-BERT), pred = distil the FP model's start/end "
+               "logits (soft CE, times --pred_distill_weight), all = pred plus the hidden-state and attention MSEs")
     _flag(p, "pred_distill", action="store_true")
     _flag(p, "intermediate_distill", action="store_true")
     _flag(p, "pred_distill_weight", type=float, default=1.0,
@@ -307,15 +312,16 @@ def train_command(a, stage: str, save_dir: Path, restore: Optional[Path], n_wind
     if stage == "fp":
         cmd += ["--quant-mode", "none", "--criterion", "squad_span"]
     elif stage == "ibert":
-        cmd += ["--quant-mode", "symmetric", "--weight-bits", str(a.ibert_weight_bits), "--criterion", "squad_span"]
+        cmd += ["--quant-mode", "symmetric", "--weight-bits", str(a.ibert_weight_bits)]
+        if a.ibert_distill == "none":
+            cmd += ["--criterion", "squad_span"]
+        else:
+            cmd += _distill_flags(a, restore, pred=True, intermediate=a.ibert_distill == "all")
     else:
         method = a.weight_quant_method if a.weight_bits == 2 else "sym"
         cmd += ["--quant-mode", "ternarybert", "--weight-bits", str(a.weight_bits), "--weight-quant-method", method,
-                "--input-bits", str(a.input_bits), "--clip-val", f"{a.clip_val:g}",
-                "--criterion", "squad_span_distill", "--teacher-path", str(restore)]
-        cmd += ["--pred-distill"] * a.pred_distill + ["--intermediate-distill"] * a.intermediate_distill
-        if a.pred_distill_weight != 1.0:
-            cmd += ["--pred-distill-weight", f"{a.pred_distill_weight:g}"]
+                "--input-bits", str(a.input_bits), "--clip-val", f"{a.clip_val:g}"]
+        cmd += _distill_flags(a, restore, pred=a.pred_distill, intermediate=a.intermediate_distill)
         if a.ternary_linear != "tensor" and method in ("twn", "lat"):
             cmd += ["--ternary-linear", a.ternary_linear]
     if restore is not None:
@@ -323,6 +329,16 @@ def train_command(a, stage: str, save_dir: Path, restore: Optional[Path], n_wind
     if a.eval_device == "cpu":
         cmd.append("--cpu")
     return cmd
+
+
+def _distill_flags(a, teacher: Optional[Path], pred: bool, intermediate: bool) -> List[str]:
+    """``--criterion squad_span_distill`` from the FP ``teacher`` with the given terms (``--pred_distill_weight``
+    scales the start/end soft CE)."""
+    flags = ["--criterion", "squad_span_distill", "--teacher-path", str(teacher)]
+    flags += ["--pred-distill"] * pred + ["--intermediate-distill"] * intermediate
+    if pred and a.pred_distill_weight != 1.0:
+        flags += ["--pred-distill-weight", f"{a.pred_distill_weight:g}"]
+    return flags
 
 
 def _run_logged(cmd: List[str], log_path: Path) -> int:
