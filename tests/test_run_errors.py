@@ -142,3 +142,36 @@ def test_fairseq_failure_points_at_log(tiny_glue, tmp_path, run_env):
     assert last.startswith("error: fairseq-train failed with exit code 2; see ") and last.endswith(".log")
     log = Path(last.rsplit("see ", 1)[1])
     assert "unrecognized arguments: --no-such-fairseq-flag" in log.read_text()
+
+
+def _fairseq_train_argv(tiny_glue, tmp_path, capsys, *run_args):
+    """The fairseq-train argv run.py would launch (its --dry-run output)."""
+    import shlex
+
+    assert run.main(["--task", "RTE", "--arch", "tiny", "--data-dir", str(tiny_glue), "--output-dir",
+                     str(tmp_path), "--dry-run", "--max-update", "1", *run_args]) is not None
+    return shlex.split(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("bad, needles", [
+    (["--ln-var-bits", "60"], ["ln_var_bits must be between 16 and 52, got 60"]),
+    (["--weight-quant-method", "twn"], ["'twn' is a ternary method and needs weight_bits=2"]),
+    (["--criterion", "ternary_distill", "--teacher-path", "x.pt", "--pred-distill", "--pred-distill-weight", "-1"],
+     ["--pred-distill-weight must be a finite number >= 0, got -1"]),
+])
+def test_bad_plugin_flags_given_straight_to_fairseq_train(tiny_glue, tmp_path, capsys, bad, needles):
+    """fairseq-train itself (not run.py) reports a bad plugin flag, found when it builds the model or the criterion,
+    as one error line."""
+    argv = _fairseq_train_argv(tiny_glue, tmp_path, capsys, "--quant-mode", "none")
+    p = subprocess.run(argv + bad, capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and all(n in last for n in needles), last
+    assert not list(tmp_path.glob("**/checkpoint*.pt"))
+
+
+def test_other_fairseq_train_failures_keep_their_traceback(tiny_glue, tmp_path, capsys):
+    argv = _fairseq_train_argv(tiny_glue, tmp_path, capsys, "--quant-mode", "none")
+    p = subprocess.run(argv + ["--restore-file", str(tmp_path / "missing.pt"), "--finetune-from-model", "x"],
+                       capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
+    assert p.returncode != 0 and "Traceback" in p.stderr

@@ -35,6 +35,8 @@ from fairseq.criterions.sentence_prediction import SentencePredictionConfig, Sen
 from fairseq.dataclass import FairseqDataclass
 from fairseq.logging import metrics
 
+from ..quant.config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 COMPONENTS = ("pred_loss", "att_loss", "rep_loss", "label_loss")
@@ -63,7 +65,7 @@ def attach_teacher(criterion, cfg: DistillFlags, task, teacher, name: str) -> No
     """
     if teacher is None:
         if not cfg.teacher_path:
-            raise ValueError(f"--criterion {name} needs --teacher-path (a full-precision checkpoint)")
+            raise ConfigError(f"--criterion {name} needs --teacher-path (a full-precision checkpoint)")
         teacher = TernaryDistillCriterion.load_teacher(cfg.teacher_path, task)
     teacher.eval()
     teacher.requires_grad_(False)
@@ -78,10 +80,10 @@ class TernaryDistillConfig(SentencePredictionConfig, DistillFlags):
 
 
 def pred_distill_weight(cfg: DistillFlags) -> float:
-    """``cfg.pred_distill_weight`` checked: a finite number >= 0 (``ValueError`` otherwise)."""
+    """``cfg.pred_distill_weight`` checked: a finite number >= 0 (:class:`ConfigError` otherwise)."""
     w = float(getattr(cfg, "pred_distill_weight", 1.0))
     if not math.isfinite(w) or w < 0:
-        raise ValueError(f"--pred-distill-weight must be a finite number >= 0, got {w}")
+        raise ConfigError(f"--pred-distill-weight must be a finite number >= 0, got {w}")
     return w
 
 
@@ -139,7 +141,7 @@ class TernaryDistillCriterion(SentencePredictionCriterion):
     def __init__(self, cfg: TernaryDistillConfig, task, teacher=None):
         super().__init__(cfg, task)
         if not (cfg.pred_distill or cfg.intermediate_distill):
-            raise ValueError(
+            raise ConfigError(
                 "--criterion ternary_distill needs at least one of --pred-distill / --intermediate-distill"
             )
         self.pred_distill = bool(cfg.pred_distill)
@@ -173,7 +175,7 @@ class TernaryDistillCriterion(SentencePredictionCriterion):
         teacher = models[0]
         qcfg = getattr(teacher, "quant_config", None)
         if qcfg is not None and getattr(qcfg, "quant_mode", "none") != "none":
-            raise ValueError(f"teacher {path} was built with quant_mode={qcfg.quant_mode}, expected none")
+            raise ConfigError(f"teacher {path} was built with quant_mode={qcfg.quant_mode}, expected none")
         return teacher
 
     def _place_teacher(self, model) -> None:

@@ -24,6 +24,7 @@ from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 from fairseq.logging import metrics
 
+from ..quant.config import ConfigError
 from ..squad.head import SPAN_HEAD, span_logits
 from .distill import (DistillFlags, attach_teacher, hidden_state_mse, masked_attention_mse, pred_distill_weight,
                       soft_cross_entropy)
@@ -101,7 +102,7 @@ class SquadSpanDistillCriterion(SquadSpanCriterion):
     def __init__(self, cfg, task, teacher=None):
         super().__init__(cfg, task)
         if not (cfg.pred_distill or cfg.intermediate_distill):
-            raise ValueError("--criterion squad_span_distill needs --pred-distill and/or --intermediate-distill")
+            raise ConfigError("--criterion squad_span_distill needs --pred-distill and/or --intermediate-distill")
         self.pred_distill, self.intermediate_distill = bool(cfg.pred_distill), bool(cfg.intermediate_distill)
         self.pred_weight = pred_distill_weight(cfg)
         attach_teacher(self, cfg, task, teacher, "squad_span_distill")

@@ -43,6 +43,7 @@ from ..quant.config import (
     QUANT_MODES,
     TERNARY_GRANULARITIES,
     WEIGHT_METHODS,
+    ConfigError,
     QuantConfig,
 )
 from ..quant.modules import (
@@ -91,7 +92,7 @@ class QuantSelfAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
         if self.head_dim * num_heads != embed_dim:
-            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+            raise ConfigError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = attention_dropout
         self.cfg = cfg
@@ -203,9 +204,9 @@ class QuantEncoderLayer(nn.Module):
         self.dropout = args.dropout
         self.activation_dropout = getattr(args, "activation_dropout", 0.0) or 0.0
         if getattr(args, "encoder_normalize_before", False):
-            raise ValueError("ibert_roberta supports post-LN encoders only (encoder_normalize_before=False)")
+            raise ConfigError("ibert_roberta supports post-LN encoders only (encoder_normalize_before=False)")
         if getattr(args, "activation_fn", "gelu") != "gelu":
-            raise ValueError(f"ibert_roberta needs activation_fn gelu, got {args.activation_fn}")
+            raise ConfigError(f"ibert_roberta needs activation_fn gelu, got {args.activation_fn}")
         self.self_attn = QuantSelfAttention(dim, args.encoder_attention_heads, args.attention_dropout, cfg)
         self.self_attn_layer_norm = IntLayerNorm(dim, cfg=cfg)
         self.fc1 = QuantLinear(dim, args.encoder_ffn_embed_dim, bias=True, cfg=cfg)
@@ -319,11 +320,11 @@ class QuantTransformerEncoder(TransformerEncoder):
         self.layer_args = args
         super().__init__(args, dictionary, embed_tokens)
         if self.embed_positions is None or not getattr(args, "encoder_learned_pos", True):
-            raise ValueError("ibert_roberta needs learned positional embeddings")
+            raise ConfigError("ibert_roberta needs learned positional embeddings")
         if self.layernorm_embedding is None:
-            raise ValueError("ibert_roberta needs the embedding LayerNorm (layernorm_embedding=True)")
+            raise ConfigError("ibert_roberta needs the embedding LayerNorm (layernorm_embedding=True)")
         if self.embed_scale != 1.0:
-            raise ValueError("ibert_roberta needs no_scale_embedding=True (RoBERTa does not scale embeddings)")
+            raise ConfigError("ibert_roberta needs no_scale_embedding=True (RoBERTa does not scale embeddings)")
         old = self.embed_positions
         self.embed_positions = QuantPositionalEmbedding(old.num_embeddings, old.embedding_dim, old.padding_idx, cfg)
         dim = embed_tokens.embedding_dim

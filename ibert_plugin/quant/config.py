@@ -18,7 +18,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["QuantConfig", "QUANT_MODES", "FORCE_DEQUANT", "WEIGHT_METHODS", "ACT_RANGES", "EMBEDDING_GRANULARITIES",
+__all__ = ["ConfigError", "QuantConfig", "QUANT_MODES", "FORCE_DEQUANT", "WEIGHT_METHODS", "ACT_RANGES", "EMBEDDING_GRANULARITIES",
            "TERNARY_GRANULARITIES"]
 
 QUANT_MODES = ("none", "symmetric", "ternarybert")
@@ -38,14 +38,22 @@ LN_VAR_BITS_DEFAULT = 52
 SYMMETRIC_MAX_ACT_BITS = 13
 
 
+class ConfigError(ValueError):
+    """A bad setting or combination of settings (a flag's value): one sentence naming it.
+
+    A ``ValueError``, so library callers catch it as before; in a fairseq command-line process the plugin prints an
+    uncaught one as a single ``error:`` line instead of a traceback (:func:`ibert_plugin.wiring.register`).
+    """
+
+
 def _check_bits(name: str, value: Any, lo: int, hi: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ValueError(f"{name} must be between {lo} and {hi}, got {value!r}")
+        raise ConfigError(f"{name} must be between {lo} and {hi}, got {value!r}")
 
 
 def _check_choice(name: str, value: Any, choices) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -86,7 +94,7 @@ class QuantConfig:
             accumulator, at a precision cost on low-variance tokens). 16..52.
 
     Raises:
-        ValueError: on any out-of-range or inconsistent field, with one sentence naming it.
+        ConfigError: (a ``ValueError``) on any out-of-range or inconsistent field, with one sentence naming it.
     """
 
     quant_mode: str = "none"
@@ -116,18 +124,18 @@ class QuantConfig:
 
     # ------------------------------------------------------------------------------------------------------------
     def validate(self) -> None:
-        """Check every field; raises ``ValueError`` with one clear sentence on the first problem found."""
+        """Check every field; raises :class:`ConfigError` with one clear sentence on the first problem found."""
         _check_choice("quant_mode", self.quant_mode, QUANT_MODES)
         _check_choice("force_dequant", self.force_dequant, FORCE_DEQUANT)
         _check_bits("weight_bits", self.weight_bits, 2, 8)
         _check_choice("weight_method", self.weight_method, WEIGHT_METHODS)
         if self.weight_method in ("twn", "lat") and self.weight_bits != 2:
-            raise ValueError(
+            raise ConfigError(
                 f"weight_method {self.weight_method!r} is a ternary method and needs weight_bits=2, "
                 f"got {self.weight_bits}"
             )
         if not isinstance(self.weight_per_channel, bool):
-            raise ValueError(f"weight_per_channel must be a bool, got {self.weight_per_channel!r}")
+            raise ConfigError(f"weight_per_channel must be a bool, got {self.weight_per_channel!r}")
         # float32 carriers hold activations exactly up to 2^24, so no activation may exceed 24 bits.
         _check_bits("act_bits", self.act_bits, 2, 16)
         _check_bits("bias_bits", self.bias_bits, 8, 32)
@@ -137,24 +145,24 @@ class QuantConfig:
         _check_bits("softmax_out_bits", self.softmax_out_bits, 2, 16)
         m = self.act_momentum
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not (m == -1 or 0.0 <= m < 1.0):
-            raise ValueError(f"act_momentum must be in [0, 1) or -1 (running min/max), got {m!r}")
+            raise ConfigError(f"act_momentum must be in [0, 1) or -1 (running min/max), got {m!r}")
         c = self.clip_val
         if isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 0:
-            raise ValueError(f"clip_val must be a positive number, got {c!r}")
+            raise ConfigError(f"clip_val must be a positive number, got {c!r}")
         _check_choice("act_range", self.act_range, ACT_RANGES)
         _check_choice("ternary_embedding", self.ternary_embedding, EMBEDDING_GRANULARITIES)
         _check_choice("ternary_linear", self.ternary_linear, TERNARY_GRANULARITIES)
         b2 = self.lat_beta2
         if isinstance(b2, bool) or not isinstance(b2, (int, float)) or not 0.0 < b2 < 1.0:
-            raise ValueError(f"lat_beta2 must be in (0, 1), got {b2!r}")
+            raise ConfigError(f"lat_beta2 must be in (0, 1), got {b2!r}")
         e = self.lat_eps
         if isinstance(e, bool) or not isinstance(e, (int, float)) or not e > 0:
-            raise ValueError(f"lat_eps must be a positive number, got {e!r}")
+            raise ConfigError(f"lat_eps must be a positive number, got {e!r}")
         _check_bits("lat_iters", self.lat_iters, 1, 100)
         _check_choice("nonlinear_constants", self.nonlinear_constants, NONLINEAR_CONSTANT_SETS)
         _check_bits("ln_var_bits", self.ln_var_bits, 16, 52)  # above 2^53 float64 sums stop being exact
         if self.quant_mode == "symmetric" and self.act_bits > SYMMETRIC_MAX_ACT_BITS:
-            raise ValueError(
+            raise ConfigError(
                 f"act_bits {self.act_bits} is not supported in symmetric mode: the integer attention products "
                 f"(n(act_bits)^2 > 2^24) cannot be computed exactly; use at most {SYMMETRIC_MAX_ACT_BITS}"
             )
@@ -207,7 +215,7 @@ class QuantConfig:
         Every other field keeps its default.
 
         Raises:
-            ValueError: if the resulting configuration is invalid.
+            ConfigError: if the resulting configuration is invalid.
         """
         defaults = cls()
 
@@ -248,5 +256,5 @@ def _parse_betas(betas: Any) -> tuple:
     else:
         parts = list(betas)
     if len(parts) != 2:
-        raise ValueError(f"adam_betas must hold two numbers, got {betas!r}")
+        raise ConfigError(f"adam_betas must hold two numbers, got {betas!r}")
     return float(parts[0]), float(parts[1])

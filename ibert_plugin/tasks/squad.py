@@ -24,6 +24,7 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.logging import metrics
 from fairseq.tasks import FairseqTask, register_task
 
+from ..quant.config import ConfigError
 from ..squad.data import read_squad
 from ..squad.features import OffsetTokenizer, build_features, examples_gold, feature_arrays
 from ..squad.head import ensure_span_head
@@ -121,7 +122,7 @@ class SquadTask(FairseqTask):
     @classmethod
     def setup_task(cls, cfg: SquadConfig, **kwargs):
         if not cfg.tokenizer_dir:
-            raise ValueError("--task squad needs --tokenizer-dir (data/minilm or data/gpt2_bpe)")
+            raise ConfigError("--task squad needs --tokenizer-dir (data/minilm or data/gpt2_bpe)")
         return cls(cfg, load_dictionary(cfg))
 
     def _path(self, name: str) -> str:

@@ -6,7 +6,9 @@ driver) imports only the fairseq-free :mod:`.checkpoint_file`.
 
 * :func:`register` makes the plugin visible to fairseq: it imports the modules whose import registers the
   ``ibert_roberta`` architectures, the ``ternary_distill`` criterion and the ``hf_wordpiece`` BPE, and allow-lists
-  the few non-tensor types fairseq checkpoints pickle (:func:`.checkpoint_file.allow_fairseq_pickles`). The package
+  the few non-tensor types fairseq checkpoints pickle (:func:`.checkpoint_file.allow_fairseq_pickles`); in a fairseq
+  command-line process it also prints an uncaught :class:`~ibert_plugin.quant.config.ConfigError` (a bad plugin
+  flag, found when fairseq builds the model, criterion or task) as one ``error:`` line (:func:`cli_error_hook`). The package
   ``ibert_plugin/__init__.py`` calls it as soon as fairseq is imported (``fairseq-train --user-dir ibert_plugin``
   imports fairseq first), never before: importing ``ibert_plugin.quant`` alone stays fairseq-free.
 * :mod:`.checkpoint` builds plugin models from fairseq checkpoints and packed files (imports fairseq).
@@ -17,8 +19,10 @@ This module itself imports nothing heavy at import time.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 
-__all__ = ["register", "REGISTERING_MODULES"]
+__all__ = ["register", "cli_error_hook", "REGISTERING_MODULES"]
 
 #: Modules whose import registers something with fairseq (models, criteria, BPE). New fairseq tasks or models of
 #: the plugin add their module here.
@@ -38,5 +42,29 @@ def register() -> None:
     from .checkpoint_file import allow_fairseq_pickles
 
     allow_fairseq_pickles()
+    if _fairseq_cli_process() and not getattr(sys.excepthook, "ibert_cli_errors", False):
+        sys.excepthook = cli_error_hook(sys.excepthook)
     for name in REGISTERING_MODULES:
         importlib.import_module(name)
+
+
+def _fairseq_cli_process() -> bool:
+    """True in ``fairseq-train`` / ``fairseq-validate`` ... and ``python -m fairseq_cli.<tool>``."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return (getattr(spec, "name", "") or "").startswith("fairseq_cli.") or \
+        os.path.basename(sys.argv[0] if sys.argv else "").startswith("fairseq-")
+
+
+def cli_error_hook(previous):
+    """A ``sys.excepthook`` that prints an uncaught ``ConfigError`` as ``error: <message>`` (exit status 1, no
+    traceback: the message names the flag) and hands every other exception to ``previous``."""
+    from ..quant.config import ConfigError
+
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, ConfigError):
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        else:
+            previous(exc_type, exc, tb)
+
+    hook.ibert_cli_errors = True
+    return hook
