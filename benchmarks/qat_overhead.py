@@ -18,7 +18,7 @@ process CPU time (robust on a shared machine; with several threads it counts eve
 time. Targets: symmetric at most 1.5x FP, ternary distillation at most 2x FP.
 
 Prints a table, then ONE JSON object as the last line.
-Usage: ``OMP_NUM_THREADS=1 python benchmarks/qat_overhead.py [--shapes minilm,roberta_base] [--reps 3]``.
+Usage: ``OMP_NUM_THREADS=1 python benchmarks/qat_overhead.py [--shapes minilm,roberta_base,minilm_squad] [--reps 3]``.
 """
 from __future__ import annotations
 
@@ -35,11 +35,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 HEAD = "sentence_classification_head"
-ARCHS = {"roberta_base": "ibert_roberta_base", "minilm": "ibert_roberta_minilm"}
-VOCAB = {"roberta_base": 50265, "minilm": 30523}
+ARCHS = {"roberta_base": "ibert_roberta_base", "minilm": "ibert_roberta_minilm", "minilm_squad": "ibert_roberta_minilm"}
+VOCAB = {"roberta_base": 50265, "minilm": 30523, "minilm_squad": 30523}
 #: batch x sequence length per shape: roberta_base at GLUE's usual 128 tokens; MiniLM at the demo's RT-SENT batches
-#: (32 sentences, about 25 WordPiece tokens each, padded to the longest).
-BATCH = {"roberta_base": (4, 128), "minilm": (32, 40)}
+#: (32 sentences, about 25 WordPiece tokens each, padded to the longest); MiniLM at the SQuAD recipe's batches (16
+#: windows of up to 384 tokens, the longest row 384 as for a long context; the (B, H, T, T) attention tensors then
+#: outweigh the (B, T, C) activations).
+BATCH = {"roberta_base": (4, 128), "minilm": (32, 40), "minilm_squad": (16, 384)}
 MODES = {
     "fp": ["--quant-mode", "none"],
     "symmetric": ["--quant-mode", "symmetric"],
@@ -156,7 +158,9 @@ def bench_shape(shape: str, reps: int, layers: int) -> Dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", default="minilm,roberta_base", help="comma-separated: minilm, roberta_base")
+    ap.add_argument("--shapes", default="minilm,roberta_base",
+                    help=f"comma-separated, of: {', '.join(ARCHS)} (batch x length: "
+                         f"{', '.join(f'{k} {b}x{t}' for k, (b, t) in BATCH.items())})")
     ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions per mode (after one warm-up each)")
     ap.add_argument("--layers", type=int, default=0, help="override the encoder depth (0: the architecture's)")
     args = ap.parse_args(argv)
@@ -172,14 +176,14 @@ def main(argv=None) -> int:
     results: List[Dict] = [bench_shape(s, args.reps, args.layers) for s in shapes]
     print(f"QAT overhead: shipped ibert_roberta training step (criterion forward + backward + Adam), {threads} "
           f"thread(s), {args.reps} interleaved repetitions, median [min, max] of the per-repetition ratios")
-    print(f"{'shape':<14}{'mode':<17}{'step cpu s':>11}{'step wall s':>12}{'ratio (cpu)':>24}{'wall':>7}  target")
+    print(f"{'shape':<24}{'mode':<17}{'step cpu s':>11}{'step wall s':>12}{'ratio (cpu)':>24}{'wall':>7}  target")
     for r in results:
         name = f"{r['shape']} {r['layers']}L b{r['batch']}x{r['seq']}"
-        print(f"{name:<14}{'fp':<17}{r['step_cpu_s']['fp']:>11.3f}{r['step_wall_s']['fp']:>12.3f}")
+        print(f"{name:<24}{'fp':<17}{r['step_cpu_s']['fp']:>11.3f}{r['step_wall_s']['fp']:>12.3f}")
         for mode in TARGETS:
             q = r[mode]
             ratio = f"{q['ratio']:.2f} [{q['ratio_min']:.2f}, {q['ratio_max']:.2f}]"
-            print(f"{'':<14}{mode:<17}{r['step_cpu_s'][mode]:>11.3f}{r['step_wall_s'][mode]:>12.3f}{ratio:>24}"
+            print(f"{'':<24}{mode:<17}{r['step_cpu_s'][mode]:>11.3f}{r['step_wall_s'][mode]:>12.3f}{ratio:>24}"
                   f"{q['ratio_wall']:>7.2f}  <= {q['target']} {'ok' if q['meets_target'] else 'MISSED'}")
     print(json.dumps({"benchmark": "qat_overhead", "threads": threads, "reps": args.reps, "device": "cpu",
                       "results": results,

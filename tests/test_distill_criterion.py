@@ -126,6 +126,28 @@ def test_intermediate_losses_mask_padding_keys_explicitly():
     assert (student.scores[0].grad[..., 2] == 0).all()
 
 
+def test_attention_mse_equals_the_mean_square_of_both_masked_tensors_exactly():
+    """Padded keys hold -inf in both models' scores; the loss and its gradient are those of MSE(A_s', A_t') with
+    both zeroed there, bit for bit."""
+    from ibert_plugin.criterions.distill import masked_attention_mse
+
+    g = torch.Generator().manual_seed(0)
+    pad = torch.zeros(3, 16, dtype=torch.bool)
+    pad[1, 12:], pad[2, 5:] = True, True
+    s_att = [torch.randn(3, 4, 16, 16, generator=g).masked_fill(pad[:, None, None], -math.inf).requires_grad_()
+             for _ in range(2)]
+    t_att = [torch.randn(3, 4, 16, 16, generator=g).masked_fill(pad[:, None, None], -math.inf) for _ in range(2)]
+    loss = masked_attention_mse(s_att, t_att, pad)
+    loss.backward()
+    ref_in = [a.detach().clone().requires_grad_() for a in s_att]
+    m = pad[:, None, None, :]
+    ref = sum(torch.nn.functional.mse_loss(a.masked_fill(m, 0.0), b.masked_fill(m, 0.0)) for a, b in zip(ref_in, t_att))
+    ref.backward()
+    assert torch.equal(loss, ref) and torch.isfinite(loss)
+    for a, r in zip(s_att, ref_in):
+        assert torch.equal(a.grad, r.grad) and (a.grad[1, ..., 12:] == 0).all()
+
+
 def test_both_flags_sum_and_metrics_are_logged():
     s_att, t_att = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)
     student = FixedModel([[0.0, 0.0], [0.0, 0.0]], states=[torch.zeros(2, 2, 4)], scores=[s_att])

@@ -367,6 +367,28 @@ def test_dynamic_act_quant_clip_grid_and_ste():
     assert out is t and s is None
 
 
+@pytest.mark.parametrize("clip, spread", [(2.5, 4.0), (10.0, 1.0)])
+def test_dynamic_act_quant_is_upstreams_formula_bit_for_bit(clip, spread):
+    """TernaryBERT's SymQuantizer written out (clamp, n / max|x_c|, round, divide; gradient 1 strictly inside the
+    clip) against the module on a (B, H, T, T)-sized tensor, some of it beyond the clip (first case) or none (second:
+    the scale then comes from max|x| itself)."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 3, 40, 40, generator=g) * spread).requires_grad_()
+    clips = spread * 3 > clip
+    if clips:  # values exactly at the clip are outside (strict inequalities, as upstream)
+        x.data[0, 0, 0, :3] = torch.tensor([clip, -clip, 0.0])
+    upstream_grad = torch.randn(x.shape, generator=g)
+    y, _ = DynamicActQuant(8, TB.replace(clip_val=clip))(x)
+    y.backward(upstream_grad)
+    xd = x.detach()
+    xc = xd.clamp(-clip, clip)
+    s = 127 / xc.abs().max()
+    assert torch.equal(y.detach(), torch.round(xc * s) / s)
+    inside = (xd > -clip) & (xd < clip)
+    assert torch.equal(x.grad, upstream_grad * inside.float())
+    assert clips == bool((~inside).any()) and (not clips or x.grad[0, 0, 0, :2].eq(0).all())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # weight quantizers and registry
 # ---------------------------------------------------------------------------------------------------------------

@@ -106,13 +106,15 @@ def masked_attention_mse(
     if len(student_scores) != len(teacher_scores):
         raise ValueError(f"student has {len(student_scores)} attention layers, teacher {len(teacher_scores)}")
     total = None
+    m = key_padding_mask[:, None, None, :].to(torch.bool) if key_padding_mask is not None else None
     for a_s, a_t in zip(student_scores, teacher_scores):
-        a_s, a_t = a_s.float(), a_t.float()
-        if key_padding_mask is not None:
-            m = key_padding_mask[:, None, None, :].to(torch.bool)
-            a_s = a_s.masked_fill(m, 0.0)
-            a_t = a_t.masked_fill(m, 0.0)
-        term = F.mse_loss(a_s, a_t)
+        # MSE(A_s', A_t') with both zeroed at padded keys is the mean square of their difference zeroed there
+        # (-inf - -inf is nan before the fill): one B x H x T x T temporary instead of two masked copies, the same
+        # values and gradients
+        diff = a_s.float() - a_t.float()
+        if m is not None:
+            diff = diff.masked_fill_(m, 0.0)
+        term = F.mse_loss(diff, diff.new_zeros(()).expand_as(diff))
         total = term if total is None else total + term
     return total
 

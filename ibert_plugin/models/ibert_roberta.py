@@ -150,10 +150,17 @@ class QuantSelfAttention(nn.Module):
             s_scores = score_scale(s_q, s_k, self.head_dim)
         else:
             scores, s_scores = torch.matmul(q, k.transpose(-1, -2)), None
-        probs, s_probs = self.softmax(scores, s_scores, key_padding_mask)
-        real_scores = _real(scores, s_scores) if need_scores else None
-        if need_scores and key_padding_mask is not None:
-            real_scores = real_scores.masked_fill(key_padding_mask[:, None, None, :].to(torch.bool), float("-inf"))
+        pad = key_padding_mask[:, None, None, :].to(torch.bool) if key_padding_mask is not None else None
+        if symmetric:
+            probs, s_probs = self.softmax(scores, s_scores, key_padding_mask)
+            real_scores = _real(scores, s_scores) if need_scores else None
+            if need_scores and pad is not None:
+                real_scores = real_scores.masked_fill(pad, float("-inf"))
+        else:  # one masked copy of the B x H x T x T scores serves the softmax and the distillation alike
+            if pad is not None:
+                scores = scores.masked_fill(pad, float("-inf"))
+            probs, s_probs = self.softmax(scores)
+            real_scores = scores if need_scores else None
         probs = _dropout_carrier(probs, self.attention_dropout, self.training)
         if self.cfg.quant_mode == "ternarybert":
             probs, v = self.probs_quant(probs)[0], v

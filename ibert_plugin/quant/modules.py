@@ -289,16 +289,16 @@ class _SymClipFakeQuant(torch.autograd.Function):
     def forward(ctx, x, clip_val, bits, sync):
         inside = (x > -clip_val) & (x < clip_val)
         ctx.save_for_backward(inside)
-        xc = x.clamp(-clip_val, clip_val)
-        m = xc.abs().amax()
+        lo, hi = torch.aminmax(x)  # max|clamp(x)| = min(max|x|, clip_val), one pass and no temporary
+        m = torch.maximum(-lo, hi).clamp(max=clip_val)
         # training: the global batch's max over data-parallel ranks, as one worker on the whole batch (no-op alone)
         s = qmax(bits) / (all_reduce_max(m) if sync else m).clamp(min=SCALE_EPS)
-        return torch.round(xc * s) / s
+        return x.clamp(-clip_val, clip_val).mul_(s).round_().div_(s)  # round(clamp(x) s) / s in one buffer
 
     @staticmethod
     def backward(ctx, grad):
         (inside,) = ctx.saved_tensors
-        return grad * inside.to(grad.dtype), None, None, None
+        return grad * inside, None, None, None  # bool promoted in the loop: no float copy of the mask
 
 
 class _MinMaxFakeQuant(torch.autograd.Function):
