@@ -4,7 +4,7 @@ VENV_PY := .venv/bin/python
 THREADS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: demo test install assets kernels clean
+.PHONY: demo test install assets kernels allocator clean
 
 install:
 	./scripts/bootstrap.sh
@@ -23,7 +23,18 @@ test: assets kernels
 	@rc=0; OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS) $(VENV_PY) -m pytest -q tests $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)" >&2; fi; exit $$rc
 
-demo: install kernels
+# Optional, best effort (never fails): jemalloc for the training processes (ibert_plugin/recipes/allocator.py; about a
+# third off a CPU training step). Installed with apt-get when this is root on Debian/Ubuntu; otherwise a note.
+allocator:
+	@if ldconfig -p 2>/dev/null | grep -q 'libjemalloc\.so'; then echo "[allocator] jemalloc present"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "[allocator] installing libjemalloc2 with apt-get"; \
+	  { apt-get install -y -qq libjemalloc2 >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libjemalloc2 >/dev/null 2>&1; }; } || \
+	  echo "[allocator] could not install libjemalloc2: training uses the system malloc (slower on CPU)"; \
+	else echo "[allocator] no libjemalloc: training uses the system malloc (apt-get install libjemalloc2: faster CPU steps)"; fi
+
+demo: install kernels allocator
 	OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS) $(VENV_PY) -m ibert_plugin.demo
 
 clean:

@@ -55,6 +55,9 @@ def test_fp_stage(fp_run):
     text = log.read_text()
     assert "best_acc_and_f1" in text and "done training" in text
     assert "\r" not in text
+    from ibert_plugin.recipes.allocator import allocator_env, describe
+
+    assert f"[run.py] memory allocator: {describe(allocator_env())}" in text   # the env the child ran with
     assert json.loads((cfg_dir / f"{log.stem}.json").read_text())["status"] == "finished"
 
 

@@ -46,6 +46,15 @@ def test_usage_errors(case, tmp_path):
     assert_one_error_line(run_py(*args, "--dry-run", cwd=tmp_path), 2, *needles)
 
 
+def test_bad_allocator_choice_is_one_error(tiny_glue, tmp_path):
+    import os
+
+    env = dict(os.environ, IBERT_CPU_ALLOCATOR="tcmalloc")
+    p = run_py("--task", "RTE", "--arch", "tiny", "--data-dir", str(tiny_glue), "--quant-mode", "none",
+               "--output-dir", str(tmp_path), "--dry-run", env=env)
+    assert_one_error_line(p, 2, "IBERT_CPU_ALLOCATOR='tcmalloc': choose one of auto, jemalloc, system")
+
+
 def test_missing_data_and_restore(tiny_glue, tmp_path):
     base = ["--arch", "tiny", "--output-dir", str(tmp_path), "--dry-run"]
     p = run_py("--task", "RTE", "--data-dir", str(tmp_path / "nowhere"), "--quant-mode", "none", *base)

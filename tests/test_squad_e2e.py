@@ -62,6 +62,7 @@ def test_validation_selects_on_whole_dev_f1(squad1):
     log = (out / "fp" / "train.log").read_text()
     f1s = _valid_f1s(log)
     assert len(f1s) >= 2 and "best_f1" in log and "--task squad" in log and "--user-dir" in log
+    assert "[squad] memory allocator: " in log
     # the task's in-training metric and the offline evaluation of checkpoint_best.pt agree
     assert json.loads((out / "fp" / "eval.json").read_text())["f1"] == pytest.approx(max(f1s), abs=0.006)
 

@@ -21,6 +21,9 @@ import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ..quant.config import ConfigError
+from .allocator import allocator_env
+from .allocator import describe as describe_allocator
 from .options import RunError, parse_args
 from .plan import REPO, Plan, make_plan
 from .tasks import SQUAD_TASKS
@@ -89,15 +92,17 @@ def _child_env(extra: Dict[str, str]) -> Dict[str, str]:
     return env
 
 
-def _launch(plan: Plan, side_logs: list) -> List[subprocess.Popen]:
-    """Start every rank: rank 0 with a pipe (tee'd to the log), the others writing ``<stamp>.rankN.log``."""
+def _launch(plan: Plan, side_logs: list, alloc: Dict[str, str]) -> List[subprocess.Popen]:
+    """Start every rank: rank 0 with a pipe (tee'd to the log), the others writing ``<stamp>.rankN.log``;
+    ``alloc`` is :func:`~.allocator.allocator_env`'s choice of malloc."""
     procs = []
     for rank, (argv, env) in enumerate(zip(plan.argvs, plan.env_per_rank)):
+        env = _child_env({**alloc, **env})
         if rank == 0:
-            procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_child_env(env)))
+            procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env))
         else:
             side_logs.append(open(plan.config_dir / f"{plan.stamp}.rank{rank}.log", "a", encoding="utf-8"))
-            procs.append(subprocess.Popen(argv, stdout=side_logs[-1], stderr=subprocess.STDOUT, env=_child_env(env)))
+            procs.append(subprocess.Popen(argv, stdout=side_logs[-1], stderr=subprocess.STDOUT, env=env))
     return procs
 
 
@@ -138,14 +143,16 @@ def _wait(procs: List[subprocess.Popen]) -> int:
         time.sleep(0.2)
 
 
-def run_processes(plan: Plan) -> int:
+def run_processes(plan: Plan, alloc: Optional[Dict[str, str]] = None) -> int:
     """Run the fairseq-train process(es) to the end; on interruption stop them all and re-raise."""
     procs: List[subprocess.Popen] = []
     side_logs: list = []
+    alloc = allocator_env() if alloc is None else alloc
     with open(plan.log_path, "a", encoding="utf-8") as log:
+        log.write(f"[run.py] memory allocator: {describe_allocator(alloc)}\n")
         tee = _Tee(log)
         try:
-            procs = _launch(plan, side_logs)
+            procs = _launch(plan, side_logs, alloc)
             pump = _pump(procs[0], tee)
             rc = _wait(procs)
             pump.join(timeout=10)
@@ -254,6 +261,10 @@ def main(argv: Optional[Sequence[str]] = None) -> RunResult:
     t0 = time.time()
     args = parse_args(argv)
     plan = make_plan(args)
+    try:
+        alloc = allocator_env()
+    except ConfigError as e:
+        raise RunError(str(e)) from None
     if args.dry_run:
         _print_dry_run(plan)
         return RunResult(0, plan.task, plan.mode, str(plan.log_path), str(plan.ckpt_dir), None, plan.metric, None,
@@ -263,7 +274,7 @@ def main(argv: Optional[Sequence[str]] = None) -> RunResult:
     print(f"[run.py] {'resuming' if plan.resumed else 'starting'} {plan.task} [{plan.mode}]; log: {plan.log_path}",
           flush=True)
     try:
-        rc = run_processes(plan)
+        rc = run_processes(plan, alloc)
     except KeyboardInterrupt:
         write_record(plan, "interrupted")
         raise

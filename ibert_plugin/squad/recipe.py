@@ -50,6 +50,9 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from ..quant.config import ConfigError
+from ..recipes.allocator import allocator_env
+from ..recipes.allocator import describe as describe_allocator
 from ..recipes.plan import fairseq_train_cmd
 from .data import SquadError
 
@@ -341,12 +344,15 @@ def _distill_flags(a, teacher: Optional[Path], pred: bool, intermediate: bool) -
     return flags
 
 
-def _run_logged(cmd: List[str], log_path: Path) -> int:
-    """Run ``cmd``, tee its merged output to stdout and ``log_path``."""
+def _run_logged(cmd: List[str], log_path: Path, alloc: Optional[Dict[str, str]] = None) -> int:
+    """Run ``cmd``, tee its merged output to stdout and ``log_path``; ``alloc``: extra environment (the memory
+    allocator of a training process, :func:`ibert_plugin.recipes.allocator.allocator_env`)."""
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"[squad] {shlex.join(cmd)}\n")
+        if alloc is not None:
+            log.write(f"[squad] memory allocator: {describe_allocator(alloc)}\n")
         log.flush()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(alloc or {}))
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
         for line in iter(proc.stdout.readline, b""):
             text = line.decode("utf-8", "replace")
@@ -408,6 +414,10 @@ def _load_model(path: Path, dict_size: int, device: str = "cpu"):
 def main(argv: Sequence[str]) -> dict:
     """Run the requested stages; returns the summary (also written to ``<output_dir>/summary.json``)."""
     a = parse_args(argv)
+    try:
+        alloc = allocator_env()
+    except ConfigError as e:
+        raise RecipeError(str(e)) from None
     t_start = time.time()
     dirs = {"fp": a.out / "fp", "ternary": a.out / f"ternary_w{a.weight_bits}a{a.input_bits}_{a.weight_quant_method}",
             "ibert": a.out / f"ibert_w{a.ibert_weight_bits}", "export": a.out / "export", "engine": a.out / "engine"}
@@ -446,7 +456,7 @@ def main(argv: Sequence[str]) -> dict:
                     continue
                 d.mkdir(parents=True, exist_ok=True)
                 t0 = time.time()
-                rc = _run_logged(cmd, d / "train.log")
+                rc = _run_logged(cmd, d / "train.log", alloc)
                 if rc != 0:
                     raise RecipeError(f"stage {stage}: fairseq-train failed with exit code {rc}; see "
                                       f"{d / 'train.log'}")
