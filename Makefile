@@ -32,7 +32,8 @@ allocator:
 	  { apt-get install -y -qq libjemalloc2 >/dev/null 2>&1 || \
 	    { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libjemalloc2 >/dev/null 2>&1; }; } || \
 	  echo "[allocator] could not install libjemalloc2: training uses the system malloc (slower on CPU)"; \
-	else echo "[allocator] no libjemalloc: training uses the system malloc (apt-get install libjemalloc2: faster CPU steps)"; fi
+	else echo "[allocator] no libjemalloc: training uses the system malloc" \
+	  "(apt-get install libjemalloc2: faster CPU steps)"; fi
 
 demo: install kernels allocator
 	OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS) $(VENV_PY) -m ibert_plugin.demo

@@ -1,6 +1,8 @@
 """run.py error paths: one ``error: ...`` line on stderr, non-zero exit, no traceback."""
 from __future__ import annotations
 
+import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -47,8 +49,6 @@ def test_usage_errors(case, tmp_path):
 
 
 def test_bad_allocator_choice_is_one_error(tiny_glue, tmp_path):
-    import os
-
     env = dict(os.environ, IBERT_CPU_ALLOCATOR="tcmalloc")
     p = run_py("--task", "RTE", "--arch", "tiny", "--data-dir", str(tiny_glue), "--quant-mode", "none",
                "--output-dir", str(tmp_path), "--dry-run", env=env)
@@ -155,8 +155,6 @@ def test_fairseq_failure_points_at_log(tiny_glue, tmp_path, run_env):
 
 def _fairseq_train_argv(tiny_glue, tmp_path, capsys, *run_args):
     """The fairseq-train argv run.py would launch (its --dry-run output)."""
-    import shlex
-
     assert run.main(["--task", "RTE", "--arch", "tiny", "--data-dir", str(tiny_glue), "--output-dir",
                      str(tmp_path), "--dry-run", "--max-update", "1", *run_args]) is not None
     return shlex.split(capsys.readouterr().out.strip().splitlines()[-1])

@@ -18,8 +18,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ConfigError", "QuantConfig", "QUANT_MODES", "FORCE_DEQUANT", "WEIGHT_METHODS", "ACT_RANGES", "EMBEDDING_GRANULARITIES",
-           "TERNARY_GRANULARITIES"]
+__all__ = ["ConfigError", "QuantConfig", "QUANT_MODES", "FORCE_DEQUANT", "WEIGHT_METHODS", "ACT_RANGES",
+           "EMBEDDING_GRANULARITIES", "TERNARY_GRANULARITIES"]
 
 QUANT_MODES = ("none", "symmetric", "ternarybert")
 FORCE_DEQUANT = ("none", "gelu", "softmax", "layernorm", "nonlinear")

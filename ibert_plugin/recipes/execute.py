@@ -143,11 +143,11 @@ def _wait(procs: List[subprocess.Popen]) -> int:
         time.sleep(0.2)
 
 
-def run_processes(plan: Plan, alloc: Optional[Dict[str, str]] = None) -> int:
-    """Run the fairseq-train process(es) to the end; on interruption stop them all and re-raise."""
+def run_processes(plan: Plan, alloc: Dict[str, str]) -> int:
+    """Run the fairseq-train process(es) to the end (``alloc``: :func:`~.allocator.allocator_env`'s variables); on
+    interruption stop them all and re-raise."""
     procs: List[subprocess.Popen] = []
     side_logs: list = []
-    alloc = allocator_env() if alloc is None else alloc
     with open(plan.log_path, "a", encoding="utf-8") as log:
         log.write(f"[run.py] memory allocator: {describe_allocator(alloc)}\n")
         tee = _Tee(log)

@@ -8,7 +8,8 @@ driver) imports only the fairseq-free :mod:`.checkpoint_file`.
   ``ibert_roberta`` architectures, the ``ternary_distill`` criterion and the ``hf_wordpiece`` BPE, and allow-lists
   the few non-tensor types fairseq checkpoints pickle (:func:`.checkpoint_file.allow_fairseq_pickles`); in a fairseq
   command-line process it also prints an uncaught :class:`~ibert_plugin.quant.config.ConfigError` (a bad plugin
-  flag, found when fairseq builds the model, criterion or task) as one ``error:`` line (:func:`cli_error_hook`). The package
+  flag, found when fairseq builds the model, criterion or task) as one ``error:`` line (:func:`cli_error_hook`).
+  The package
   ``ibert_plugin/__init__.py`` calls it as soon as fairseq is imported (``fairseq-train --user-dir ibert_plugin``
   imports fairseq first), never before: importing ``ibert_plugin.quant`` alone stays fairseq-free.
 * :mod:`.checkpoint` builds plugin models from fairseq checkpoints and packed files (imports fairseq).
