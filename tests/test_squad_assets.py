@@ -206,6 +206,30 @@ def test_partition_counts_are_checked(tmp_path, standins, capsys, monkeypatch):
         _one_error_line(err)
 
 
+def test_partition_refuses_inconsistent_lists():
+    docs = _docs()
+    dev2 = docs["dev-v2.0"][0]
+    unchecked = {n: S.KnownFile(n, n, 1, "0" * 64, (None, None, None)) for n in S.DISFL_QA}
+
+    def lists(**change):
+        out = {f"{s}.json": dict(docs[f"disfl-qa-{s}"][0]) for s in ("train", "dev", "test")}
+        for name, (qid, item) in change.items():
+            out[f"{name}.json"][qid] = item
+        return out
+
+    good = S.disfl_qa_partition(dev2, lists(), unchecked)
+    assert sorted(good) == ["dev.json", "test.json", "test_disfluent.json", "train.json"]
+    v2_q = {q["id"]: q["question"] for q in _qas(dev2)}
+    cases = [(dict(test=("V2_0-0-0", {"original": v2_q["V2_0-0-0"], "disfluent": "x"})), "is in both"),
+             (dict(test=("nope", {"original": "q", "disfluent": "x"})), "id nope is not in dev-v2.0"),
+             (dict(test=("V2_6-0-0", {"original": "other", "disfluent": "x"})), "'original' differs"),
+             (dict(test=("V2_6-0-0", {"original": v2_q["V2_6-0-0"], "disfluent": "x"}),
+                   dev=("V2_6-1-3", {"original": v2_q["V2_6-1-3"], "disfluent": "x"})), "shares articles")]
+    for change, msg in cases:
+        with pytest.raises(AssetError, match=msg):
+            S.disfl_qa_partition(dev2, lists(**change), unchecked)
+
+
 def test_official_train_sets_take_precedence(tmp_path, standins, capsys):
     roles = FALLBACK + ("train-v1.1", "train-v2.0")
     rc, err = _build(capsys, tmp_path / "data", _folder(tmp_path / "src", standins, roles, xz=("train-v2.0",)))
