@@ -253,7 +253,7 @@ def test_missing_required_files_is_one_error_line(tmp_path, standins, capsys):
     assert rc == 2 and "missing train-v1.1.json or SQuADShifts new_wiki, reddit and amazon_reviews" in line
     assert "dev-v2.0.json" in line and not (tmp_path / "data" / "squad").exists()
     rc, err = _build(capsys, tmp_path / "data", tmp_path / "nowhere")
-    assert rc == 2 and _one_error_line(err) == f"error: --squad-dir {tmp_path / 'nowhere'}: no such folder"
+    assert rc == 2 and _one_error_line(err) == f"error: --squad-dir {tmp_path / 'nowhere'}: not a folder"
 
 
 def test_finished_build_reads_no_source(tmp_path, standins, capsys, monkeypatch):
@@ -297,6 +297,7 @@ def test_download_checks_sha256_then_builds(tmp_path, standins, capsys, monkeypa
     assert rc == 0, err
     assert _load(tmp_path / "data" / "squad" / "SQUAD2" / "meta.json")["training"] == "official"
     assert (cache / "dev-v2.0.json").read_bytes() == standins["dev-v2.0"]
+    assert (cache / "disfl-qa-test.json").read_bytes() == standins["disfl-qa-test"]
 
 
 def test_cli_squad_is_optional_and_squad_dir_needs_it(tmp_path, capsys):

@@ -197,7 +197,7 @@ def download_official(cache_dir: Path, known: Optional[Sequence[KnownFile]] = No
     """
     folder = cache_dir / "squad"
     for k in (k for k in _known(known) if k.role in DOWNLOADS):
-        dest = folder / k.name
+        dest = folder / f"{k.role}.json"          # the official name for SQuAD; Disfl-QA's "train.json" is ambiguous
         if dest.is_file() and dest.stat().st_size == k.size and sha256_file(dest) == k.sha256:
             continue
         log(f"SQuAD: downloading {k.url} ({k.size / 1e6:.1f} MB)")
@@ -486,7 +486,7 @@ def build_squad(out_dir: Path, squad_dir: Optional[Path] = None, cache_dir: Opti
     """
     known = _known(known)
     if squad_dir is not None and not Path(squad_dir).is_dir():
-        raise AssetError(f"--squad-dir {squad_dir}: no such folder")
+        raise AssetError(f"--squad-dir {squad_dir}: not a folder")
     key = {"format": FORMAT, "known": sorted(k.sha256 for k in known), "select": [SELECT_SEED, SELECT_FRACTION,
            SELECT_MIN_QUESTIONS], "subset_min_questions": SUBSET_MIN_QUESTIONS,
            "source": _listing(Path(squad_dir)) if squad_dir is not None else "download"}
