@@ -298,7 +298,7 @@ def test_bad_text_input_is_one_error_line(model_int, tmp_path):
     _one_error(p, "sentence argument 2 is not UTF-8 text (byte 0xe9 at character 3)")
     p = subprocess.run(cmd + ["predict", "--model", m], input=b"fine film\n\xff\xfe dull\n", capture_output=True,
                        cwd=REPO)
-    _one_error(p, "stdin line 2: not UTF-8 text (byte 0xff at offset 10)")
+    _one_error(p, "<stdin>:2: not UTF-8 text (byte 0xff at offset 10)")
     latin1, binary = tmp_path / "latin1.tsv", tmp_path / "binary.tsv"
     latin1.write_bytes(b"sentence\tlabel\na fine film\t1\nun caf\xe9 fade\t0\n")
     binary.write_bytes(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\t\x00\n")

@@ -64,8 +64,8 @@ def test_run_lock_names_the_holder_and_is_released_by_death(tmp_path):
         assert held.fd is not None
     RunLock(tmp_path / "ck").acquire().release()  # released on exit
     # a holder killed with SIGKILL releases it too (kernel-held lock, no stale file to clean)
-    code = f"from ibert_plugin.wiring.lifetime import RunLock; import time; RunLock({str(tmp_path / 'k')!r}).acquire()" \
-           f"; print('locked', flush=True); time.sleep(60)"
+    code = (f"from ibert_plugin.wiring.lifetime import RunLock; import time; "
+            f"RunLock({str(tmp_path / 'k')!r}).acquire(); print('locked', flush=True); time.sleep(60)")
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                          env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert p.stdout.readline().strip() == "locked"

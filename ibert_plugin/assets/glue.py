@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-from .common import AssetError, data_dir, log
+from .common import AssetError, data_dir, decode_utf8, log
 
 
 @dataclass(frozen=True)
@@ -86,13 +86,7 @@ ALL_ORDER = ("QQP", "MNLI", "QNLI", "MRPC", "RTE", "STS-B", "SST-2", "CoLA", "RT
 def _utf8_lines(path: Path) -> Iterator[Tuple[int, str]]:
     """(line number, line) of a UTF-8 text file (universal newlines, line ends kept); a binary file or one in another
     encoding is one AssetError naming the file, line and byte offset (never a UnicodeDecodeError traceback)."""
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise AssetError(f"{path}:{line}: not UTF-8 text (byte "
-                         f"0x{data[exc.start]:02x} at offset {exc.start}); convert it to UTF-8") from None
+    text = decode_utf8(path.read_bytes(), str(path))
     nul = text.find("\x00")
     if nul >= 0:
         line = text.count("\n", 0, nul) + 1

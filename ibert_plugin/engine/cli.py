@@ -297,13 +297,13 @@ def _argv_sentences(sentences):
 
 def _stdin_lines():
     """stdin's lines, decoded as UTF-8 (one error naming the line and byte instead of a UnicodeDecodeError)."""
+    from ibert_plugin.assets.common import AssetError, decode_utf8
+
     data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8")
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise EngineError(f"stdin line {line}: not UTF-8 text (byte "
-                          f"0x{data[exc.start]:02x} at offset {exc.start})") from None
+        text = decode_utf8(data, "<stdin>")
+    except AssetError as exc:
+        raise EngineError(str(exc)) from None
     return [ln.rstrip("\r") for ln in text.split("\n")]
 
 
