@@ -52,3 +52,59 @@ def test_module_entry_point_exit_code(tmp_path):
                         "--only", "bogus"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert [ln for ln in r.stderr.splitlines() if ln.startswith("error:")] and "Traceback" not in r.stderr
+
+
+def _readonly(monkeypatch, data):
+    """Simulate a read-only data folder (tests run as root, where chmod does not stop writes): creating any file in
+    it fails with EROFS, as on a read-only mount."""
+    import errno
+    import tempfile
+
+    real = tempfile.mkstemp
+
+    def mkstemp(*a, dir=None, **kw):
+        if dir is not None and Path(dir).resolve().is_relative_to(data):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dir))
+        return real(*a, dir=dir, **kw)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+
+def test_build_on_read_only_data_folder(monkeypatch, tmp_path, capsys):
+    """Everything built: the build succeeds without rewriting assets.json; something to write: one error line."""
+    from ibert_plugin.assets import gpt2_bpe, packages
+
+    data = (tmp_path / "data").resolve()
+    monkeypatch.setattr(packages, "ensure_installed", lambda pkg: tmp_path)
+    monkeypatch.setattr(gpt2_bpe, "build_gpt2_bpe", lambda src, out: out)  # its stamp says: up to date
+    assert main(["build", "--data-dir", str(data), "--only", "bpe"]) == 0
+    summary = data / "assets.json"
+    before = (summary.stat().st_ino, summary.read_bytes())
+    _readonly(monkeypatch, data)
+    capsys.readouterr()
+    assert main(["build", "--data-dir", str(data), "--only", "bpe"]) == 0
+    assert (summary.stat().st_ino, summary.read_bytes()) == before  # not rewritten
+    summary.write_text("{}")  # now the summary must change: the read-only folder is one error line
+    assert main(["build", "--data-dir", str(data), "--only", "bpe"]) == 2
+    lines, err = _errors(capsys)
+    assert lines == [f"error: {data}: Read-only file system"] and "Traceback" not in err
+
+
+def test_import_hf_malformed_config_or_weights(capsys, tmp_path):
+    src = tmp_path / "hf"
+    src.mkdir()
+    cases = [("config.json", b"{\"model_type\": \"bert\", ", "config.json: not a JSON config ("),
+             ("config.json", b"[1, 2]", "config.json: not a JSON object"),
+             ("config.json", b"{\"model_type\": \"bert\", \"hidden_size\": \"big\"}",
+              "config.json: missing or non-integer num_hidden_layers, hidden_size"),
+             ("model.safetensors", os.urandom(4096), "model.safetensors: not a readable safetensors file (")]
+    good = {"model_type": "bert", "num_hidden_layers": 1, "hidden_size": 8, "intermediate_size": 16,
+            "num_attention_heads": 2, "max_position_embeddings": 16, "vocab_size": 10}
+    import json
+
+    for name, content, want in cases:
+        (src / "config.json").write_text(json.dumps(good))
+        (src / name).write_bytes(content)
+        assert main(["import-hf", "--model-dir", str(src), "--output", str(tmp_path / "o")]) == 2, name
+        lines, err = _errors(capsys)
+        assert len(lines) == 1 and want in lines[0] and "Traceback" not in err, (want, err[-2000:])

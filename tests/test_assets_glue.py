@@ -72,6 +72,18 @@ def test_script_error_exit(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_script_binary_tsv_is_one_error_line(tmp_path):
+    g = _copy(tmp_path)
+    (g / "RTE" / "dev.tsv").write_bytes(b"\x1f\x8b\x08\x00" + bytes(range(128, 256)) * 4)  # a gzip, say
+    out = tmp_path / "o"
+    r = subprocess.run(["bash", str(SCRIPT), str(g), "RTE", "--bpe", "wordpiece", "--bpe-dir", str(WP), "--out",
+                        str(out)], env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 2 and len(err) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"{g / 'RTE' / 'dev.tsv'}:1: not UTF-8 text (byte 0x8b at offset 1)" in err[0]
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------ in-process error cases
 def _run(argv, capsys):
     from ibert_plugin.assets import glue
@@ -88,7 +100,8 @@ def _copy(tmp_path):
     return g
 
 
-@pytest.mark.parametrize("case", ["unknown_task", "missing_folder", "missing_file", "bad_columns", "bad_label"])
+@pytest.mark.parametrize("case", ["unknown_task", "missing_folder", "missing_file", "bad_columns", "bad_label",
+                                  "latin1", "binary"])
 def test_bad_inputs(tmp_path, capsys, case):
     g = _copy(tmp_path)
     task, want = "SST-2", None
@@ -108,10 +121,18 @@ def test_bad_inputs(tmp_path, capsys, case):
         with open(g / "SST-2" / "dev.tsv", "a") as f:
             f.write("a sentence\tpositive\n")
         want = "dev.tsv:4: bad label 'positive'"
+    elif case == "latin1":
+        with open(g / "SST-2" / "dev.tsv", "ab") as f:
+            f.write(b"un caf\xe9 fade\t0\n")
+        want = "dev.tsv:4: not UTF-8 text (byte 0xe9 at offset"
+    elif case == "binary":
+        (g / "SST-2" / "train.tsv").write_bytes(b"\x00\x01\x02\x03\tpacked\n")
+        want = "train.tsv:1: binary data (a NUL byte), not a TSV text file"
     out = tmp_path / "bin"
     rc, lines, err = _run([str(g), task, "--bpe", "wordpiece", "--bpe-dir", str(WP), "--out", str(out)], capsys)
     assert rc == 2
     assert len(lines) == 1, err
     assert want in lines[0], lines[0]
-    # Never a partial dataset.
+    # Never a partial dataset, nor an empty output folder.
     assert not (out / f"{task}-bin").exists()
+    assert not out.exists()

@@ -171,7 +171,7 @@ def model_int(trained, tmp_path_factory):
     p = _run("convert", "--checkpoint", str(ckpt), "--output", str(out), "--bpe", "wordpiece", "--bpe-dir",
              str(_wordpiece_dir(root)), "--task", "RT-SENT")
     assert p.returncode == 0, p.stderr[-2000:]
-    assert p.stdout.startswith(f"wrote {out} (IBERT-INT v1")
+    assert p.stdout.startswith(f"wrote {out} (IBERT-INT v2")
     return out
 
 
@@ -281,3 +281,34 @@ def test_model_file_errors_exit_2(trained, model_int, tmp_path):
     p = _run_no_fairseq(tmp_path, "eval", "--model", str(model_int), "--tsv", str(tmp_path / "d.tsv"),
                         "--compare-qat")
     assert p.returncode == 2 and "need --checkpoint" in p.stderr
+
+
+def _one_error(p, *needles):
+    err = (p.stderr if isinstance(p.stderr, str) else p.stderr.decode("utf-8", "replace")).strip().splitlines()
+    assert p.returncode == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    for n in needles:
+        assert n in err[0], err[0]
+
+
+def test_bad_text_input_is_one_error_line(model_int, tmp_path):
+    """Non-UTF-8 sentences (argv, stdin), non-UTF-8 or binary --tsv, and bad --threads: one error line, exit 2."""
+    m = str(model_int)
+    cmd = [sys.executable, "-m", "ibert_plugin.engine"]
+    p = subprocess.run(cmd + ["predict", "--model", m, "fine", b"caf\xe9 au lait"], capture_output=True, cwd=REPO)
+    _one_error(p, "sentence argument 2 is not UTF-8 text (byte 0xe9 at character 3)")
+    p = subprocess.run(cmd + ["predict", "--model", m], input=b"fine film\n\xff\xfe dull\n", capture_output=True,
+                       cwd=REPO)
+    _one_error(p, "<stdin>:2: not UTF-8 text (byte 0xff at offset 10)")
+    latin1, binary = tmp_path / "latin1.tsv", tmp_path / "binary.tsv"
+    latin1.write_bytes(b"sentence\tlabel\na fine film\t1\nun caf\xe9 fade\t0\n")
+    binary.write_bytes(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\t\x00\n")
+    for sub in (["predict"], ["eval"]):
+        p = _run(*sub, "--model", m, "--tsv", str(latin1), "--task", "RT-SENT")
+        _one_error(p, f"{latin1}:3: not UTF-8 text (byte 0xe9 at offset")
+        p = _run(*sub, "--model", m, "--tsv", str(binary), "--task", "RT-SENT")
+        _one_error(p, f"{binary}:1: not UTF-8 text (byte 0x8b at offset 1)")
+    nul = tmp_path / "nul.tsv"
+    nul.write_bytes(b"a\x00b\t1\n")
+    _one_error(_run("eval", "--model", m, "--tsv", str(nul), "--task", "RT-SENT"), f"{nul}:1: binary data (a NUL")
+    for t in ("-2", "0"):
+        _one_error(_run("predict", "--model", m, "--threads", t, "a fine film"), f"--threads must be >= 1 (got {t}")

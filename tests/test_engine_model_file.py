@@ -1,6 +1,7 @@
 """IBERT-INT model files: lossless round trip, engine from the file bit-exact with the QAT model, token ids equal to
 fairseq's preprocessing, one clear error per bad file."""
 import dataclasses
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -183,8 +184,21 @@ def saved(tiny_models, tmp_path_factory):
     return path
 
 
-def _rewrite(src: Path, dst: Path, edit):
-    """Copy ``src`` with its metadata / JSON header changed by ``edit(meta, header)`` (tensors unchanged)."""
+def _seal(path: Path) -> None:
+    """Recompute the version-2 whole-file checksum as docs/integer_model_format.md specifies it (sha256 of the file
+    with the 64 hex digits of ``"file_sha256":"..."`` read as ``0``), written independently of model_file."""
+    data = bytearray(path.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    key = b'"file_sha256":"'
+    at = bytes(data[: 8 + n]).index(key) + len(key)
+    data[at: at + 64] = b"0" * 64
+    data[at: at + 64] = hashlib.sha256(bytes(data)).hexdigest().encode()
+    path.write_bytes(bytes(data))
+
+
+def _rewrite(src: Path, dst: Path, edit, seal=True):
+    """Copy ``src`` with its metadata / JSON header changed by ``edit(meta, header)`` (tensors unchanged), resealed
+    with a valid checksum unless ``seal`` is False (what a hand edit of the file gives)."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -194,6 +208,8 @@ def _rewrite(src: Path, dst: Path, edit):
     edit(meta, header)
     meta["header"] = json.dumps(header)
     save_file(load_file(str(src)), str(dst), metadata=meta)
+    if seal and "file_sha256" in meta:
+        _seal(dst)
     return dst
 
 
@@ -215,7 +231,20 @@ def _bad_file(kind, saved, tmp):
 
         save_file({"w": torch.ones(2)}, str(p), metadata={"format": "pt"})
     elif kind == "newer":
-        _rewrite(saved, p, lambda m, h: m.update(version="2"))
+        _rewrite(saved, p, lambda m, h: m.update(version="3"))
+    elif kind == "v1":  # a version-1 file: payload checksum in the header, no whole-file checksum
+        def v1(m, h):
+            del m["file_sha256"]
+            m["version"] = h["version"] = "1"
+            h["payload_sha256"] = "0" * 64
+        _rewrite(saved, p, v1)
+    elif kind == "header_digit":  # the issue's edit: one digit of a requantization constant changed in place
+        b = bytearray(data)
+        at = data.index(b'"emb_tok_m\\":') + len(b'"emb_tok_m\\":')
+        b[at] = ord("1") if b[at] != ord("1") else ord("2")
+        p.write_bytes(bytes(b))
+    elif kind == "labels_swapped":  # same length, so the safetensors offsets stay valid
+        _rewrite(saved, p, lambda m, h: h.update(labels=h["labels"][::-1]), seal=False)
     elif kind == "fields":
         _rewrite(saved, p, lambda m, h: h["model"]["fields"]["layers"]["list"][0]["fields"].pop("heads"))
     elif kind == "shapes":
@@ -225,11 +254,14 @@ def _bad_file(kind, saved, tmp):
 
 BAD = {
     "truncated": "truncated IBERT-INT file",
-    "flipped": "tensor payload checksum mismatch",
+    "flipped": "checksum mismatch (a byte of the file was changed)",
+    "header_digit": "checksum mismatch (a byte of the file was changed)",
+    "labels_swapped": "checksum mismatch (a byte of the file was changed)",
+    "v1": "is IBERT-INT version 1, whose header (constants, tokenizer, labels) is not checksummed: re-run",
     "random": "not an IBERT-INT model file",
     "torch": "not an IBERT-INT model file",
     "foreign_safetensors": "not an IBERT-INT model file (a safetensors file without the IBERT-INT header)",
-    "newer": "IBERT-INT version 2, newer than this engine reads (up to 1)",
+    "newer": "IBERT-INT version 3, newer than this engine reads (up to 2)",
     "fields": "IntLayer fields differ from this engine's (missing ['heads']",
     "shapes": "corrupt IBERT-INT file",
 }
@@ -243,6 +275,37 @@ def test_bad_model_file_is_one_error_line(saved, tmp_path, capsys, kind):
     rc = cli.main(["predict", "--model", str(p), "a sentence"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and BAD[kind] in err[0]
+
+
+def test_every_changed_byte_is_refused_naming_the_file(saved, tmp_path):
+    """A changed byte anywhere (8-byte length, safetensors JSON, the IBERT-INT header with every constant and label,
+    padding, tensor payload) makes load fail with one message naming the file: the whole file is checksummed."""
+    data = saved.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    positions = sorted(set(range(0, 8 + n, 3)) | set(range(8 + n, len(data), max(1, (len(data) - 8 - n) // 300)))
+                       | {len(data) - 1})
+    p = tmp_path / "x.int"
+    for pos in positions:
+        b = bytearray(data)
+        b[pos] ^= 0x04
+        p.write_bytes(bytes(b))
+        with pytest.raises(model_file.ModelFileError) as e:
+            model_file.load(str(p))
+        assert str(p) in str(e.value) and "\n" not in str(e.value), (pos, str(e.value))
+    p.write_bytes(data + b" ")  # appended bytes too
+    with pytest.raises(model_file.ModelFileError, match="checksum mismatch"):
+        model_file.load(str(p))
+
+
+def test_changed_header_constant_via_cli_predict_and_eval(saved, tmp_path, capsys):
+    p = _bad_file("header_digit", saved, tmp_path)
+    tsv = tmp_path / "dev.tsv"
+    tsv.write_text("a fine film\t1\n")
+    for argv in (["predict", "--model", str(p), "a sentence"], ["eval", "--model", str(p), "--tsv", str(tsv),
+                                                                 "--task", "RT-SENT"]):
+        rc = cli.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("error: corrupt IBERT-INT file " + str(p)), err
 
 
 def test_good_file_loads_and_save_refuses_mismatched_vocabulary(saved, tmp_path):

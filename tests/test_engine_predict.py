@@ -77,3 +77,26 @@ def test_encode_output_is_not_overwritten_by_later_calls(tiny):
     eng.encode(b)
     eng.encode(a)  # same shape: the same work buffers again
     assert torch.equal(qa, keep)
+
+
+def test_classify_empty_batch_is_an_engine_error(tiny):
+    d, model = tiny
+    eng = convert.from_model(model, threads=1)
+    for shape in ((0, 5), (3, 0)):
+        with pytest.raises(EngineError, match=rf"classify needs a non-empty \[batch, time\] token tensor, got shape "
+                                              rf"\[{shape[0]}, {shape[1]}\]"):
+            eng.classify(torch.full(shape, d.pad(), dtype=torch.long))
+
+
+def test_all_padding_rows_warn(tiny):
+    d, model = tiny
+    eng = convert.from_model(model, threads=1)
+    toks = torch.nn.utils.rnn.pad_sequence(_rows(d, n=3), batch_first=True, padding_value=d.pad())
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # real rows: no warning
+        eng.classify(toks)
+    toks[1] = d.pad()
+    with pytest.warns(RuntimeWarning, match="1 of 3 rows are all padding"):
+        eng.classify(toks)

@@ -3,8 +3,9 @@
 * a static graph of the import statements that run at import time (module level, class bodies, top-level
   ``if``/``try``; not function bodies) over every ``ibert_plugin`` module must be acyclic;
 * room rules on that graph: ``_cext`` (the C++ extension loader) imports nothing of the plugin, ``quant`` only
-  ``quant`` and ``_cext`` (also inside functions), ``engine`` only ``engine``, ``quant`` and ``_cext``, ``recipes`` (the driver) only ``quant.config``, the fairseq-free ``wiring.checkpoint_file`` and
-  (for SQuAD tasks) ``squad.recipe``;
+  ``quant`` and ``_cext`` (also inside functions), ``engine`` only ``engine``, ``quant`` and ``_cext``, ``recipes``
+  (the driver) only ``quant.config``, the fairseq-free ``wiring.checkpoint_file`` / ``wiring.lifetime`` and (for
+  SQuAD tasks) ``squad.recipe``;
 * every module imports alone in a fresh interpreter (a forked child of a process that has not imported the plugin),
   and the ``quant`` / ``engine`` / ``recipes`` ones leave ``fairseq`` out of ``sys.modules``.
 """
@@ -102,7 +103,7 @@ def _room(mod: str) -> str:
     ("_cext", set(), False),
     ("quant", {"quant", "_cext"}, False),
     ("engine", {"engine", "quant", "_cext"}, True),
-    ("recipes", {"recipes", "quant.config", "wiring.checkpoint_file", "squad.recipe"}, False),
+    ("recipes", {"recipes", "quant.config", "wiring.checkpoint_file", "wiring.lifetime", "squad.recipe"}, False),
 ])
 def test_rooms_import_only_downward(room, allowed, eager_only):
     bad = []

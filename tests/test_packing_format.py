@@ -190,5 +190,6 @@ def test_export_module_corrupt_file_is_one_line(tmp_path):
     p = subprocess.run([sys.executable, "-m", "ibert_plugin.export", "--checkpoint", str(bad), "--output",
                         str(tmp_path / "o.pt")], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
-    assert p.stderr.strip().splitlines() == [f"error: {bad} is not a valid checkpoint (unreadable by torch.load: "
-                                             "Unsupported operand 110)"], p.stderr
+    assert p.stderr.strip().splitlines() == [f"error: {bad} is not a valid checkpoint (a text file starting "
+                                             "'not a checkpoint'; a torch checkpoint is a zip archive written by "
+                                             "torch.save)"], p.stderr

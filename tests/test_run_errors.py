@@ -135,7 +135,39 @@ def test_corrupt_restore_file_from_the_shell(tiny_glue, tmp_path, run_env):
     bad = _bad_restore_files(tmp_path)["corrupt"]
     p = run_py("--task", "RTE", "--arch", "tiny", "--data-dir", str(tiny_glue), "--output-dir", str(tmp_path / "o"),
                "--cpu", "--restore-file", str(bad), env=run_env)
-    assert_one_error_line(p, 2, f"--restore-file: {bad} is not a valid checkpoint (unreadable by torch.load: ")
+    assert_one_error_line(p, 2, f"--restore-file: {bad} is not a valid checkpoint (a truncated or corrupt zip "
+                                "archive; a torch checkpoint is a zip archive written by torch.save)")
+
+
+@pytest.mark.parametrize("content,what", [
+    (b"hello, this is text\n", "a text file starting 'hello, this is text'"),
+    (bytes(range(1, 200)), "a binary file starting with bytes 01 02 03 04 05 06 07 08, not a zip archive"),
+    (b"", "an empty file"),
+    (b"\x80\x04K\x01.", "a Python pickle (not a torch.save zip archive) that torch.load cannot read: "),
+])
+def test_wrong_restore_file_is_explained(content, what, tiny_glue, tmp_path, capsys):
+    """Not "torch.load: 101" or "Unsupported operand 232": what the file is and what a checkpoint is."""
+    bad = tmp_path / "wrong.pt"
+    bad.write_bytes(content)
+    rc = run.cli(["--task", "RTE", "--arch", "tiny", "--data-dir", str(tiny_glue), "--output-dir",
+                  str(tmp_path / "o"), "--cpu", "--restore-file", str(bad), "--dry-run"])
+    err = capsys.readouterr().err
+    assert_one_error_line(Captured(rc, err), 2, f"--restore-file: {bad} is not a valid checkpoint ({what}")
+    assert "UserWarning" not in err
+
+
+def test_data_folder_without_valid_split_fails_at_dry_run(tiny_glue, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "glue-bin"
+    shutil.copytree(tiny_glue / "RTE-bin", data / "RTE-bin")
+    for ext in ("bin", "idx"):
+        (data / "RTE-bin" / "input0" / f"valid.{ext}").unlink()
+    rc = run.cli(["--task", "RTE", "--arch", "tiny", "--quant-mode", "none", "--data-dir", str(data), "--output-dir",
+                  str(tmp_path / "o"), "--cpu", "--dry-run"])
+    err = capsys.readouterr().err
+    assert_one_error_line(Captured(rc, err), 2, f"data folder {data / 'RTE-bin'} has no input0/valid.bin, "
+                                                "input0/valid.idx")
 
 
 def test_squad_tasks_go_to_their_recipe(tmp_path, capsys):

@@ -49,7 +49,11 @@ def build(data: Path, only=STEPS, squad_dir: Optional[Path] = None) -> dict:
 
     data.mkdir(parents=True, exist_ok=True)
     summary_path = data / "assets.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    try:
+        before = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    except ValueError:
+        before = {}
+    summary = json.loads(json.dumps(before))
     summary["data_dir"] = str(data)
     for step in STEPS + OPTIONAL_STEPS:
         if step not in only:
@@ -84,8 +88,15 @@ def build(data: Path, only=STEPS, squad_dir: Optional[Path] = None) -> dict:
                              **build_squad(data / "squad", squad_dir=squad_dir, cache_dir=data / "cache")}
         summary[step]["seconds_last_run"] = round(time.time() - t0, 1)
         log(f"== step {step} done in {time.time() - t0:.1f}s")
-    write_text_atomic(summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    if _untimed(summary) != _untimed(before):  # an up-to-date build leaves assets.json (and a read-only dir) alone
+        write_text_atomic(summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
+
+
+def _untimed(summary: dict) -> dict:
+    """``summary`` without the per-step ``seconds_last_run`` (which changes on every run)."""
+    return {k: ({kk: vv for kk, vv in v.items() if kk != "seconds_last_run"} if isinstance(v, dict) else v)
+            for k, v in summary.items()}
 
 
 def _parse_only(text: str):
@@ -131,6 +142,10 @@ def main(argv=None) -> int:
             print(json.dumps(info, indent=2))
     except AssetError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a read-only or full data folder, a permission problem: the file and the reason
+        where = e.filename or (args.output if args.cmd == "import-hf" else data_dir(args.data_dir))
+        print(f"error: {where}: {e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

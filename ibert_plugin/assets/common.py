@@ -45,6 +45,17 @@ def log(msg: str) -> None:
     print(f"[assets] {msg}", file=sys.stderr, flush=True)
 
 
+def decode_utf8(data: bytes, where: str) -> str:
+    """``data`` decoded as UTF-8, or one AssetError ``<where>:<line>: not UTF-8 text (byte 0x.. at offset N)``
+    (a binary file, or text in another encoding, is named instead of raising a UnicodeDecodeError traceback)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise AssetError(f"{where}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                         f"convert it to UTF-8") from None
+
+
 def sha256_file(path: os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, streamed."""
     h = hashlib.sha256()

@@ -30,6 +30,7 @@ missing folder or file, malformed row -- is one ``error: <file>:<line>: ...`` li
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import shutil
@@ -37,9 +38,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-from .common import AssetError, data_dir, log
+from .common import AssetError, data_dir, decode_utf8, log
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,17 @@ ALL_ORDER = ("QQP", "MNLI", "QNLI", "MRPC", "RTE", "STS-B", "SST-2", "CoLA", "RT
 
 
 # --------------------------------------------------------------------------------------------- reading
+def _utf8_lines(path: Path) -> Iterator[Tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file (universal newlines, line ends kept); a binary file or one in another
+    encoding is one AssetError naming the file, line and byte offset (never a UnicodeDecodeError traceback)."""
+    text = decode_utf8(path.read_bytes(), str(path))
+    nul = text.find("\x00")
+    if nul >= 0:
+        line = text.count("\n", 0, nul) + 1
+        raise AssetError(f"{path}:{line}: binary data (a NUL byte), not a TSV text file")
+    yield from enumerate(io.StringIO(text, newline=""), 1)
+
+
 def read_split(path: Path, spec: TaskSpec, kind: str) -> Tuple[List[List[str]], Optional[List[str]], int]:
     """Read and validate one split.
 
@@ -110,33 +122,32 @@ def read_split(path: Path, spec: TaskSpec, kind: str) -> Tuple[List[List[str]], 
     inputs: List[List[str]] = [[] for _ in cols]
     labels: Optional[List[str]] = [] if label_col else None
     dropped = 0
-    with open(path, "r", encoding="utf-8", newline="") as f:
-        for n, line in enumerate(f, 1):
-            if n == 1 and skip_header:
+    for n, line in _utf8_lines(path):
+        if n == 1 and skip_header:
+            continue
+        line = line.rstrip("\n").rstrip("\r")  # tolerate CRLF files
+        if not line.strip():
+            continue  # trailing blank lines
+        fields = line.split("\t")
+        if len(fields) != nfields:
+            if spec.drop_bad_rows and kind != "test":
+                dropped += 1
                 continue
-            line = line.rstrip("\n").rstrip("\r")  # tolerate CRLF files
-            if not line.strip():
-                continue  # trailing blank lines
-            fields = line.split("\t")
-            if len(fields) != nfields:
-                if spec.drop_bad_rows and kind != "test":
-                    dropped += 1
-                    continue
-                raise AssetError(f"{path}:{n}: expected {nfields} tab-separated fields, got {len(fields)}")
-            for i, c in enumerate(cols):
-                inputs[i].append(fields[c - 1])
-            if labels is not None:
-                lab = fields[label_col - 1].strip()
-                if spec.labels is None:
-                    try:
-                        v = float(lab)
-                    except ValueError:
-                        raise AssetError(f"{path}:{n}: bad regression label {lab!r}") from None
-                    if not 0.0 <= v <= 5.0:
-                        raise AssetError(f"{path}:{n}: regression label {lab!r} outside [0, 5]")
-                elif lab not in spec.labels:
-                    raise AssetError(f"{path}:{n}: bad label {lab!r} (expected one of {sorted(spec.labels)})")
-                labels.append(lab)
+            raise AssetError(f"{path}:{n}: expected {nfields} tab-separated fields, got {len(fields)}")
+        for i, c in enumerate(cols):
+            inputs[i].append(fields[c - 1])
+        if labels is not None:
+            lab = fields[label_col - 1].strip()
+            if spec.labels is None:
+                try:
+                    v = float(lab)
+                except ValueError:
+                    raise AssetError(f"{path}:{n}: bad regression label {lab!r}") from None
+                if not 0.0 <= v <= 5.0:
+                    raise AssetError(f"{path}:{n}: regression label {lab!r} outside [0, 5]")
+            elif lab not in spec.labels:
+                raise AssetError(f"{path}:{n}: bad label {lab!r} (expected one of {sorted(spec.labels)})")
+            labels.append(lab)
     if not inputs[0]:
         raise AssetError(f"{path}: no data rows")
     return inputs, labels, dropped
@@ -236,22 +247,26 @@ def preprocess_task(glue_dir: Path, task: str, encoder: BpeEncoder, dict_txt: Pa
     final, tmp = out / f"{task}-bin", out / f".{task}-bin.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    dev = ",".join(str(proc / f"{s}.LANG") for s in spec.dev_splits)
-    test = ",".join(str(proc / f"{s}.LANG") for s in spec.test_splits)
-    for i in range(n_in):
-        lang = f"input{i}"
-        _fairseq_preprocess(["--only-source", "--trainpref", str(proc / f"train.{lang}"),
-                             "--validpref", dev.replace("LANG", lang), "--testpref", test.replace("LANG", lang),
-                             "--destdir", str(tmp / lang), "--workers", str(workers), "--srcdict", str(dict_txt)])
-    if spec.labels is not None:
-        _fairseq_preprocess(["--only-source", "--trainpref", str(proc / "train.label"),
-                             "--validpref", dev.replace("LANG", "label"), "--destdir", str(tmp / "label"),
-                             "--workers", str(workers)])
-    else:
-        # STS-B: fairseq's script writes `awk '{print $1 / 5.0}'` text files; %.6g matches awk's output.
-        (tmp / "label").mkdir(parents=True)
-        for src, dst in (("train", "train"), (spec.dev_splits[0], "valid")):
-            _write_lines(tmp / "label" / f"{dst}.label", [format(float(v) / 5.0, ".6g") for v in data[src][1]])
+    try:
+        dev = ",".join(str(proc / f"{s}.LANG") for s in spec.dev_splits)
+        test = ",".join(str(proc / f"{s}.LANG") for s in spec.test_splits)
+        for i in range(n_in):
+            lang = f"input{i}"
+            _fairseq_preprocess(["--only-source", "--trainpref", str(proc / f"train.{lang}"),
+                                 "--validpref", dev.replace("LANG", lang), "--testpref", test.replace("LANG", lang),
+                                 "--destdir", str(tmp / lang), "--workers", str(workers), "--srcdict", str(dict_txt)])
+        if spec.labels is not None:
+            _fairseq_preprocess(["--only-source", "--trainpref", str(proc / "train.label"),
+                                 "--validpref", dev.replace("LANG", "label"), "--destdir", str(tmp / "label"),
+                                 "--workers", str(workers)])
+        else:
+            # STS-B: fairseq's script writes `awk '{print $1 / 5.0}'` text files; %.6g matches awk's output.
+            (tmp / "label").mkdir(parents=True)
+            for src, dst in (("train", "train"), (spec.dev_splits[0], "valid")):
+                _write_lines(tmp / "label" / f"{dst}.label", [format(float(v) / 5.0, ".6g") for v in data[src][1]])
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-binarised folder left behind
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -284,9 +299,18 @@ def run(glue_dir: Path, task: str, bpe: str = "gpt2", bpe_dir: Optional[Path] = 
     if not dict_txt.is_file():
         raise AssetError(f"{dict_txt}: not found (run: python -m ibert_plugin.assets build)")
     out = Path(out) if out else data / "glue-bin" / bpe
+    created = [p for p in (out, *out.parents) if not p.exists()]  # removed again if the run fails leaving them empty
     out.mkdir(parents=True, exist_ok=True)
-    encoder = BpeEncoder(bpe, bpe_dir)
-    return {t: preprocess_task(glue_dir, t, encoder, dict_txt, out, workers) for t in tasks}
+    try:
+        encoder = BpeEncoder(bpe, bpe_dir)
+        return {t: preprocess_task(glue_dir, t, encoder, dict_txt, out, workers) for t in tasks}
+    except BaseException:
+        for p in created:
+            try:
+                p.rmdir()  # only if empty: a finished task of an ALL run stays
+            except OSError:
+                break
+        raise
 
 
 def main(argv=None) -> int:

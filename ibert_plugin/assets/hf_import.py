@@ -53,7 +53,14 @@ def _read_config(model_dir: Path) -> Dict:
     p = model_dir / "config.json"
     if not p.is_file():
         raise AssetError(f"{p} not found")
-    cfg = json.loads(p.read_text(encoding="utf-8"))
+    try:
+        cfg = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise AssetError(f"{p}: not a JSON config ({str(exc).splitlines()[0]})") from None
+    if not isinstance(cfg, dict):
+        raise AssetError(f"{p}: not a JSON object (an HF config.json maps names to values)")
+    missing = [k for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                           "max_position_embeddings") if not isinstance(cfg.get(k), int)]
     mt = cfg.get("model_type")
     if mt not in ("bert", "roberta"):
         raise AssetError(f"{p}: model_type {mt!r} is not supported (bert or roberta)")
@@ -61,6 +68,8 @@ def _read_config(model_dir: Path) -> Dict:
         raise AssetError(f"{p}: hidden_act {cfg.get('hidden_act')!r} unsupported (fairseq roberta uses erf gelu)")
     if cfg.get("position_embedding_type", "absolute") != "absolute":
         raise AssetError(f"{p}: position_embedding_type {cfg.get('position_embedding_type')!r} unsupported")
+    if missing:
+        raise AssetError(f"{p}: missing or non-integer {', '.join(missing)}")
     return cfg
 
 
@@ -72,10 +81,18 @@ def _read_weights(model_dir: Path):
     if st.is_file():
         from safetensors.torch import load_file
 
-        sd = load_file(str(st))
+        try:
+            sd = load_file(str(st))
+        except Exception as exc:  # safetensors' SafetensorError (header too large, invalid JSON, truncated ...)
+            raise AssetError(f"{st}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
         src = st
     elif binf.is_file():
-        sd = torch.load(str(binf), map_location="cpu", weights_only=True)
+        try:
+            sd = torch.load(str(binf), map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle / zip errors whose text is torch's weights_only essay
+            raise AssetError(f"{binf}: not a readable torch state dict ({type(exc).__name__})") from None
+        if not isinstance(sd, dict):
+            raise AssetError(f"{binf}: holds a {type(sd).__name__}, not a state dict")
         src = binf
     else:
         raise AssetError(f"{model_dir}: neither model.safetensors nor pytorch_model.bin found")

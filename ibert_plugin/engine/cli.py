@@ -283,6 +283,37 @@ def _read_tsv(args, default_task):
     return cols, labels
 
 
+def _argv_sentences(sentences):
+    """Command-line sentences, each checked to be UTF-8 (Python keeps undecodable argv bytes as lone surrogates)."""
+    for i, sent in enumerate(sentences, 1):
+        try:
+            sent.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = sent[exc.start].encode("utf-8", "surrogateescape")
+            raise EngineError(f"sentence argument {i} is not UTF-8 text (byte 0x{bad[0]:02x} at character "
+                              f"{exc.start})") from None
+    return sentences
+
+
+def _stdin_lines():
+    """stdin's lines, decoded as UTF-8 (one error naming the line and byte instead of a UnicodeDecodeError)."""
+    from ibert_plugin.assets.common import AssetError, decode_utf8
+
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8")
+    try:
+        text = decode_utf8(data, "<stdin>")
+    except AssetError as exc:
+        raise EngineError(str(exc)) from None
+    return [ln.rstrip("\r") for ln in text.split("\n")]
+
+
+def _check_run_args(args):
+    if args.batch_size < 1:
+        raise EngineError("--batch-size must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        raise EngineError(f"--threads must be >= 1 (got {args.threads}; leave it out for the default)")
+
+
 def _encode(text, cols):
     rows, truncated = text.encode(cols)
     if truncated:
@@ -314,8 +345,7 @@ def _batches_with_targets(text, rows, targets, batch_size):
 def _predict(args):
     import torch
 
-    if args.batch_size < 1:
-        raise EngineError("--batch-size must be >= 1")
+    _check_run_args(args)
     eng, mf = _load_model_file(args)
     text = mf.text
     if args.tsv:
@@ -323,7 +353,7 @@ def _predict(args):
             raise EngineError("give sentences or --tsv, not both")
         cols, _ = _read_tsv(args, mf.header.get("task"))
     else:
-        lines = args.sentences or [ln.rstrip("\r\n") for ln in sys.stdin]
+        lines = _argv_sentences(args.sentences) if args.sentences else _stdin_lines()
         lines = [ln for ln in lines if ln.strip()]
         if not lines:
             raise EngineError("no sentences (give them as arguments, on stdin, or with --tsv)")
@@ -363,8 +393,7 @@ def _predict(args):
 def _eval(args):
     import torch
 
-    if args.batch_size < 1:
-        raise EngineError("--batch-size must be >= 1")
+    _check_run_args(args)
     model = task = None
     if args.model:
         if args.compare_qat or args.compare_fp32:

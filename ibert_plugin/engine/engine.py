@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -265,6 +266,12 @@ class IntegerEngine:
         """Logits of the float classification head on the integer encoder output (CLS token)."""
         if not self.im.head:
             raise EngineError("the model has no classification head")
+        if tokens.dim() != 2 or 0 in tokens.shape:
+            raise EngineError(f"classify needs a non-empty [batch, time] token tensor, got shape {list(tokens.shape)}")
+        all_pad = int((tokens == self.im.padding_idx).all(dim=1).sum())
+        if all_pad:  # their "prediction" is the head applied to padding: say so rather than pass it off as one
+            warnings.warn(f"{all_pad} of {tokens.shape[0]} rows are all padding (no tokens): their logits are "
+                          f"meaningless", RuntimeWarning, stacklevel=2)
         q, s, _ = self.encode(tokens)
         x = dequantize(q[:, 0, :].to(torch.float64), s)
         hd = self.im.head

@@ -1,12 +1,14 @@
-"""IBERT-INT: the integer engine's model file (format version 1, ``docs/integer_model_format.md``).
+"""IBERT-INT: the integer engine's model file (format version 2, ``docs/integer_model_format.md``).
 
 One safetensors file. Its tensors are every tensor of the compiled :class:`intmodel.IntModel` (int8 weights, int64
 biases and dyadic multipliers/shifts, float32 scales, the i-exp tables, the float classification head) under their
 dotted field paths (``model.layers.3.qkv.w_int``), plus the tokenizer as UTF-8 byte tensors (``vocab.tokenizer``,
-``vocab.dictionary``). Its ``__metadata__`` holds ``format = "IBERT-INT"``, ``version = "1"`` and ``header``: one JSON
+``vocab.dictionary``). Its ``__metadata__`` holds ``format = "IBERT-INT"``, ``version = "2"``, ``header``: one JSON
 document with the arch shape, bit-widths, route hints, label names, tokenization settings, the source checkpoint's
-sha256, the sha256 of the tensor payload, and ``model``: the IntModel tree, in which every dataclass is
-``{"type": name, "fields": {...}}``, every tensor ``{"tensor": key}`` and every int/float/bool/str/None itself.
+sha256 and ``model``: the IntModel tree, in which every dataclass is ``{"type": name, "fields": {...}}``, every
+tensor ``{"tensor": key}`` and every int/float/bool/str/None itself; and ``file_sha256``: the sha256 of the whole
+file with these 64 hex digits read as ``0`` (:func:`file_digest`), so that a changed byte anywhere (a
+requantization constant or a label name in the JSON header as much as a weight) is refused on load.
 
 The tree is written and read by walking ``dataclasses.fields``, so fields added to the compiled model are stored
 without touching this module; a file whose field set differs from the running engine's is refused (re-convert).
@@ -18,10 +20,11 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import struct
 import sys
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -30,7 +33,10 @@ from .intmodel import IntModel
 from .tokenizer import TextEncoder
 
 FORMAT_NAME = "IBERT-INT"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: ``__metadata__`` key of the whole-file checksum (version 2; version 1 checksummed only the tensor payload).
+CHECKSUM_KEY = "file_sha256"
+_DIGEST_HEX = 64
 #: Largest safetensors header we accept (the tokenizer lives in tensors, so real headers are a few hundred kB).
 MAX_HEADER_BYTES = 64 << 20
 
@@ -165,10 +171,8 @@ def _validate_shapes(im: IntModel, arch: Dict[str, Any]) -> None:
 def sha256_file(path: str, start: int = 0) -> str:
     """sha256 of ``path``'s bytes from ``start`` (streamed)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(start)
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for chunk in _chunks(path, start):
+        h.update(chunk)
     return h.hexdigest()
 
 
@@ -189,7 +193,7 @@ def _text_blobs(text: TextEncoder) -> Tuple[Dict[str, torch.Tensor], Dict[str, A
 # ------------------------------------------------------------------------------------------------------------------
 def save(path: str, im: IntModel, text: Optional[TextEncoder] = None, labels: Optional[List[str]] = None,
          source: Optional[Dict[str, Any]] = None, task: Optional[str] = None) -> Dict[str, Any]:
-    """Write ``im`` (and its tokenizer, label names, provenance) as an IBERT-INT v1 file; returns the header.
+    """Write ``im`` (and its tokenizer, label names, provenance) as an IBERT-INT v2 file; returns the header.
 
     The file is written to a temporary name and renamed, so a failed write never leaves a partial model file.
     """
@@ -211,13 +215,16 @@ def save(path: str, im: IntModel, text: Optional[TextEncoder] = None, labels: Op
         tensors.update(blobs)
     if labels is not None and header["arch"]["num_classes"] not in (None, len(labels)):
         raise EngineError(f"{len(labels)} label names for a {header['arch']['num_classes']}-class head")
-    payload = st_save(tensors)
-    n = struct.unpack("<Q", payload[:8])[0]
-    header["payload_sha256"] = hashlib.sha256(memoryview(payload)[8 + n:]).hexdigest()
     header["model"] = tree
-    del payload
-    blob = st_save(tensors, metadata={"format": FORMAT_NAME, "version": str(FORMAT_VERSION),
-                                      "header": json.dumps(header, separators=(",", ":"))})
+    blob = bytearray(st_save(tensors, metadata={"format": FORMAT_NAME, "version": str(FORMAT_VERSION),
+                                                "header": json.dumps(header, separators=(",", ":")),
+                                                CHECKSUM_KEY: "0" * _DIGEST_HEX}))
+    prefix_len = 8 + struct.unpack("<Q", blob[:8])[0]
+    prefix = bytes(blob[:prefix_len])
+    at = _digest_at(prefix)
+    if at is None:  # safetensors writes metadata as plain JSON strings: cannot happen short of a format change
+        raise EngineError(f"cannot write {path}: the {CHECKSUM_KEY} placeholder is not where {FORMAT_NAME} puts it")
+    blob[at: at + _DIGEST_HEX] = file_digest(prefix, at, [memoryview(blob)[prefix_len:]]).encode()
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -230,11 +237,46 @@ def save(path: str, im: IntModel, text: Optional[TextEncoder] = None, labels: Op
     return header
 
 
-def read_header(path: str) -> Tuple[Dict[str, Any], int]:
-    """(JSON header, byte offset of the tensor payload) of an IBERT-INT file, with one clear error per failure."""
+def _digest_at(prefix: bytes) -> Optional[int]:
+    """Offset in ``prefix`` (8-byte length + safetensors JSON header) of the 64 hex digits of
+    ``"file_sha256":"..."``, or None unless it occurs exactly once (inside the ``header`` string every quote is
+    escaped, so the embedded JSON cannot imitate it)."""
+    found = [m.start(1) for m in _DIGEST_RE.finditer(prefix, 8)]
+    return found[0] if len(found) == 1 else None
+
+
+_DIGEST_RE = re.compile(rb'"' + CHECKSUM_KEY.encode() + rb'":"([0-9a-f]{' + str(_DIGEST_HEX).encode() + rb'})"')
+
+
+def file_digest(prefix: bytes, at: int, rest: Iterable[bytes]) -> str:
+    """The version-2 whole-file checksum: sha256 of ``prefix`` (8-byte length + safetensors JSON header) with the
+    64 hex digits at ``at`` read as ``0``, followed by every byte of ``rest`` (the tensor payload, in chunks)."""
+    h = hashlib.sha256()
+    h.update(prefix[:at])
+    h.update(b"0" * _DIGEST_HEX)
+    h.update(prefix[at + _DIGEST_HEX:])
+    for chunk in rest:
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _chunks(path: str, start: int) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        f.seek(start)
+        yield from iter(lambda: f.read(1 << 20), b"")
+
+
+def read_header(path: str, verify: bool = True) -> Tuple[Dict[str, Any], int]:
+    """(JSON header, byte offset of the tensor payload) of an IBERT-INT file, with one clear error per failure.
+
+    Args:
+        path: the ``.int`` file.
+        verify: check the whole-file checksum (``file_sha256``) before trusting any of the header.
+    """
     if not os.path.isfile(path):
         raise ModelFileError(f"model file not found: {path}")
     not_ours = f"{path}: not an {FORMAT_NAME} model file"
+    corrupt = f"corrupt {FORMAT_NAME} file {path}"
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -244,36 +286,49 @@ def read_header(path: str) -> Tuple[Dict[str, Any], int]:
         if n > MAX_HEADER_BYTES or n < 2:
             raise ModelFileError(not_ours)
         raw = f.read(n)
+    ours = raw[:1] == b"{" and FORMAT_NAME.encode() in raw
     if len(raw) < n:
-        if raw[:1] == b"{" and FORMAT_NAME.encode() in raw:
+        if ours:
             raise ModelFileError(f"{path}: truncated {FORMAT_NAME} file ({size} bytes, header alone needs {8 + n})")
         raise ModelFileError(not_ours)
     try:
         st_header = json.loads(raw.decode("utf-8"))
         meta = st_header.get("__metadata__") or {}
-    except (UnicodeDecodeError, ValueError, AttributeError):
-        raise ModelFileError(not_ours) from None
+        ends = [v["data_offsets"][1] for k, v in st_header.items() if k != "__metadata__"]
+        end = 8 + n + max(ends, default=0)
+    except (UnicodeDecodeError, ValueError, AttributeError, KeyError, TypeError, IndexError):
+        raise ModelFileError(f"{corrupt}: unreadable safetensors header" if ours else not_ours) from None
     if meta.get("format") != FORMAT_NAME:
+        if ours and meta.get("format") is not None:
+            raise ModelFileError(f"{corrupt}: format {meta.get('format')!r}")
         raise ModelFileError(f"{not_ours} (a safetensors file without the {FORMAT_NAME} header)")
     try:
         version = int(meta.get("version", ""))
-    except ValueError:
-        raise ModelFileError(f"corrupt {FORMAT_NAME} file {path}: bad version {meta.get('version')!r}") from None
+    except (ValueError, TypeError):
+        raise ModelFileError(f"{corrupt}: bad version {meta.get('version')!r}") from None
     if version > FORMAT_VERSION:
         raise ModelFileError(f"{path} is {FORMAT_NAME} version {version}, newer than this engine reads "
                              f"(up to {FORMAT_VERSION}): upgrade ibert_plugin")
     if version < 1:
-        raise ModelFileError(f"corrupt {FORMAT_NAME} file {path}: bad version {version}")
+        raise ModelFileError(f"{corrupt}: bad version {version}")
+    if version < FORMAT_VERSION:
+        raise ModelFileError(f"{path} is {FORMAT_NAME} version {version}, whose header (constants, tokenizer, labels) "
+                             f"is not checksummed: re-run python -m ibert_plugin.engine convert on its checkpoint")
+    if end > size:
+        raise ModelFileError(f"{path}: truncated {FORMAT_NAME} file ({size} bytes, its tensors need {end})")
+    if verify:
+        prefix = head + raw
+        at = _digest_at(prefix)
+        if at is None or meta.get(CHECKSUM_KEY) != prefix[at: at + _DIGEST_HEX].decode():
+            raise ModelFileError(f"{corrupt}: no readable {CHECKSUM_KEY} checksum")
+        if file_digest(prefix, at, _chunks(path, 8 + n)) != meta[CHECKSUM_KEY]:
+            raise ModelFileError(f"{corrupt}: checksum mismatch (a byte of the file was changed)")
     try:
         header = json.loads(meta["header"])
         if not isinstance(header, dict) or not isinstance(header.get("model"), dict):
             raise ValueError
     except (KeyError, ValueError, TypeError):
-        raise ModelFileError(f"corrupt {FORMAT_NAME} file {path}: unreadable JSON header") from None
-    ends = [v["data_offsets"][1] for k, v in st_header.items() if k != "__metadata__"]
-    if 8 + n + max(ends, default=0) > size:
-        raise ModelFileError(f"{path}: truncated {FORMAT_NAME} file ({size} bytes, its tensors need "
-                             f"{8 + n + max(ends)})")
+        raise ModelFileError(f"{corrupt}: unreadable JSON header") from None
     return header, 8 + n
 
 
@@ -282,17 +337,15 @@ def load(path: str, verify: bool = True) -> ModelFile:
 
     Args:
         path: the ``.int`` file.
-        verify: check the sha256 of the tensor payload against the header (catches flipped bytes).
+        verify: check the whole-file sha256 (``file_sha256``): any changed byte, header or tensors, is refused.
 
     Raises:
-        ModelFileError: not an IBERT-INT file, truncated, corrupt, a newer format version, or a compiled-model
-            layout this engine does not know.
+        ModelFileError: not an IBERT-INT file, truncated, corrupt (checksum), an older or newer format version, or
+            a compiled-model layout this engine does not know.
     """
     from safetensors.torch import load_file
 
-    header, start = read_header(path)
-    if verify and sha256_file(path, start) != header.get("payload_sha256"):
-        raise ModelFileError(f"corrupt {FORMAT_NAME} file {path}: tensor payload checksum mismatch")
+    header, start = read_header(path, verify)
     try:
         tensors = load_file(path)
     except Exception as exc:  # safetensors' own consistency checks (SafetensorError)

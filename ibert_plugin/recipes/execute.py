@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..quant.config import ConfigError
+from ..wiring.lifetime import LIFETIME_ENV, RunLock, RunLockedError, child_preexec
 from .allocator import allocator_env
 from .allocator import describe as describe_allocator
 from .options import RunError, parse_args
@@ -92,17 +93,19 @@ def _child_env(extra: Dict[str, str]) -> Dict[str, str]:
     return env
 
 
-def _launch(plan: Plan, side_logs: list, alloc: Dict[str, str]) -> List[subprocess.Popen]:
+def _launch(plan: Plan, side_logs: list, alloc: Dict[str, str], lock: RunLock) -> List[subprocess.Popen]:
     """Start every rank: rank 0 with a pipe (tee'd to the log), the others writing ``<stamp>.rankN.log``;
-    ``alloc`` is :func:`~.allocator.allocator_env`'s choice of malloc."""
+    ``alloc`` is :func:`~.allocator.allocator_env`'s choice of malloc. Each rank dies with this process
+    (``PR_SET_PDEATHSIG``, also for the workers fairseq spawns) and holds the run folder's ``lock`` too."""
     procs = []
     for rank, (argv, env) in enumerate(zip(plan.argvs, plan.env_per_rank)):
-        env = _child_env({**alloc, **env})
+        env = _child_env({**alloc, **env, LIFETIME_ENV: "1"})
+        kw = dict(stderr=subprocess.STDOUT, env=env, preexec_fn=child_preexec(), pass_fds=(lock.fd,))
         if rank == 0:
-            procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env))
+            procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, **kw))
         else:
             side_logs.append(open(plan.config_dir / f"{plan.stamp}.rank{rank}.log", "a", encoding="utf-8"))
-            procs.append(subprocess.Popen(argv, stdout=side_logs[-1], stderr=subprocess.STDOUT, env=env))
+            procs.append(subprocess.Popen(argv, stdout=side_logs[-1], **kw))
     return procs
 
 
@@ -143,16 +146,17 @@ def _wait(procs: List[subprocess.Popen]) -> int:
         time.sleep(0.2)
 
 
-def run_processes(plan: Plan, alloc: Dict[str, str]) -> int:
-    """Run the fairseq-train process(es) to the end (``alloc``: :func:`~.allocator.allocator_env`'s variables); on
-    interruption stop them all and re-raise."""
+def run_processes(plan: Plan, alloc: Dict[str, str], lock: RunLock) -> int:
+    """Run the fairseq-train process(es) to the end (``alloc``: :func:`~.allocator.allocator_env`'s variables;
+    ``lock``: the held :class:`~ibert_plugin.wiring.lifetime.RunLock` of the run folder); on interruption stop them
+    all and re-raise."""
     procs: List[subprocess.Popen] = []
     side_logs: list = []
     with open(plan.log_path, "a", encoding="utf-8") as log:
         log.write(f"[run.py] memory allocator: {describe_allocator(alloc)}\n")
         tee = _Tee(log)
         try:
-            procs = _launch(plan, side_logs, alloc)
+            procs = _launch(plan, side_logs, alloc, lock)
             pump = _pump(procs[0], tee)
             rc = _wait(procs)
             pump.join(timeout=10)
@@ -269,20 +273,27 @@ def main(argv: Optional[Sequence[str]] = None) -> RunResult:
         _print_dry_run(plan)
         return RunResult(0, plan.task, plan.mode, str(plan.log_path), str(plan.ckpt_dir), None, plan.metric, None,
                          time.time() - t0, plan.argvs, resumed=plan.resumed, dry_run=True)
-    _start_log(plan)
-    write_record(plan, "running")
-    print(f"[run.py] {'resuming' if plan.resumed else 'starting'} {plan.task} [{plan.mode}]; log: {plan.log_path}",
-          flush=True)
     try:
-        rc = run_processes(plan, alloc)
-    except KeyboardInterrupt:
-        write_record(plan, "interrupted")
-        raise
-    packed, failed_step = None, ("fairseq-train" if rc != 0 else None)
-    if rc == 0 and plan.export:
-        rc, packed = export_packed(plan)
-        failed_step = "export" if rc != 0 else None
-    write_record(plan, "finished" if rc == 0 else "failed", returncode=rc)
+        lock = RunLock(plan.ckpt_dir).acquire()  # before anything touches the folder, its log or its record
+    except RunLockedError as e:
+        raise RunError(str(e)) from None
+    except OSError as e:
+        raise RunError(f"cannot lock the run folder {plan.ckpt_dir}: {e.strerror}") from None
+    with lock:
+        _start_log(plan)
+        write_record(plan, "running")
+        print(f"[run.py] {'resuming' if plan.resumed else 'starting'} {plan.task} [{plan.mode}]; log: "
+              f"{plan.log_path}", flush=True)
+        try:
+            rc = run_processes(plan, alloc, lock)
+        except KeyboardInterrupt:
+            write_record(plan, "interrupted")
+            raise
+        packed, failed_step = None, ("fairseq-train" if rc != 0 else None)
+        if rc == 0 and plan.export:
+            rc, packed = export_packed(plan)
+            failed_step = "export" if rc != 0 else None
+        write_record(plan, "finished" if rc == 0 else "failed", returncode=rc)
     best_ckpt = plan.ckpt_dir / "checkpoint_best.pt"
     text = plan.log_path.read_text(encoding="utf-8", errors="replace")
     return RunResult(

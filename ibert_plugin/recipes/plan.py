@@ -107,6 +107,12 @@ def data_dir(a: argparse.Namespace) -> Path:
     if not (bin_dir / "input0" / "dict.txt").is_file():
         raise RunError(f"data folder not found or incomplete: {bin_dir} (expected input0/dict.txt; build it with "
                        f"scripts/preprocess_GLUE_tasks.sh or pass --data-dir)")
+    # fairseq-train loads train and validates on valid: a missing split would only fail after the model is built
+    missing = [f"input0/{split}.{ext}" for split in ("train", "valid") for ext in ("bin", "idx")
+               if not (bin_dir / "input0" / f"{split}.{ext}").is_file()]
+    if missing:
+        raise RunError(f"data folder {bin_dir} has no {', '.join(missing)} (the train and valid splits fairseq-train "
+                       f"needs; re-run scripts/preprocess_GLUE_tasks.sh)")
     return bin_dir
 
 

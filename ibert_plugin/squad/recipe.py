@@ -54,6 +54,7 @@ from ..quant.config import ConfigError
 from ..recipes.allocator import allocator_env
 from ..recipes.allocator import describe as describe_allocator
 from ..recipes.plan import fairseq_train_cmd
+from ..wiring.lifetime import LIFETIME_ENV, RunLock, RunLockedError, child_preexec
 from .data import SquadError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -346,14 +347,21 @@ def _distill_flags(a, teacher: Optional[Path], pred: bool, intermediate: bool) -
 
 def _run_logged(cmd: List[str], log_path: Path, alloc: Optional[Dict[str, str]] = None) -> int:
     """Run ``cmd``, tee its merged output to stdout and ``log_path``; ``alloc``: extra environment (the memory
-    allocator of a training process, :func:`ibert_plugin.recipes.allocator.allocator_env`)."""
-    with open(log_path, "a", encoding="utf-8") as log:
+    allocator of a training process, :func:`ibert_plugin.recipes.allocator.allocator_env`). The child dies with this
+    process and holds the lock of ``log_path``'s folder (the stage's save dir) with it
+    (:mod:`ibert_plugin.wiring.lifetime`): a second recipe on the same folder fails instead of training into it."""
+    try:
+        lock = RunLock(log_path.parent).acquire()
+    except RunLockedError as e:
+        raise RecipeError(str(e)) from None
+    with lock, open(log_path, "a", encoding="utf-8") as log:
         log.write(f"[squad] {shlex.join(cmd)}\n")
         if alloc is not None:
             log.write(f"[squad] memory allocator: {describe_allocator(alloc)}\n")
         log.flush()
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **(alloc or {}))
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(alloc or {}), **{LIFETIME_ENV: "1"})
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=str(REPO),
+                                preexec_fn=child_preexec(), pass_fds=(lock.fd,))
         for line in iter(proc.stdout.readline, b""):
             text = line.decode("utf-8", "replace")
             sys.stdout.write(text)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 import zipfile
 from typing import Any, Dict
 
@@ -43,8 +44,17 @@ def read_checkpoint(path: str) -> Any:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     allow_fairseq_pickles()
+    is_zip = zipfile.is_zipfile(path)
+    if not is_zip:
+        with open(path, "rb") as f:
+            head = f.read(64)
+        if head[:1] != b"\x80":  # neither torch's zip archive nor a (legacy torch) pickle: say what it is instead
+            raise CheckpointError(f"{path} is not a valid checkpoint ({_describe(head)}; a torch checkpoint is a "
+                                  "zip archive written by torch.save)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        with warnings.catch_warnings():  # "Detected pickle protocol N": torch's aside, not the explanation
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:  # torch's weights_only essay: keep only what it says about the file
         text = str(e)
         reason = text.split("WeightsUnpickler error:", 1)[1].strip() if "WeightsUnpickler error:" in text else text
@@ -53,11 +63,30 @@ def read_checkpoint(path: str) -> Any:
             name = reason.split("GLOBAL", 1)[-1].split(" was not", 1)[0].strip()
             raise CheckpointError(f"{path} is not a valid checkpoint (it pickles {name}, which no fairseq or "
                                   "plugin checkpoint holds)") from None
-        raise CheckpointError(f"{path} is not a valid checkpoint (unreadable by torch.load: {reason})") from None
+        raise _unreadable(path, is_zip, reason) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError,
             zipfile.BadZipFile) as e:
-        reason = _first_line(e)
-        raise CheckpointError(f"{path} is not a valid checkpoint (unreadable by torch.load: {reason})") from None
+        raise _unreadable(path, is_zip, _first_line(e)) from None
+
+
+def _unreadable(path: str, is_zip: bool, reason: str) -> CheckpointError:
+    kind = "a torch zip archive" if is_zip else "a Python pickle (not a torch.save zip archive)"
+    return CheckpointError(f"{path} is not a valid checkpoint ({kind} that torch.load cannot read: {reason})")
+
+
+def _describe(head: bytes) -> str:
+    """What a non-checkpoint file looks like, from its first bytes (for the error message)."""
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK"):
+        return "a truncated or corrupt zip archive"
+    try:
+        text = head.decode("utf-8")
+        if text.isprintable() or all(c.isprintable() or c in "\t\r\n" for c in text):
+            return f"a text file starting {text.split(chr(10))[0][:40]!r}"
+    except UnicodeDecodeError:
+        pass
+    return f"a binary file starting with bytes {head[:8].hex(' ')}, not a zip archive"
 
 
 def _first_line(e) -> str:
