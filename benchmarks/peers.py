@@ -37,9 +37,10 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
+
+from ibert_plugin.engine import gemm
 
 #: Peer names in the order they are built and reported.
 PEERS = ("torch_int8", "ort_fp32", "ort_int8_dynamic", "ort_int8_static", "ov_fp32", "ov_int8")
@@ -74,20 +75,6 @@ def _version(mod_name: str) -> str:
         return str(getattr(mod, "__version__", "?"))
     except Exception:  # noqa: BLE001  (not installed: reported as unavailable by the builder)
         return "not installed"
-
-
-def _ort_options(threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    so.log_severity_level = 3
-    return so
 
 
 def export_onnx(fp: nn.Module, example: torch.Tensor, path: str) -> str:
@@ -170,7 +157,8 @@ def build_peers(fp: nn.Module, calib_rows: List[torch.Tensor], example: torch.Te
     def ort_session(path):
         import onnxruntime as ort
 
-        s = ort.InferenceSession(path, sess_options=_ort_options(threads), providers=["CPUExecutionProvider"])
+        # the engine's ORT settings (ORT_ENABLE_ALL, sequential, workers sleep between calls)
+        s = ort.InferenceSession(path, sess_options=gemm.session_options(threads), providers=["CPUExecutionProvider"])
         return lambda t: s.run(None, {"tokens": t.numpy()})[0]
 
     if "ort_fp32" in only:
