@@ -18,5 +18,7 @@ setup(
     package_data={"ibert_plugin": ["engine/*.cpp", "quant/*.cpp", "*.json", "*/*.json", "*/*/*.json"]},
     python_requires=">=3.10",
     install_requires=[],
+    # Optional: the deployment peers of benchmarks/integer_engine.py (OpenVINO, NNCF); see requirements-bench.txt.
+    extras_require={"bench": ["openvino==2026.4.1", "nncf==3.4.0"]},
     zip_safe=False,
 )

@@ -1,28 +1,34 @@
-"""Integer engine vs FP32 PyTorch, bit-exact against the QAT model, at roberta_base shape and on real sentences.
+"""Integer engine vs FP32 PyTorch and the int8 deployment peers, bit-exact against the QAT model.
 
 Weights (``--cases``): ``8bit`` (W8A8 I-BERT, per-channel 8-bit), ``7bit`` (W7A8, per-channel 7-bit), ``ternary``
 (integer-only ternary W2A8: TWN weights, I-BERT integer GELU / softmax / LayerNorm); all ``--quant-mode symmetric``.
 Inputs (``--inputs``):
 
+* ``real``: the imported MiniLM (``data/minilm/model.pt``, 6 x 384; ``python -m ibert_plugin.assets build``)
+  calibrated on 48 RT-SENT train sentences, run on the RT-SENT dev sentences in file order (the demo's engine-stage
+  inputs) in batches of ``--real-batches`` 1, 8 and 32, each padded to its longest row.
+* ``squad``: the same MiniLM models on SQuAD-length windows (``--squad-seq`` 384 random tokens, ``--squad-batch`` 8).
 * ``base``: a real ``ibert_roberta`` of roberta_base shape (12 x 768, FFN 3072, 12 heads, vocab 50265; ``--layers``)
   with random BERT-init weights, perturbed biases and LayerNorm affine (gamma 1 + 0.2 N(0, 1) with 5 % sign flips,
   beta 0.1 N(0, 1), biases 0.05 N(0, 1)), calibrated by train-mode forwards on random tokens, converted with
   ``engine.convert.from_model``; random tokens, ``--seq`` 128, ``--batches`` 1 and 8, no padding.
-* ``real``: the imported MiniLM (``data/minilm/model.pt``, 6 x 384) calibrated on RT-SENT train sentences, run on
-  the RT-SENT dev sentences in file order (the demo's engine-stage inputs) in batches of ``--real-batches`` 8 and 32,
-  each padded to its longest row.
 
-Timing: the FP32 PyTorch forward (a plain post-LN encoder: nn.Linear, SDPA, nn.LayerNorm, exact GELU, with the QAT
-model's float weights) and ``IntegerEngine.encode`` alternate inside every repetition (one repetition = every batch
-of the case), warm, ``torch.no_grad``, ``torch.set_num_threads(--threads)``. Per repetition ratio = FP32 time /
-engine time; reported: the median ratio with its min and max over repetitions, median times, the engine's linear
-routes (attention: the fused C++ kernel attention_u8) and the weight bits.
+Contenders, all on the same float weights (the QAT model's; ``same_fp32_weights`` checks that every case's float
+weights are identical), sentences, batches and threads: ``fp32`` (a plain post-LN encoder: nn.Linear, SDPA,
+nn.LayerNorm, exact GELU), the deployment peers of ``benchmarks/peers.py`` (``--peers``: torch dynamic int8, ONNX
+Runtime FP32 / dynamic int8 / static QDQ int8, OpenVINO FP32 / NNCF static int8 when ``openvino`` and ``nncf`` are
+installed, ``pip install -r requirements-bench.txt``; a peer that cannot be built is listed with its error) and
+``engine_<case>`` (``IntegerEngine.encode``). In every repetition each contender runs every batch of the case, the
+order rotating by one per repetition; warm, ``torch.no_grad``, ``torch.set_num_threads(--threads)``. Reported per
+contender: median [min, max] over repetitions of FP32 time / contender time; per engine row ``vs_peers`` (peer time /
+engine time, median [min, max]) and ``vs_fastest_int8_peer``; each contender's library, version and route.
 ``bit_exact``: every hooked QAT module output (embeddings, every QuantAct, softmax, GELU, every LayerNorm; padding
 rows masked) equals the engine's integers (``engine.qat_compare``) on every timed batch, and so do the logits of
 the classification head.
 Prints a table, then ONE JSON object as the last line.
 
-    python benchmarks/integer_engine.py [--threads 2] [--reps 7] [--inputs base real] [--cases 7bit ternary 8bit]
+    python benchmarks/integer_engine.py [--threads 2] [--reps 3] [--inputs real base squad] [--cases 8bit 7bit ternary]
+                                        [--peers torch_int8 ort_fp32 ... | none]
     python benchmarks/integer_engine.py --quick      # 2 layers, 2 repetitions, batch 8, 96 dev sentences
 """
 from __future__ import annotations
@@ -241,24 +247,24 @@ def _check_bit_exact(eng, model, batches):
     return True, None
 
 
-def time_interleaved(fp, eng, batches, reps):
-    """Per repetition: every batch through FP32, then through the engine. Returns (fp32 s, engine s) lists."""
+def time_contenders(contenders, batches, reps):
+    """Per repetition every contender runs every batch; the order rotates by one each repetition (so no contender
+    always follows the same one). Returns {name: [seconds per repetition]}."""
+    names = list(contenders)
     with torch.no_grad():
-        for b in batches[:2]:  # warm-up (buffers, ORT sessions, OpenMP pool)
-            fp(b)
-            eng.encode(b)
-        tf, ti = [], []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            for b in batches:
-                fp(b)
-            t1 = time.perf_counter()
-            for b in batches:
-                eng.encode(b)
-            t2 = time.perf_counter()
-            tf.append(t1 - t0)
-            ti.append(t2 - t1)
-    return tf, ti
+        for fn in contenders.values():  # warm-up (buffers, sessions, OpenMP / TBB pools, shape caches)
+            for b in batches[:2]:
+                fn(b)
+        times = {n: [] for n in names}
+        for r in range(reps):
+            k = r % len(names)
+            for n in names[k:] + names[:k]:
+                fn = contenders[n]
+                t0 = time.perf_counter()
+                for b in batches:
+                    fn(b)
+                times[n].append(time.perf_counter() - t0)
+    return times
 
 
 def fp32_weight_bytes(model: nn.Module) -> int:
@@ -272,48 +278,142 @@ def convert_both(model, args):
     return eng, FloatEncoder(model)
 
 
-def measure(inputs, case, model, eng, fp, batches, args, shape, extra):
-    wb, label = WEIGHTS[case]
-    routes = sorted({r for lay in eng.routes for r in lay.values()})
-    exact, why = (None, "skipped") if args.skip_exact else check_bit_exact(eng, model, batches)
-    reps = args.reps * (3 if batches[0].shape[0] == 1 else 1)
-    tf, ti = time_interleaved(fp, eng, batches, reps)
-    ratios = [f / i for f, i in zip(tf, ti)]
-    n_sent = sum(b.shape[0] for b in batches)
-    if args.profile:
-        eng.profile, eng.timings = True, {}
-        with torch.no_grad():
-            for b in batches:
-                eng.encode(b)
-        eng.profile = False
-        print(f"  profile {inputs} {case} B={batches[0].shape[0]}: " + ", ".join(
-            f"{k} {1000 * v:.1f}" for k, v in sorted(eng.timings.items(), key=lambda kv: -kv[1])) + " ms")
-    row = dict(inputs=inputs, case=case, weights=label, weight_bits=int(wb), routes=routes, attention_route="fused attention_u8",
-               threads=args.threads, shape=shape, batch=int(batches[0].shape[0]), batches=len(batches),
-               sentences=n_sent, fp32_ms=round(1000 * statistics.median(tf), 2),
-               int_ms=round(1000 * statistics.median(ti), 2), speedup_median=round(statistics.median(ratios), 3),
-               speedup_min=round(min(ratios), 3), speedup_max=round(max(ratios), 3), reps=reps,
-               int_sentences_per_s=round(n_sent / statistics.median(ti), 1),
-               fp32_sentences_per_s=round(n_sent / statistics.median(tf), 1), bit_exact=exact,
-               bit_exact_note=why, fp32_weight_mb=round(fp32_weight_bytes(fp) / 2 ** 20, 1),
-               int_weight_mb=round(eng.weight_bytes(include_head=False) / 2 ** 20, 1), **extra)
-    print(f"{inputs:4s} {case:7s} {','.join(routes):14s} B={row['batch']:<2d} x{len(batches):<3d} fp32 "
-          f"{row['fp32_ms']:9.1f} ms  int {row['int_ms']:9.1f} ms  x{row['speedup_median']:.2f} "
-          f"[{row['speedup_min']:.2f}, {row['speedup_max']:.2f}]  bit_exact={exact}" + (f" ({why})" if why else ""),
-          flush=True)
-    return row
+def _weights_key(fp: nn.Module):
+    return [p.detach().clone() for p in fp.parameters()]
+
+
+def _stats(v):
+    return dict(median=round(statistics.median(v), 3), min=round(min(v), 3), max=round(max(v), 3))
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def _cpu_isa() -> str:
+    try:
+        flags = open("/proc/cpuinfo").read().split("flags", 1)[1].split("\n", 1)[0].split()
+    except (OSError, IndexError):
+        return "unknown"
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f in flags]
+    return ", ".join(isa) or "no AVX2"
+
+
+class CaseSet:
+    """One timed case: a list of token batches of one batch size (``inputs`` real / squad / base)."""
+
+    def __init__(self, inputs, batch, batches, shape, extra):
+        self.inputs, self.batch, self.batches, self.shape, self.extra = inputs, batch, batches, shape, extra
+
+
+def run_group(build_model, sets, calib_rows, args, log=print):
+    """Engines for every weight case of ``build_model`` and the peers of its FP32 twin, timed interleaved on every
+    case set. Returns (rows, peer descriptions)."""
+    import peers as P
+
+    engines, exact, fp, fp_key, same = {}, {}, None, None, True
+    for case in args.cases:
+        model = build_model(WEIGHTS[case][0])
+        eng = convert.from_model(model, threads=args.threads, route=args.route)
+        torch.set_num_threads(args.threads)
+        twin = FloatEncoder(model)
+        if fp is None:
+            fp, fp_key = twin, _weights_key(twin)
+        else:
+            same = same and all(torch.equal(a, b) for a, b in zip(fp_key, _weights_key(twin)))
+        del twin
+        for j, cs in enumerate(sets):
+            exact[case, j] = (None, "skipped") if args.skip_exact else check_bit_exact(eng, model, cs.batches)
+        del model
+        gemm.malloc_trim()
+        engines[case] = eng
+        log(f"  engine {case}: routes {sorted({r for lay in eng.routes for r in lay.values()})}, bit_exact "
+            f"{[exact[case, j][0] for j in range(len(sets))]}")
+    peers = P.build_peers(fp, calib_rows, sets[0].batches[0], args.threads,
+                          only=[p for p in args.peers if p != "none"], log=log) if fp is not None else {}
+    torch.set_num_threads(args.threads)
+    rows = []
+    for j, cs in enumerate(sets):
+        contenders = {"fp32": fp}
+        contenders.update({n: p.run for n, p in peers.items() if p.run is not None})
+        contenders.update({f"engine_{c}": e.encode for c, e in engines.items()})
+        one = len(cs.batches) == 1 and cs.batch == 1  # a single small forward: more repetitions
+        reps = args.reps * (3 if one else 1)
+        times = time_contenders(contenders, cs.batches, reps)
+        tf = times["fp32"]
+        n_sent = sum(b.shape[0] for b in cs.batches)
+        base = dict(inputs=cs.inputs, shape=cs.shape, threads=args.threads, batch=cs.batch, batches=len(cs.batches),
+                    sentences=n_sent, reps=reps, fp32_ms=round(1000 * statistics.median(tf), 2),
+                    fp32_sentences_per_s=round(n_sent / statistics.median(tf), 1), same_fp32_weights=same, **cs.extra)
+        for name, tc in times.items():
+            ratios = [f / c for f, c in zip(tf, tc)]
+            row = dict(base, contender=name, ms=round(1000 * statistics.median(tc), 2),
+                       sentences_per_s=round(n_sent / statistics.median(tc), 1),
+                       speedup_median=round(statistics.median(ratios), 3), speedup_min=round(min(ratios), 3),
+                       speedup_max=round(max(ratios), 3))
+            if name in peers:
+                pr = peers[name]
+                row.update(library=pr.library, version=pr.version, route=pr.route)
+            elif name == "fp32":
+                row.update(library="torch", version=torch.__version__,
+                           route="plain FP32 encoder (nn.Linear, SDPA, nn.LayerNorm, exact GELU)",
+                           fp32_weight_mb=round(fp32_weight_bytes(fp) / 2 ** 20, 1))
+            else:
+                case = name[len("engine_"):]
+                eng = engines[case]
+                wb, label = WEIGHTS[case]
+                routes = sorted({r for lay in eng.routes for r in lay.values()})
+                ok, why = exact[case, j]
+                row.update(library="ibert_plugin engine", version="this tree", case=case, weights=label,
+                           weight_bits=int(wb), routes=routes, route=f"{','.join(routes)} + fused attention_u8",
+                           attention_route="fused attention_u8", int_ms=row["ms"],
+                           int_sentences_per_s=row["sentences_per_s"], bit_exact=ok, bit_exact_note=why,
+                           int_weight_mb=round(eng.weight_bytes(include_head=False) / 2 ** 20, 1),
+                           vs_peers={p: _stats([tp / c for tp, c in zip(times[p], tc)]) for p in times
+                                     if p in peers})
+                ints = [p for p in P.INT8_PEERS if p in row["vs_peers"]]
+                if ints:
+                    best = min(ints, key=lambda p: statistics.median(times[p]))
+                    row["vs_fastest_int8_peer"] = dict(peer=best, **row["vs_peers"][best])
+            rows.append(row)
+            log(f"{cs.inputs:5s} B={cs.batch:<2d} {name:17s} {row['ms']:9.1f} ms  x{row['speedup_median']:.2f} "
+                f"[{row['speedup_min']:.2f}, {row['speedup_max']:.2f}]" +
+                (f"  bit_exact={row['bit_exact']}" if "bit_exact" in row else ""), flush=True)
+        if args.profile:
+            for case, eng in engines.items():
+                eng.profile, eng.timings = True, {}
+                with torch.no_grad():
+                    for b in cs.batches:
+                        eng.encode(b)
+                eng.profile = False
+                log(f"  profile {cs.inputs} {case} B={cs.batch}: " + ", ".join(
+                    f"{k} {1000 * v:.1f}" for k, v in sorted(eng.timings.items(), key=lambda kv: -kv[1])) + " ms")
+    return rows, {n: p.describe() for n, p in peers.items()}
 
 
 def main(argv=None):
+    import peers as P
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=7, help="timed repetitions (batch 1 uses 3x)")
-    ap.add_argument("--inputs", nargs="+", choices=["base", "real"], default=["base", "real"])
-    ap.add_argument("--cases", nargs="+", choices=list(WEIGHTS), default=["7bit", "ternary", "8bit"])
+    ap.add_argument("--reps", type=int, default=3, help="timed repetitions (a single batch-1 forward uses 3x)")
+    ap.add_argument("--inputs", nargs="+", choices=["real", "base", "squad"], default=["real", "base", "squad"])
+    ap.add_argument("--cases", nargs="+", choices=list(WEIGHTS), default=["8bit", "7bit", "ternary"])
+    ap.add_argument("--peers", nargs="+", choices=list(P.PEERS) + ["none"], default=list(P.PEERS),
+                    help="deployment peers to time (benchmarks/peers.py); 'none' for engine vs FP32 only")
     ap.add_argument("--layers", type=int, default=BASE_DIMS["layers"], help="roberta_base layers (base inputs)")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="base inputs: batch sizes")
-    ap.add_argument("--real-batches", type=int, nargs="+", default=[8, 32], help="real inputs: batch sizes")
+    ap.add_argument("--real-batches", type=int, nargs="+", default=[1, 8, 32], help="real inputs: batch sizes")
+    ap.add_argument("--squad-seq", type=int, default=384, help="squad inputs: window length (MiniLM)")
+    ap.add_argument("--squad-batch", type=int, default=8, help="squad inputs: windows per batch")
     ap.add_argument("--dev-sentences", type=int, default=1000, help="real inputs: first N RT-SENT dev sentences")
     ap.add_argument("--quick", action="store_true", help="2 layers, 2 repetitions, batch 8, 96 dev sentences")
     ap.add_argument("--profile", action="store_true", help="print a per-op breakdown of the engine")
@@ -321,51 +421,65 @@ def main(argv=None):
     ap.add_argument("--route", choices=engine.IntegerEngine.ROUTE_CHOICES, default="auto", help="engine GEMM routes")
     args = ap.parse_args(argv)
     if args.quick:
-        args.layers, args.reps, args.batches, args.dev_sentences = 2, 2, [8], 96
-    for name in ("threads", "reps", "layers", "seq", "dev_sentences"):
+        args.layers, args.reps, args.batches, args.real_batches, args.dev_sentences = 2, 2, [8], [8], 96
+    for name in ("threads", "reps", "layers", "seq", "dev_sentences", "squad_seq", "squad_batch"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     if min(args.batches + args.real_batches) < 1:
         ap.error("batch sizes must be >= 1")
+    if "none" in args.peers and len(args.peers) > 1:
+        ap.error("--peers none cannot be combined with peer names")
 
     torch.set_num_threads(args.threads)
     gemm.set_default_threads(args.threads)
-    results = []
+    results, contenders = [], {}
     try:
-        if "real" in args.inputs:
+        if "real" in args.inputs or "squad" in args.inputs:
             d, calib, dev, state, lengths = _minilm_data(args.dev_sentences, args.real_batches)
-            extra = dict(model="imported MiniLM (6 x 384, FFN 1536)", data="RT-SENT dev",
-                         mean_len=round(statistics.mean(lengths), 1), max_len=max(lengths))
-            for case in args.cases:
-                model = minilm_model(WEIGHTS[case][0], d, state, calib)
-                eng, fp = convert_both(model, args)
-                for b in args.real_batches:
-                    results.append(measure("real", case, model, eng, fp, dev[b], args, "minilm", extra))
-                del model, eng, fp
+            model_desc = "imported MiniLM (6 x 384, FFN 1536)"
+            sets = [CaseSet("real", b, dev[b], "minilm", dict(model=model_desc, data="RT-SENT dev (file order, padded "
+                                                                "per batch)", mean_len=round(statistics.mean(lengths), 1),
+                                                                max_len=max(lengths)))
+                    for b in args.real_batches if "real" in args.inputs]
+            if "squad" in args.inputs:
+                sets.append(CaseSet("squad", args.squad_batch,
+                                    [_random_tokens(args.squad_batch, args.squad_seq, len(d), seed=7)], "minilm",
+                                    dict(model=model_desc, data="random tokens (SQuAD-length windows)",
+                                         seq=args.squad_seq)))
+            rows = [r[r.ne(d.pad())] for b in calib for r in b]  # the 48 train sentences, unpadded
+            print(f"== MiniLM: {', '.join(f'{c.inputs} b{c.batch}' for c in sets)}", flush=True)
+            r, c = run_group(lambda wb: minilm_model(wb, d, state, calib), sets, rows, args)
+            results += r
+            contenders["minilm"] = c
         if "base" in args.inputs:
-            for case in args.cases:
-                model = base_model(WEIGHTS[case][0], args.layers, args.seq)
-                eng, fp = convert_both(model, args)
-                for b in args.batches:
-                    toks = _random_tokens(b, args.seq, BASE_DIMS["vocab"], seed=100 + b)
-                    results.append(measure("base", case, model, eng, fp, [toks], args, "roberta_base",
-                                           dict(layers=args.layers, seq=args.seq)))
-                del model, eng, fp
-                gemm.malloc_trim()
+            sets = [CaseSet("base", b, [_random_tokens(b, args.seq, BASE_DIMS["vocab"], seed=100 + b)],
+                            "roberta_base", dict(layers=args.layers, seq=args.seq,
+                                                 model="ibert_roberta_base, random BERT-init weights"))
+                    for b in args.batches]
+            rows = [t for i in range(2) for t in _random_tokens(4, args.seq, BASE_DIMS["vocab"], seed=11 + i)]
+            print(f"== roberta_base ({args.layers} layers): batches {args.batches}", flush=True)
+            r, c = run_group(lambda wb: base_model(wb, args.layers, args.seq), sets, rows, args)
+            results += r
+            contenders["roberta_base"] = c
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print()
-    print(f"{'inputs':6s} {'case':7s} {'routes':14s} {'batch':>5s} {'fp32_ms':>9s} {'int_ms':>9s} {'x median':>8s} "
-          f"{'[min, max]':>14s} {'bit_exact':>9s}")
+    print(f"{'inputs':6s} {'batch':>5s} {'contender':17s} {'ms':>9s} {'x FP32':>7s} {'[min, max]':>14s} "
+          f"{'vs fastest int8 peer':>26s} {'bit_exact':>9s}")
     for r in results:
-        print(f"{r['inputs']:6s} {r['case']:7s} {','.join(r['routes']):14s} {r['batch']:5d} {r['fp32_ms']:9.1f} "
-              f"{r['int_ms']:9.1f} {r['speedup_median']:8.2f} {'[%.2f, %.2f]' % (r['speedup_min'], r['speedup_max']):>14s}"
-              f" {str(r['bit_exact']):>9s}")
+        vs = r.get("vs_fastest_int8_peer")
+        vs_s = f"{vs['median']:.2f} ({vs['peer']})" if vs else ""
+        print(f"{r['inputs']:6s} {r['batch']:5d} {r['contender']:17s} {r['ms']:9.1f} {r['speedup_median']:7.2f} "
+              f"{'[%.2f, %.2f]' % (r['speedup_min'], r['speedup_max']):>14s} {vs_s:>26s} {str(r.get('bit_exact', '')):>9s}")
+    eng_rows = [r for r in results if r["contender"].startswith("engine_")]
     summary = dict(benchmark="integer_engine", threads=args.threads, quick=args.quick, load=os.getloadavg(),
-                   cpu_vnni=_has_vnni(), results=results,
+                   cpu=_cpu_name(), cpu_isa=_cpu_isa(), cpu_vnni=_has_vnni(), torch=torch.__version__,
+                   contenders=contenders, results=results,
+                   speedup="median [min, max] over repetitions of FP32-PyTorch time / contender time; vs_peers: "
+                           "peer time / engine time per repetition",
                    bit_exact_reference="QAT model's hooked integers and logits (engine.qat_compare)",
-                   all_bit_exact=all(r["bit_exact"] for r in results) if not args.skip_exact else None)
+                   all_bit_exact=all(r["bit_exact"] for r in eng_rows) if not args.skip_exact else None)
     print(json.dumps(summary))
     return 0
 
