@@ -8,9 +8,11 @@ Usage::
         [--max_query_length 64] [--n_best_size 20] [--max_answer_length 30] [--null_score_diff_threshold 0.0] ...
 
 Stages (each a ``fairseq-train --user-dir <abs ibert_plugin> --task squad`` sub-process, then an in-process
-evaluation of ``checkpoint_best.pt`` on the whole dev file, which writes ``predictions.json`` (official format) and
-``eval.json`` into the stage folder ``<output_dir>/<stage>/``; ``--test_file`` adds a held-out file scored with the
-same checkpoint, for reporting on data the checkpoint was not selected on):
+evaluation of ``checkpoint_best.pt``, chosen on the selection file (``--dev_file``, default the task folder's
+``dev.json``), which writes ``predictions.json`` (official format) and ``eval.json`` into the stage folder
+``<output_dir>/<stage>/``; the report files (``REPORT_FILES``: the task folder's ``test_subset.json`` or, with
+``--full``, ``test.json`` for SQUAD1; ``test.json`` and ``test_disfluent.json`` for SQUAD2; ``--test_file`` replaces
+``test``) are scored once with that checkpoint, ``<report>_predictions.json``):
 
 * ``fp``: full-precision finetuning from the pretrained encoder (``--restore_file``, default ``data/minilm/model.pt``
   for ``--arch minilm``, ``<model_dir>/roberta.base/model.pt`` for ``roberta_base``; ``tiny`` trains from scratch),
@@ -25,13 +27,19 @@ same checkpoint, for reporting on data the checkpoint was not selected on):
   deleted afterwards (TernaryBERT's save flags).
 * ``engine``: the integer engine on the I-BERT checkpoint (integer encoder + float span head), scored and compared
   question by question with the QAT model's predictions.
+* ``int_ternary`` / ``int_ternary_engine`` (not in the default list): the integer-only ternary model
+  (``--quant-mode symmetric --weight-bits 2``) finetuned from the ternary stage's checkpoint, and the engine on it.
 
-Validation inside fairseq-train scores the whole dev file (best checkpoint on F1). A stage whose ``eval.json``
-exists is skipped (``--fresh`` redoes it; ``--rescore`` scores its existing checkpoint again without training, e.g.
-with another ``--null_score_diff_threshold``). v2.0: ``--null_score_diff_threshold select`` scores the dev
-(selection) file at its F1-best threshold and applies that threshold to ``--test_file`` (validation inside
-fairseq-train then uses 0). ``--task SQUAD1|SQUAD2`` picks ``<data_dir>/<TASK>/{train,dev}.json``
-(``python -m ibert_plugin.assets build --only squad``); SQUAD2 implies ``--version_2_with_negative``. A summary
+Validation runs every ``--validate-every-epochs`` (0.5) of the training windows: each prints the selection F1 and
+rewrites ``<stage>/curve.json``; ``eval.json`` and ``summary.json`` carry the curve and FP's convergence verdict
+(:func:`convergence`). Resumable: a stage whose ``eval.json`` exists is reused, and an interrupted stage resumes from
+its ``checkpoint_last.pt`` (saved at every validation; :func:`_train_stage`).
+
+Validation inside fairseq-train scores the whole selection file (best checkpoint on F1). ``--fresh`` redoes a
+stage; ``--rescore`` scores its existing checkpoint again without training, e.g. with another
+``--null_score_diff_threshold``. v2.0: ``--null_score_diff_threshold select`` scores the selection file at its
+F1-best threshold and applies that threshold to the report files (validation inside fairseq-train then uses 0). ``--task SQUAD1|SQUAD2`` picks ``<data_dir>/<TASK>/{train,dev}.json``
+(``python -m ibert_plugin.assets build --only squad --squad-dir DIR``); SQUAD2 implies ``--version_2_with_negative``. A summary
 JSON (``<output_dir>/summary.json``) gathers the stages' scores. Bad input prints one ``error:`` line, exit 2.
 
 In Python: :func:`run_squad` ``(argv) -> exit status`` (what ``run.py --task SQUAD1|SQUAD2`` calls) and
@@ -491,7 +499,7 @@ def _fixed_threshold(a) -> float:
     return 0.0 if a.null_score_diff_threshold == "select" else a.null_score_diff_threshold
 
 
-def _score(a, logits_fn, tok, out_dir: Path, extra: Optional[dict] = None) -> dict:
+def score_model(a, logits_fn, tok, out_dir: Path, extra: Optional[dict] = None) -> dict:
     """Scores on the selection (dev) file (``predictions.json``) and on every report file (``test``:
     ``test_predictions.json`` under ``"test"``; ``test_disfluent``: ``test_disfluent_predictions.json``); written
     to ``eval.json``. v2.0 with ``--null_score_diff_threshold select``: the selection file's F1-best threshold,
@@ -590,7 +598,7 @@ def main(argv: Sequence[str]) -> dict:
             model = _load_model(best, len(dict_), a.eval_device)
             curve = parse_curve((d / "train.log").read_text(encoding="utf-8", errors="replace")) \
                 if (d / "train.log").is_file() else []
-            stages[stage] = _score(a, model_logits(model, dict_.pad()), tok, d,
+            stages[stage] = score_model(a, model_logits(model, dict_.pad()), tok, d,
                                    {"checkpoint": str(best), "train_seconds": train_seconds,
                                     "selection_curve": curve, "convergence": convergence(curve, interval)})
             if stage == "fp":
@@ -615,7 +623,7 @@ def main(argv: Sequence[str]) -> dict:
 
             model = _load_model(packed, len(dict_), a.eval_device)
             prev = json.loads((d / "eval.json").read_text()) if reuse and (d / "eval.json").is_file() else {}
-            stages[stage] = _score(a, model_logits(model, dict_.pad()), tok, d,
+            stages[stage] = score_model(a, model_logits(model, dict_.pad()), tok, d,
                                    {"packed_model": str(packed), "packed_bytes": packed.stat().st_size,
                                     "checkpoint_bytes": src.stat().st_size if src.is_file()
                                     else prev.get("checkpoint_bytes")})
@@ -633,7 +641,7 @@ def main(argv: Sequence[str]) -> dict:
             from .evaluate import build_engine, engine_logits
 
             engine = build_engine(_load_model(src, len(dict_)), threads=a.threads)
-            rec = _score(a, engine_logits(engine, dict_.pad()), tok, d, {"checkpoint": str(src)})
+            rec = score_model(a, engine_logits(engine, dict_.pad()), tok, d, {"checkpoint": str(src)})
             for report in (None, *a.reports):
                 name = f"{report}_predictions.json" if report else "predictions.json"
                 qat = json.loads((qat_dir / name).read_text())
