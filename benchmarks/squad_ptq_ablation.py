@@ -84,7 +84,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, help="FP SQuAD checkpoint (the recipe's fp/checkpoint_best.pt)")
     ap.add_argument("--train-file", required=True, help="SQuAD JSON the calibration windows are drawn from")
-    ap.add_argument("--eval-file", default=None, help="SQuAD JSON to score (default: --dev-articles of SQUAD1 dev)")
+    ap.add_argument("--eval-file", default=None,
+                    help="SQuAD JSON to score (default: --dev-articles of SQUAD1/test.json, the official v1.1 dev)")
     ap.add_argument("--dev-articles", default="4,7", help="articles of the official v1.1 dev set (default 4,7)")
     ap.add_argument("--data-dir", default=str(REPO / "data" / "squad"))
     ap.add_argument("--tokenizer-dir", default=str(REPO / "data" / "minilm"))

@@ -38,9 +38,10 @@ its ``checkpoint_last.pt`` (saved at every validation; :func:`_train_stage`).
 Validation inside fairseq-train scores the whole selection file (best checkpoint on F1). ``--fresh`` redoes a
 stage; ``--rescore`` scores its existing checkpoint again without training, e.g. with another
 ``--null_score_diff_threshold``. v2.0: ``--null_score_diff_threshold select`` scores the selection file at its
-F1-best threshold and applies that threshold to the report files (validation inside fairseq-train then uses 0). ``--task SQUAD1|SQUAD2`` picks ``<data_dir>/<TASK>/{train,dev}.json``
-(``python -m ibert_plugin.assets build --only squad --squad-dir DIR``); SQUAD2 implies ``--version_2_with_negative``. A summary
-JSON (``<output_dir>/summary.json``) gathers the stages' scores. Bad input prints one ``error:`` line, exit 2.
+F1-best threshold and applies that threshold to the report files (validation inside fairseq-train then uses 0).
+``--task SQUAD1|SQUAD2`` picks ``<data_dir>/<TASK>/{train,dev}.json`` (``python -m ibert_plugin.assets build --only
+squad --squad-dir DIR``); SQUAD2 implies ``--version_2_with_negative``. A summary JSON
+(``<output_dir>/summary.json``) gathers the stages' scores. Bad input prints one ``error:`` line, exit 2.
 
 In Python: :func:`run_squad` ``(argv) -> exit status`` (what ``run.py --task SQUAD1|SQUAD2`` calls) and
 :func:`main` ``(argv) -> summary dict`` (raises :class:`RecipeError`).
@@ -334,7 +335,8 @@ def _train_windows(a) -> int:
 
 def validate_interval(a, n_windows: int) -> int:
     """Updates between validations (selection F1) and checkpoint saves: ``--eval_step``, else
-    ``--validate-every-epochs`` (default half an epoch) of ``n_windows`` training windows at ``--per_gpu_batch_size``."""
+    ``--validate-every-epochs`` (default half an epoch) of ``n_windows`` training windows at
+    ``--per_gpu_batch_size``."""
     if a.eval_step:
         return a.eval_step
     return max(1, round(n_windows / a.per_gpu_batch_size * a.validate_every_epochs))
