@@ -22,7 +22,6 @@ Example (the table of ``docs/squad.md``; the benchmark's FP checkpoint, official
 Prints one line per variant, then ONE JSON object as the last line. Bad input: one ``error:`` line, exit 2.
 """
 import argparse
-import copy
 import json
 import sys
 import tempfile
@@ -32,6 +31,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+def _article_indices(spec: str, n: int):
+    """``all``, or comma-separated indices and inclusive ranges (``1,2``, ``0-59``) of the dev file's articles."""
+    if spec == "all":
+        return list(range(n))
+    idx = []
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.partition("-")
+            idx += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    except ValueError:
+        raise SystemExit(f"error: --dev-articles {spec!r}: expected 'all' or indices like 1,2 or 0-59") from None
+    if not idx or any(not 0 <= i < n for i in idx):
+        raise SystemExit(f"error: --dev-articles: indices must be in 0..{n - 1}")
+    return idx
 
 
 def parse_variant(spec: str) -> dict:
@@ -69,7 +84,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, help="FP SQuAD checkpoint (the recipe's fp/checkpoint_best.pt)")
     ap.add_argument("--train-file", required=True, help="SQuAD JSON the calibration windows are drawn from")
-    ap.add_argument("--eval-file", default=None, help="SQuAD JSON to score (default: --dev-articles of SQUAD1 dev)")
+    ap.add_argument("--eval-file", default=None,
+                    help="SQuAD JSON to score (default: --dev-articles of SQUAD1/test.json, the official v1.1 dev)")
     ap.add_argument("--dev-articles", default="4,7", help="articles of the official v1.1 dev set (default 4,7)")
     ap.add_argument("--data-dir", default=str(REPO / "data" / "squad"))
     ap.add_argument("--tokenizer-dir", default=str(REPO / "data" / "minilm"))
@@ -91,19 +107,18 @@ def main(argv=None) -> int:
     import torch
 
     import ibert_plugin  # noqa: F401  (registers the architectures)
-    from squad_accuracy import _article_indices
+    from squad_accuracy import calibrated_model
     from ibert_plugin.squad.data import SquadError, read_squad
     from ibert_plugin.squad.evaluate import evaluate_file, model_logits
     from ibert_plugin.squad.features import OffsetTokenizer, build_features
     from ibert_plugin.tasks.squad import load_dictionary
-    from ibert_plugin.wiring.checkpoint import build_model_for_state
     from ibert_plugin.wiring.checkpoint_file import CheckpointError, check_fairseq_checkpoint
 
     tmp = tempfile.TemporaryDirectory()
     eval_file = args.eval_file
     source = eval_file
     if eval_file is None:
-        dev_path = Path(args.data_dir) / "SQUAD1" / "dev.json"
+        dev_path = Path(args.data_dir) / "SQUAD1" / "test.json"  # the whole official v1.1 dev set
         if not dev_path.is_file():
             print(f"error: {dev_path} not found; build it with: python -m ibert_plugin.assets build --only squad",
                   file=sys.stderr)
@@ -125,33 +140,14 @@ def main(argv=None) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    model_cfg = state["cfg"]["model"] if state.get("cfg") is not None else state["args"]
     rng = np.random.RandomState(args.seed)
     pool = [examples[i] for i in rng.permutation(len(examples))[:4 * args.calib_windows]]
     feats = build_features(pool, tok)[:args.calib_windows]  # the recipe's windows: 384 / stride 128 / query 64
-    sd = state["model"]
-    shapes = {k: list(v.shape) for k, v in sd.items()}
+    calib = [torch.from_numpy(f.tokens).long() for f in feats]
     results = {}
     for spec in variants:
         t0 = time.time()
-        mc = copy.deepcopy(model_cfg)
-        for k, v in overrides[spec].items():
-            setattr(mc, k, v)
-        model = build_model_for_state(mc, shapes)
-        model.load_state_dict(sd, strict=False)  # quantization buffers start at their initial values
-        for m in model.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
-        if overrides[spec].get("quant_mode") == "symmetric":
-            model.train()
-            with torch.no_grad():
-                for b0 in range(0, len(feats), 16):
-                    part = feats[b0:b0 + 16]
-                    tokens = torch.full((len(part), max(len(f.tokens) for f in part)), tok.pad, dtype=torch.long)
-                    for r, f in enumerate(part):
-                        tokens[r, :len(f.tokens)] = torch.from_numpy(f.tokens)
-                    model(tokens, features_only=True)
-        model.eval()
+        model = calibrated_model(state, overrides[spec], calib, tok.pad)
         s = evaluate_file(eval_file, tok, model_logits(model, d.pad()), batch_size=32)
         results[spec] = {"exact": round(s["exact"], 2), "f1": round(s["f1"], 2)}
         print(f"{spec:>16}: EM {s['exact']:6.2f} F1 {s['f1']:6.2f}  ({s['total']} q, {time.time() - t0:.0f} s)",

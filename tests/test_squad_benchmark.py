@@ -1,4 +1,5 @@
-"""benchmarks/squad_accuracy.py: the data subsets it writes and the per-question F1 its intervals resample."""
+"""benchmarks/squad_accuracy.py: the per-question F1 its intervals resample, and the whole benchmark on a tiny model
+(rows, predictions files, result JSON), with the post-training peers checked against the FP model they quantize."""
 import importlib.util
 import json
 from pathlib import Path
@@ -30,27 +31,6 @@ def _write_task(root: Path, task: str, version: str):
         (root / task / name).write_text(json.dumps({"version": version, "data": arts}))
 
 
-def test_article_indices_accept_lists_ranges_and_all_and_refuse_the_rest():
-    assert bench._article_indices("1,2", 10) == [1, 2]
-    assert bench._article_indices("0-3,7", 10) == [0, 1, 2, 3, 7]
-    assert bench._article_indices("all", 3) == [0, 1, 2]
-    for bad in ("x", "3-a", "12", ""):
-        with pytest.raises(SystemExit, match="error: --dev-articles"):
-            bench._article_indices(bad, 10)
-
-
-def test_subsets_are_disjoint_whole_articles_and_keep_the_v2_version(tmp_path):
-    _write_task(tmp_path / "data", "SQUAD2", "v2.0")
-    info = bench.write_subsets(tmp_path / "data", tmp_path / "out", "1-2", 4, task="SQUAD2")
-    docs = {n: json.loads((tmp_path / "out" / n).read_text()) for n in ("train.json", "select.json", "test.json")}
-    assert all(d["version"] == "v2.0" for d in docs.values())
-    titles = {n: [a["title"] for a in d["data"]] for n, d in docs.items()}
-    assert titles == {"train.json": ["t0", "t1", "t2"], "select.json": ["t3", "t4"], "test.json": ["d1", "d2"]}
-    assert info["select.json"]["questions"] == 6 and info["test.json"] == {
-        "articles": 2, "questions": 4, "unanswerable": 2,
-        "source": "Disfl-QA held-out contexts (SQUAD2/dev.json), articles 1-2"}
-
-
 def test_per_question_f1_scores_unanswerable_questions_as_the_official_v2_script(tmp_path):
     _write_task(tmp_path / "data", "SQUAD2", "v2.0")
     test = tmp_path / "data" / "SQUAD2" / "dev.json"
@@ -66,3 +46,119 @@ def test_per_question_f1_v1_takes_the_max_over_gold_answers(tmp_path):
     (tmp_path / "t.json").write_text(json.dumps(doc))
     (tmp_path / "p.json").write_text(json.dumps({"x": "Paris", "y": "in France"}))
     assert bench.per_question_f1(tmp_path / "t.json", tmp_path / "p.json") == pytest.approx([100.0, 200 / 3, 0.0])
+
+
+# ---------------------------------------------------------------------------------------------- the whole benchmark
+TINY_BENCH = ["--arch", "tiny", "--quick", "--max-updates", "fp=6,ternary=2,int_ternary=2,ibert=2",
+              "--recipe-arg=--tokenizer_dir=" + str(REPO / "data" / "minilm"), "--recipe-arg=--max_seq_length=48",
+              "--recipe-arg=--doc_stride=16", "--recipe-arg=--eval_step=3", "--recipe-arg=--cpu",
+              "--recipe-arg=--learning_rate=1e-3", "--recipe-arg=--per_gpu_batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    import os
+
+    from squad_data import synthetic_squad
+
+    root = tmp_path_factory.mktemp("bench")
+    synthetic_squad(root / "data" / "SQUAD1" / "train.json", 6, 3, 4, seed=0)
+    synthetic_squad(root / "data" / "SQUAD1" / "dev.json", 1, 2, 4, seed=1)
+    synthetic_squad(root / "data" / "SQUAD1" / "test_subset.json", 2, 2, 4, seed=2)
+    argv = ["--data-dir", str(root / "data"), "--output-dir", str(root / "out"), "--results-dir",
+            str(root / "results"), *TINY_BENCH, "--engine-speed", "--engine-batches", "2", "--reps", "1",
+            "--threads", "1"]
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = bench.main(argv)
+    assert rc == 0, buf.getvalue()[-3000:]
+    return root, json.loads(buf.getvalue().strip().splitlines()[-1])
+
+
+def test_every_row_on_the_same_questions_with_gaps_and_files(tiny_run):
+    root, res = tiny_run
+    test_file = root / "data" / "SQUAD1" / "test_subset.json"
+    ids = {q["id"] for a in json.loads(test_file.read_text())["data"] for p in a["paragraphs"] for q in p["qas"]}
+    rows = set(res["rows"]) | set(res["unavailable"])
+    assert rows == set(bench.ROWS)
+    assert {"fp32", "ort_int8_dynamic", "torch_int8_dynamic", "w8a8_ptq", "int8_qat", "int8_qat_engine", "w2a8_twn",
+            "int_ternary", "int_ternary_engine"} <= set(res["rows"])
+    for row, r in res["rows"].items():
+        preds = json.loads((root / "results" / "predictions" / f"{row}.json").read_text())
+        assert set(preds) == ids and r["questions"] == len(ids), row
+        if row != "fp32":
+            lo, hi = r["gap_f1_ci95"]
+            assert lo <= r["gap_f1"] <= hi, row
+    for eng, qat in bench.ENGINE_OF.items():
+        assert res["rows"][eng]["same_predictions_as_qat"] == len(ids)  # the engine reproduces its QAT model
+        assert res["rows"][eng]["f1"] == res["rows"][qat]["f1"]
+    assert res["data"]["test"]["sha256"] == bench.sha256(test_file) and res["data"]["test"]["file"] == \
+        "SQUAD1/test_subset.json"
+    assert res["command"].startswith("python benchmarks/squad_accuracy.py --data-dir")
+    assert json.loads((root / "results" / "result.json").read_text()) == res
+    assert [c["update"] for c in res["fp_selection_curve"]] == [3, 6] and "converged" in res["fp_convergence"]
+
+
+def test_peers_differ_from_fp_only_through_quantization(tiny_run):
+    """The peers' wiring (FloatEncoder -> ONNX export -> runtime -> the FP span head) is exact: ONNX Runtime FP32 on
+    the exported encoder gives the FP model's logits to float rounding. The int8 peers then differ from FP by
+    quantization error only: per-channel int8 weights and 8-bit dynamic activations perturb each matmul by about
+    2^-8 of its range, which through the tiny model's 2 layers stays far below 0.1 of the logits' spread (a wiring
+    error, such as a missing position offset or an unmasked padding row, moves them by their whole spread)."""
+    import torch
+    from integer_engine import FloatEncoder
+    from peers import build_peers
+
+    from ibert_plugin.squad.evaluate import model_logits
+    from ibert_plugin.wiring.checkpoint_file import check_fairseq_checkpoint
+
+    root, _ = tiny_run
+    state = check_fairseq_checkpoint(str(root / "out" / "runs" / "fp" / "checkpoint_best.pt"))
+    fp = bench.calibrated_model(state, {}, [], 1)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(5, 200, (4, 40), generator=g)
+    tokens[:, 0] = 0
+    tokens[2, 30:] = 1  # padding
+    tokens[2, 29] = 2
+    ref_s, ref_e = model_logits(fp, 1)(tokens)
+    built = build_peers(FloatEncoder(fp), [tokens[i] for i in range(4)], tokens, 1,
+                        only=["ort_fp32", "ort_int8_dynamic", "torch_int8"], log=lambda *_: None)
+    head = fp.classification_heads["squad_span"]
+    real = ~tokens.eq(1)
+    spread = (ref_s[real].max() - ref_s[real].min()).item()
+    for name, tol in (("ort_fp32", 1e-4 * max(1.0, spread)), ("ort_int8_dynamic", 0.1 * spread),
+                      ("torch_int8", 0.1 * spread)):
+        s, e = bench.peer_logits(built[name].run, head, 1)(tokens)
+        assert (s[real] - ref_s[real]).abs().max().item() <= tol, name
+        assert (e[real] - ref_e[real]).abs().max().item() <= tol, name
+        if name != "ort_fp32":  # and it is quantized: not the FP logits
+            assert (s[real] - ref_s[real]).abs().max().item() > 1e-5, name
+
+
+def test_engine_speed_case_is_bit_exact_and_timed_against_fp32_and_peers(tiny_run):
+    _, res = tiny_run
+    speed = res["engine_speed"]
+    assert speed["window"] == 48 and set(speed["cases"]) == {"int8_qat_engine_b2", "int_ternary_engine_b2"}
+    for case in speed["cases"].values():
+        assert case["bit_exact"] is True and case["batch"] == 2
+        assert {"engine", "fp32_pytorch", "torch_int8", "ort_int8_dynamic"} <= set(case["seconds"])
+        assert all(s["min"] <= s["median"] <= s["max"] for s in case["seconds"].values())
+
+
+def test_missing_task_folder_or_report_file_is_one_error_line(tmp_path, capsys):
+    from squad_data import synthetic_squad
+
+    assert bench.main(["--data-dir", str(tmp_path), "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "--squad-dir" in err
+    synthetic_squad(tmp_path / "SQUAD1" / "train.json", 1, 1, 2)
+    synthetic_squad(tmp_path / "SQUAD1" / "dev.json", 1, 1, 2)
+    rc = bench.main(["--data-dir", str(tmp_path), "--quick", "--arch", "tiny",
+                     "--recipe-arg=--tokenizer_dir=" + str(REPO / "data" / "minilm")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("error:") == 1 and "has no report file" in err and "test_subset.json" in err
+    assert not list(tmp_path.glob("**/checkpoint*.pt"))  # refused before any training

@@ -19,7 +19,7 @@ def test_stage_selection_and_errors():
     assert a.stage_list == ["ternary", "export"] and a.version_2_with_negative
     a = recipe.parse_args(["--task", "SQUAD1", "--quant_mode", "symmetric", "--lr", "3e-6", "--max-epochs", "2", *TOK])
     assert a.stage_list == ["ibert", "engine"] and (a.ibert_learning_rate, a.ibert_epochs) == (3e-6, 2.0)
-    assert recipe.parse_args(["--task", "SQUAD1", "--pred_distill", *TOK]).stage_list == list(recipe.STAGES)
+    assert recipe.parse_args(["--task", "SQUAD1", "--pred_distill", *TOK]).stage_list == list(recipe.DEFAULT_STAGES)
     for argv, msg in ((["--task", "SQUAD3"], "unknown task 'SQUAD3'"),
                       (["--task", "SQUAD1", "--stages", "fp", "--quant-mode", "none"], "not both"),
                       (["--task", "SQUAD1", "--stages", "ternary"], "needs --pred_distill and/or"),

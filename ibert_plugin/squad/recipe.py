@@ -8,9 +8,11 @@ Usage::
         [--max_query_length 64] [--n_best_size 20] [--max_answer_length 30] [--null_score_diff_threshold 0.0] ...
 
 Stages (each a ``fairseq-train --user-dir <abs ibert_plugin> --task squad`` sub-process, then an in-process
-evaluation of ``checkpoint_best.pt`` on the whole dev file, which writes ``predictions.json`` (official format) and
-``eval.json`` into the stage folder ``<output_dir>/<stage>/``; ``--test_file`` adds a held-out file scored with the
-same checkpoint, for reporting on data the checkpoint was not selected on):
+evaluation of ``checkpoint_best.pt``, chosen on the selection file (``--dev_file``, default the task folder's
+``dev.json``), which writes ``predictions.json`` (official format) and ``eval.json`` into the stage folder
+``<output_dir>/<stage>/``; the report files (``REPORT_FILES``: the task folder's ``test_subset.json`` or, with
+``--full``, ``test.json`` for SQUAD1; ``test.json`` and ``test_disfluent.json`` for SQUAD2; ``--test_file`` replaces
+``test``) are scored once with that checkpoint, ``<report>_predictions.json``):
 
 * ``fp``: full-precision finetuning from the pretrained encoder (``--restore_file``, default ``data/minilm/model.pt``
   for ``--arch minilm``, ``<model_dir>/roberta.base/model.pt`` for ``roberta_base``; ``tiny`` trains from scratch),
@@ -25,14 +27,21 @@ same checkpoint, for reporting on data the checkpoint was not selected on):
   deleted afterwards (TernaryBERT's save flags).
 * ``engine``: the integer engine on the I-BERT checkpoint (integer encoder + float span head), scored and compared
   question by question with the QAT model's predictions.
+* ``int_ternary`` / ``int_ternary_engine`` (not in the default list): the integer-only ternary model
+  (``--quant-mode symmetric --weight-bits 2``) finetuned from the ternary stage's checkpoint, and the engine on it.
 
-Validation inside fairseq-train scores the whole dev file (best checkpoint on F1). A stage whose ``eval.json``
-exists is skipped (``--fresh`` redoes it; ``--rescore`` scores its existing checkpoint again without training, e.g.
-with another ``--null_score_diff_threshold``). v2.0: ``--null_score_diff_threshold select`` scores the dev
-(selection) file at its F1-best threshold and applies that threshold to ``--test_file`` (validation inside
-fairseq-train then uses 0). ``--task SQUAD1|SQUAD2`` picks ``<data_dir>/<TASK>/{train,dev}.json``
-(``python -m ibert_plugin.assets build --only squad``); SQUAD2 implies ``--version_2_with_negative``. A summary
-JSON (``<output_dir>/summary.json``) gathers the stages' scores. Bad input prints one ``error:`` line, exit 2.
+Validation runs every ``--validate-every-epochs`` (0.5) of the training windows: each prints the selection F1 and
+rewrites ``<stage>/curve.json``; ``eval.json`` and ``summary.json`` carry the curve and FP's convergence verdict
+(:func:`convergence`). Resumable: a stage whose ``eval.json`` exists is reused, and an interrupted stage resumes from
+its ``checkpoint_last.pt`` (saved at every validation; :func:`_train_stage`).
+
+Validation inside fairseq-train scores the whole selection file (best checkpoint on F1). ``--fresh`` redoes a
+stage; ``--rescore`` scores its existing checkpoint again without training, e.g. with another
+``--null_score_diff_threshold``. v2.0: ``--null_score_diff_threshold select`` scores the selection file at its
+F1-best threshold and applies that threshold to the report files (validation inside fairseq-train then uses 0).
+``--task SQUAD1|SQUAD2`` picks ``<data_dir>/<TASK>/{train,dev}.json`` (``python -m ibert_plugin.assets build --only
+squad --squad-dir DIR``); SQUAD2 implies ``--version_2_with_negative``. A summary JSON
+(``<output_dir>/summary.json``) gathers the stages' scores. Bad input prints one ``error:`` line, exit 2.
 
 In Python: :func:`run_squad` ``(argv) -> exit status`` (what ``run.py --task SQUAD1|SQUAD2`` calls) and
 :func:`main` ``(argv) -> summary dict`` (raises :class:`RecipeError`).
@@ -43,6 +52,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -59,9 +69,22 @@ from .data import SquadError
 
 REPO = Path(__file__).resolve().parents[2]
 USER_DIR = Path(__file__).resolve().parents[1]
-STAGES = ("fp", "ternary", "ibert", "export", "engine")
+#: every stage, in the order they run (a stage needs only stages before it)
+STAGES = ("fp", "ternary", "int_ternary", "ibert", "export", "engine", "int_ternary_engine")
+DEFAULT_STAGES = ("fp", "ternary", "ibert", "export", "engine")
+TRAIN_STAGES = ("fp", "ternary", "int_ternary", "ibert")
+#: engine stage -> the integer-only (symmetric-mode) stage whose checkpoint it runs
+ENGINE_SOURCES = {"engine": "ibert", "int_ternary_engine": "int_ternary"}
 QUANT_MODE_STAGES = {"none": ("fp",), "symmetric": ("ibert", "engine"), "ternarybert": ("ternary",)}
 TASKS = {"SQUAD1": False, "SQUAD2": True}  # task -> version_2_with_negative
+#: the report files of a task folder (``python -m ibert_plugin.assets build --only squad``), each scored once with
+#: a stage's selected checkpoint: name -> (file by default, file with ``--full``). SQUAD1 reports on the whole
+#: official v1.1 dev set with ``--full`` and on its fixed >= 2,500-question subset (whole articles) otherwise.
+REPORT_FILES = {"SQUAD1": {"test": ("test_subset.json", "test.json")},
+                "SQUAD2": {"test": ("test.json", "test.json"), "test_disfluent": ("test_disfluent.json",
+                                                                                  "test_disfluent.json")}}
+#: FP counts as converged when its last half epoch adds less than this much selection F1 (points)
+CONVERGED_GAIN_F1 = 0.5
 IBERT_DISTILL = ("none", "pred", "all")  # --ibert_distill: the QAT stage's loss (see build_parser)
 #: --arch -> (fairseq arch, default tokenizer dir, default pretrained checkpoints)
 ARCHS = {
@@ -103,16 +126,25 @@ def _threshold(text: str):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m ibert_plugin.squad", description=__doc__.split("\n\n")[0])
     _flag(p, "task", required=True, help="SQUAD1 (v1.1) or SQUAD2 (v2.0-style, Disfl-QA)")
-    _flag(p, "stages", default=None, help=f"comma list of {','.join(STAGES)} (default all)")
+    _flag(p, "stages", default=None,
+          help=f"comma list of {','.join(STAGES)} (default {','.join(DEFAULT_STAGES)})")
     _flag(p, "quant_mode", default=None, choices=sorted(QUANT_MODE_STAGES),
           help="run.py spelling of the stage: none = fp, symmetric = ibert + engine, ternarybert = ternary "
                "(+ export with --save_quantized_model); --restore_file is then the FP checkpoint for the last two")
     _flag(p, "arch", default="minilm", help=f"one of {', '.join(ARCHS)}")
     _flag(p, "data_dir", default=None, help="folder holding <TASK>/train.json, dev.json (default <data>/squad)")
     _flag(p, "train_file", default=None, help="training JSON (default <data_dir>/<TASK>/train.json)")
-    _flag(p, "dev_file", default=None, help="dev JSON (default <data_dir>/<TASK>/dev.json)")
+    p.add_argument("--dev_file", "--dev-file", "--select-file", dest="dev_file", default=None,
+                   help="selection JSON: validation inside training and the checkpoint choice (default "
+                        "<data_dir>/<TASK>/dev.json, the task folder's selection split)")
     _flag(p, "test_file", default=None,
-          help="held-out JSON also scored with each stage's best checkpoint (test_predictions.json, eval.json 'test')")
+          help="report JSON scored once with each stage's selected checkpoint (test_predictions.json, eval.json "
+               "'test'; default the task folder's test_subset.json (SQUAD1) or test.json, with --full test.json)")
+    p.add_argument("--no-test", dest="no_test", action="store_true",
+                   help="score no report file (selection only)")
+    p.add_argument("--full", action="store_true",
+                   help="report on the whole test file (SQUAD1: the whole official v1.1 dev set, not its subset); "
+                        "the GPU schedule of docs/squad.md")
     _flag(p, "tokenizer_dir", default=None, help="BPE folder with dict.txt (default per arch)")
     _flag(p, "model_dir", default="models", help="where roberta.base/ lives")
     _flag(p, "restore_file", default=None,
@@ -139,8 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-epochs", "--max_epochs", dest="max_epochs", type=float, default=None,
                    help="run.py spelling: epochs of every stage run")
     p.add_argument("--max_updates", "--max-updates", "--max-update", dest="max_updates", default=None,
-          help="cap the updates per stage: one number, or fp=N,ternary=N,ibert=N (LR schedule follows the cap)")
-    _flag(p, "eval_step", type=int, default=0, help="validate every N updates (0: at each epoch end)")
+          help="cap the updates per stage: one number, or fp=N,ternary=N,int_ternary=N,ibert=N (LR schedule "
+               "follows the cap)")
+    _flag(p, "eval_step", type=int, default=0,
+          help="validate (and save checkpoint_last.pt) every N updates (0: every --validate-every-epochs)")
+    p.add_argument("--validate-every-epochs", dest="validate_every_epochs", type=float, default=0.5,
+                   help="with --eval_step 0: validate on the selection file and save every this many epochs of the "
+                        "training windows (default 0.5: the selection-F1 curve, curve.json, has a point every half "
+                        "epoch)")
+    p.add_argument("--int-ternary-learning-rate", dest="int_ternary_learning_rate", type=float, default=2e-5,
+                   help="integer-only ternary stage (symmetric mode, 2-bit weights, from the ternary checkpoint)")
+    p.add_argument("--int-ternary-epochs", dest="int_ternary_epochs", type=float, default=1.0)
     _flag(p, "weight_bits", type=int, default=2, choices=[2, 8], help="TernaryBERT weight bits")
     _flag(p, "input_bits", type=int, default=8, help="TernaryBERT activation bits")
     _flag(p, "weight_quant_method", default="twn", choices=["twn", "lat", "sym"])
@@ -163,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "threads", type=int, default=None, help="engine threads (default: torch's)")
     _flag(p, "eval_batch_size", type=int, default=32)
     p.add_argument("--cpu", action="store_true", help="force CPU (default: GPU when available)")
-    p.add_argument("--fresh", action="store_true", help="redo stages that already have eval.json")
+    p.add_argument("--fresh", action="store_true",
+                   help="redo stages that already have eval.json (their checkpoints and logs are deleted first)")
     p.add_argument("--rescore", action="store_true",
                    help="score the stages' existing checkpoints again (new evaluation flags), without training")
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
@@ -193,10 +235,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         if a.quant_mode == "ternarybert" and a.save_quantized_model:
             a.stage_list.append("export")
     else:
-        a.stage_list = [s.strip() for s in (a.stages or ",".join(STAGES)).split(",") if s.strip()]
+        a.stage_list = [s.strip() for s in (a.stages or ",".join(DEFAULT_STAGES)).split(",") if s.strip()]
     bad = [s for s in a.stage_list if s not in STAGES]
     if bad or not a.stage_list:
         raise RecipeError(f"--stages: unknown stage(s) {bad or [a.stages]}; choose from {','.join(STAGES)}")
+    a.stage_list = sorted(set(a.stage_list), key=STAGES.index)  # export deletes what int_ternary starts from
+    if not (a.validate_every_epochs > 0 and math.isfinite(a.validate_every_epochs)):
+        raise RecipeError("--validate-every-epochs must be a finite number > 0")
     if "ternary" in a.stage_list and not (a.pred_distill or a.intermediate_distill):
         raise RecipeError("the ternary stage needs --pred_distill and/or --intermediate_distill")
     for name in ("per_gpu_batch_size", "max_seq_length", "doc_stride", "max_query_length", "n_best_size",
@@ -209,16 +254,25 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         raise RecipeError("--input_bits and --ibert_weight_bits must be in 2..8")
     a.caps = _parse_caps(a.max_updates)
     if a.lr is not None:
-        a.learning_rate = a.ternary_learning_rate = a.ibert_learning_rate = a.lr
+        a.learning_rate = a.ternary_learning_rate = a.ibert_learning_rate = a.int_ternary_learning_rate = a.lr
     if a.max_epochs is not None:
-        a.num_train_epochs = a.ternary_epochs = a.ibert_epochs = a.max_epochs
-    if min(a.learning_rate, a.ternary_learning_rate, a.ibert_learning_rate) <= 0 or \
-            min(a.num_train_epochs, a.ternary_epochs, a.ibert_epochs) <= 0:
+        a.num_train_epochs = a.ternary_epochs = a.ibert_epochs = a.int_ternary_epochs = a.max_epochs
+    if min(a.learning_rate, a.ternary_learning_rate, a.ibert_learning_rate, a.int_ternary_learning_rate) <= 0 or \
+            min(a.num_train_epochs, a.ternary_epochs, a.ibert_epochs, a.int_ternary_epochs) <= 0:
         raise RecipeError("learning rates and epochs must be > 0")
     data_dir = Path(a.data_dir) if a.data_dir else _data_root() / "squad"
     a.train_path = Path(a.train_file or data_dir / a.task / "train.json").resolve()
     a.dev_path = Path(a.dev_file or data_dir / a.task / "dev.json").resolve()
-    a.test_path = Path(a.test_file).resolve() if a.test_file else None
+    a.reports = {}  # report name -> file, scored once with each stage's selected checkpoint
+    if not a.no_test:
+        for name, (cpu_file, full_file) in REPORT_FILES[a.task].items():
+            path = data_dir / a.task / (full_file if a.full else cpu_file)
+            if name == "test" and a.test_file:
+                path = Path(a.test_file)
+            elif not path.is_file():
+                continue  # a task folder of an older layout (train.json + dev.json only)
+            a.reports[name] = path.resolve()
+    a.test_path = a.reports.get("test")
     a.tok_dir = (Path(a.tokenizer_dir) if a.tokenizer_dir else _resolve(ARCHS[a.arch][1], Path("."))).resolve()
     if not (a.tok_dir / "dict.txt").is_file():
         raise RecipeError(f"{a.tok_dir}/dict.txt not found (build it with python -m ibert_plugin.assets build, or "
@@ -238,14 +292,14 @@ def _parse_caps(text: Optional[str]) -> Dict[str, int]:
     caps = {}
     try:
         if "=" not in text:
-            return {s: int(text) for s in ("fp", "ternary", "ibert")}
+            return {s: int(text) for s in TRAIN_STAGES}
         for part in text.split(","):
             k, v = part.split("=")
-            if k.strip() not in ("fp", "ternary", "ibert"):
+            if k.strip() not in TRAIN_STAGES:
                 raise ValueError
             caps[k.strip()] = int(v)
     except ValueError:
-        raise RecipeError(f"--max_updates {text!r}: expected N or fp=N,ternary=N,ibert=N") from None
+        raise RecipeError(f"--max_updates {text!r}: expected N or fp=N,ternary=N,int_ternary=N,ibert=N") from None
     if any(v < 1 for v in caps.values()):
         raise RecipeError("--max_updates must be >= 1")
     return caps
@@ -274,19 +328,32 @@ def _train_windows(a) -> int:
     cfg = argparse.Namespace(dict_path="", tokenizer_dir=str(a.tok_dir))
     d = load_dictionary(cfg)
     examples = read_squad(a.train_path, version_2=a.version_2_with_negative)
-    for held_out in (a.dev_path, a.test_path):  # fail before training, not after
-        if held_out is not None:
-            read_squad(held_out, version_2=a.version_2_with_negative)
+    for held_out in (a.dev_path, *a.reports.values()):  # fail before training, not after
+        read_squad(held_out, version_2=a.version_2_with_negative)
     return len(build_features(examples, OffsetTokenizer(a.tok_dir, d), a.max_seq_length, a.doc_stride,
                               a.max_query_length))
 
 
-def train_command(a, stage: str, save_dir: Path, restore: Optional[Path], n_windows: int) -> List[str]:
-    """The ``fairseq-train`` argv of one training stage (fp, ternary or ibert)."""
+def validate_interval(a, n_windows: int) -> int:
+    """Updates between validations (selection F1) and checkpoint saves: ``--eval_step``, else
+    ``--validate-every-epochs`` (default half an epoch) of ``n_windows`` training windows at
+    ``--per_gpu_batch_size``."""
+    if a.eval_step:
+        return a.eval_step
+    return max(1, round(n_windows / a.per_gpu_batch_size * a.validate_every_epochs))
+
+
+def train_command(a, stage: str, save_dir: Path, restore: Optional[Path], n_windows: int,
+                  teacher: Optional[Path] = None) -> List[str]:
+    """The ``fairseq-train`` argv of one training stage (fp, ternary, int_ternary or ibert); ``restore`` is the
+    checkpoint it starts from, ``teacher`` the FP model of a distillation loss (default ``restore``)."""
+    teacher = teacher or restore
     lr, epochs = {"fp": (a.learning_rate, a.num_train_epochs), "ternary": (a.ternary_learning_rate, a.ternary_epochs),
+                  "int_ternary": (a.int_ternary_learning_rate, a.int_ternary_epochs),
                   "ibert": (a.ibert_learning_rate, a.ibert_epochs)}[stage]
     total = max(1, math.ceil(n_windows / a.per_gpu_batch_size * epochs))
     total = min(total, a.caps.get(stage, total))
+    interval = validate_interval(a, n_windows)
     cmd = fairseq_train_cmd() + [
         str(a.train_path.parent), "--user-dir", str(USER_DIR), "--task", "squad",
         "--tokenizer-dir", str(a.tok_dir), "--train-file", str(a.train_path), "--valid-file", str(a.dev_path),
@@ -299,7 +366,7 @@ def train_command(a, stage: str, save_dir: Path, restore: Optional[Path], n_wind
         "--required-batch-size-multiple", "1", "--batch-size-valid", str(a.eval_batch_size),
         "--optimizer", "adam", "--adam-betas", "(0.9, 0.999)", "--adam-eps", "1e-06", "--weight-decay", "0.01",
         "--clip-norm", "1.0", "--lr-scheduler", "polynomial_decay", "--lr", f"{lr:g}",
-        "--warmup-updates", str(int(0.1 * total) if stage != "ibert" else 0),
+        "--warmup-updates", str(int(0.1 * total) if stage in ("fp", "ternary") else 0),
         "--total-num-update", str(total), "--max-update", str(total),
         "--dropout", "0.1", "--attention-dropout", "0.1", "--seed", str(a.seed),
         "--save-dir", str(save_dir), "--no-epoch-checkpoints", "--valid-subset", "valid",
@@ -309,23 +376,28 @@ def train_command(a, stage: str, save_dir: Path, restore: Optional[Path], n_wind
     ]
     if a.version_2_with_negative:
         cmd.append("--version-2-with-negative")
-    if a.eval_step:
-        # checkpoint (best selection) at every validation; keep one interval checkpoint on disk
-        cmd += ["--validate-interval-updates", str(a.eval_step), "--save-interval-updates", str(a.eval_step),
-                "--keep-interval-updates", "1"]
+    # checkpoint_best.pt (selection F1) and checkpoint_last.pt (what a relaunch resumes from) at every validation;
+    # one interval checkpoint kept on disk
+    cmd += ["--validate-interval-updates", str(interval), "--save-interval-updates", str(interval),
+            "--keep-interval-updates", "1"]
     if stage == "fp":
         cmd += ["--quant-mode", "none", "--criterion", "squad_span"]
-    elif stage == "ibert":
-        cmd += ["--quant-mode", "symmetric", "--weight-bits", str(a.ibert_weight_bits)]
+    elif stage in ("ibert", "int_ternary"):
+        cmd += ["--quant-mode", "symmetric"]
+        if stage == "ibert":
+            cmd += ["--weight-bits", str(a.ibert_weight_bits)]
+        else:  # integer-only ternary: the ternary stage's weights, I-BERT's integer-only activations
+            method = a.weight_quant_method if a.weight_quant_method in ("twn", "lat") else "twn"
+            cmd += ["--weight-bits", "2", "--weight-quant-method", method]
         if a.ibert_distill == "none":
             cmd += ["--criterion", "squad_span"]
         else:
-            cmd += _distill_flags(a, restore, pred=True, intermediate=a.ibert_distill == "all")
+            cmd += _distill_flags(a, teacher, pred=True, intermediate=a.ibert_distill == "all")
     else:
         method = a.weight_quant_method if a.weight_bits == 2 else "sym"
         cmd += ["--quant-mode", "ternarybert", "--weight-bits", str(a.weight_bits), "--weight-quant-method", method,
                 "--input-bits", str(a.input_bits), "--clip-val", f"{a.clip_val:g}"]
-        cmd += _distill_flags(a, restore, pred=a.pred_distill, intermediate=a.intermediate_distill)
+        cmd += _distill_flags(a, teacher, pred=a.pred_distill, intermediate=a.intermediate_distill)
         if a.ternary_linear != "tensor" and method in ("twn", "lat"):
             cmd += ["--ternary-linear", a.ternary_linear]
     if restore is not None:
@@ -345,11 +417,48 @@ def _distill_flags(a, teacher: Optional[Path], pred: bool, intermediate: bool) -
     return flags
 
 
-def _run_logged(cmd: List[str], log_path: Path, alloc: Optional[Dict[str, str]] = None) -> int:
+_VALID_LINE = re.compile(r"valid on 'valid' subset")
+_VALID_FIELD = re.compile(r"\| (epoch|f1|exact|num_updates) ([0-9.]+)")
+
+
+def parse_curve(log_text: str) -> List[dict]:
+    """The selection-F1 curve of a ``fairseq-train`` log: one ``{"update", "epoch", "f1", "exact"}`` per validation,
+    by update (a resumed run appends to the same log; a repeated update keeps its last line)."""
+    points = {}
+    for line in log_text.splitlines():
+        if not _VALID_LINE.search(line):
+            continue
+        f = dict(_VALID_FIELD.findall(line))
+        if "f1" in f and "num_updates" in f:
+            u = int(float(f["num_updates"]))
+            points[u] = {"update": u, "epoch": int(float(f.get("epoch", 0))), "f1": float(f["f1"]),
+                         "exact": float(f.get("exact", "nan"))}
+    return [points[u] for u in sorted(points)]
+
+
+def convergence(curve: List[dict], interval: int, min_gain: float = CONVERGED_GAIN_F1) -> dict:
+    """Convergence verdict of a selection curve: the F1 the last ``interval`` updates (half an epoch) added;
+    ``converged`` when that gain is below ``min_gain`` points (``None`` with fewer than two points that far apart)."""
+    if not curve:
+        return {"converged": None, "reason": "no validation in the log"}
+    last = curve[-1]
+    before = [c for c in curve if c["update"] <= last["update"] - interval]
+    if not before:
+        return {"converged": None, "reason": f"no validation {interval} updates before the last ({last['update']})",
+                "last_update": last["update"], "last_f1": last["f1"]}
+    prev = before[-1]
+    gain = round(last["f1"] - prev["f1"], 2)
+    return {"converged": gain < min_gain, "last_half_epoch_gain_f1": gain, "threshold_f1": min_gain,
+            "from_update": prev["update"], "from_f1": prev["f1"], "last_update": last["update"], "last_f1": last["f1"],
+            "best_f1": max(c["f1"] for c in curve)}
+
+
+def _run_logged(cmd: List[str], log_path: Path, alloc: Optional[Dict[str, str]] = None, on_line=None) -> int:
     """Run ``cmd``, tee its merged output to stdout and ``log_path``; ``alloc``: extra environment (the memory
-    allocator of a training process, :func:`ibert_plugin.recipes.allocator.allocator_env`). The child dies with this
-    process and holds the lock of ``log_path``'s folder (the stage's save dir) with it
-    (:mod:`ibert_plugin.wiring.lifetime`): a second recipe on the same folder fails instead of training into it."""
+    allocator of a training process, :func:`ibert_plugin.recipes.allocator.allocator_env`); ``on_line(text)`` is
+    called after each line is logged. The child dies with this process and holds the lock of ``log_path``'s folder
+    (the stage's save dir) with it (:mod:`ibert_plugin.wiring.lifetime`): a second recipe on the same folder fails
+    instead of training into it."""
     try:
         lock = RunLock(log_path.parent).acquire()
     except RunLockedError as e:
@@ -367,7 +476,24 @@ def _run_logged(cmd: List[str], log_path: Path, alloc: Optional[Dict[str, str]] 
             sys.stdout.write(text)
             log.write(text)
             log.flush()  # the log is what a user tails during a long stage
+            if on_line is not None:
+                on_line(text)
         return proc.wait()
+
+
+def _curve_writer(stage: str, d: Path):
+    """``on_line`` of a training stage: at each validation, rewrite ``curve.json`` from the whole log (earlier
+    sittings included) and print the selection F1."""
+    def on_line(text):
+        if not _VALID_LINE.search(text):
+            return
+        curve = parse_curve((d / "train.log").read_text(encoding="utf-8", errors="replace"))
+        (d / "curve.json").write_text(json.dumps(curve, indent=1) + "\n")
+        if curve:
+            c = curve[-1]
+            print(f"[squad] {stage}: selection F1 {c['f1']:.2f} EM {c['exact']:.2f} at update {c['update']} "
+                  f"(epoch {c['epoch']})", flush=True)
+    return on_line
 
 
 def _tokenizer(a):
@@ -383,10 +509,11 @@ def _fixed_threshold(a) -> float:
     return 0.0 if a.null_score_diff_threshold == "select" else a.null_score_diff_threshold
 
 
-def _score(a, logits_fn, tok, out_dir: Path, extra: Optional[dict] = None) -> dict:
-    """Scores on the dev file (``predictions.json``) and, with ``--test_file``, the test file
-    (``test_predictions.json``, under ``"test"``); written to ``eval.json``. v2.0 with
-    ``--null_score_diff_threshold select``: the dev file's F1-best threshold, applied to the test file."""
+def score_model(a, logits_fn, tok, out_dir: Path, extra: Optional[dict] = None) -> dict:
+    """Scores on the selection (dev) file (``predictions.json``) and on every report file (``test``:
+    ``test_predictions.json`` under ``"test"``; ``test_disfluent``: ``test_disfluent_predictions.json``); written
+    to ``eval.json``. v2.0 with ``--null_score_diff_threshold select``: the selection file's F1-best threshold,
+    applied to the report files."""
     from .evaluate import evaluate_file
 
     def run(path, name, threshold):
@@ -398,13 +525,17 @@ def _score(a, logits_fn, tok, out_dir: Path, extra: Optional[dict] = None) -> di
     select = a.null_score_diff_threshold == "select"
     scores = run(a.dev_path, "predictions.json", None if select else a.null_score_diff_threshold)
     rec = {"dev_file": str(a.dev_path), **scores}
-    if a.test_path is not None:
-        rec["test"] = {"file": str(a.test_path),
-                       **run(a.test_path, "test_predictions.json", scores.get("null_score_diff_threshold", 0.0))}
+    for name, path in a.reports.items():
+        rec[name] = {"file": str(path), **run(path, f"{name}_predictions.json",
+                                               scores.get("null_score_diff_threshold", 0.0))}
     rec.update(eval_seconds=round(time.time() - t0, 1), **(extra or {}))
     (out_dir / "eval.json").write_text(json.dumps(rec, indent=1) + "\n")
     print(f"[squad] {out_dir.name}: EM {scores['exact']:.2f} F1 {scores['f1']:.2f} ({scores['total']} questions)",
           flush=True)
+    for name in a.reports:
+        r = rec[name]
+        print(f"[squad] {out_dir.name} {name}: EM {r['exact']:.2f} F1 {r['f1']:.2f} ({r['total']} questions)",
+              flush=True)
     return rec
 
 
@@ -427,15 +558,21 @@ def main(argv: Sequence[str]) -> dict:
     except ConfigError as e:
         raise RecipeError(str(e)) from None
     t_start = time.time()
+    tern_method = a.weight_quant_method if a.weight_quant_method in ("twn", "lat") else "twn"
     dirs = {"fp": a.out / "fp", "ternary": a.out / f"ternary_w{a.weight_bits}a{a.input_bits}_{a.weight_quant_method}",
-            "ibert": a.out / f"ibert_w{a.ibert_weight_bits}", "export": a.out / "export", "engine": a.out / "engine"}
+            "int_ternary": a.out / f"int_ternary_w2_{tern_method}", "ibert": a.out / f"ibert_w{a.ibert_weight_bits}",
+            "export": a.out / "export", "engine": a.out / "engine", "int_ternary_engine": a.out / "int_ternary_engine"}
     summary_path = a.out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     summary.update(task=a.task, arch=a.arch, version_2_with_negative=a.version_2_with_negative,
-                   train_file=str(a.train_path), dev_file=str(a.dev_path))
+                   train_file=str(a.train_path), dev_file=str(a.dev_path),
+                   report_files={k: str(v) for k, v in a.reports.items()})
     stages = summary.setdefault("stages", {})
-    train_stages = [s for s in a.stage_list if s in ("fp", "ternary", "ibert")]
+    train_stages = [s for s in a.stage_list if s in TRAIN_STAGES]
     n_windows = _train_windows(a) if train_stages else 0
+    interval = validate_interval(a, n_windows) if train_stages else 0
+    if train_stages:
+        summary.update(train_windows=n_windows, validate_interval_updates=interval)
     pretrained = _pretrained(a) if "fp" in a.stage_list else None
     fp_best = dirs["fp"] / "checkpoint_best.pt"
     if a.restore_file and "fp" not in a.stage_list:
@@ -447,10 +584,11 @@ def main(argv: Sequence[str]) -> dict:
             print(f"[squad] {stage}: done before ({d / 'eval.json'}); --fresh redoes it", flush=True)
             stages[stage] = json.loads((d / "eval.json").read_text())
             continue
-        if stage in ("fp", "ternary", "ibert"):
-            restore = pretrained if stage == "fp" else fp_best
-            if stage != "fp" and not fp_best.is_file() and not a.dry_run:
-                raise RecipeError(f"stage {stage} needs the fp stage's {fp_best} (run --stages fp first)")
+        if stage in TRAIN_STAGES:
+            restore = {"fp": pretrained, "int_ternary": dirs["ternary"] / "checkpoint_best.pt"}.get(stage, fp_best)
+            for need in {fp_best, restore} - {pretrained}:
+                if stage != "fp" and not need.is_file() and not a.dry_run:
+                    raise RecipeError(f"stage {stage} needs {need} (run the stage that writes it first)")
             best = d / "checkpoint_best.pt"
             if a.rescore and not a.dry_run:
                 if not best.is_file():
@@ -458,24 +596,23 @@ def main(argv: Sequence[str]) -> dict:
                 prev = json.loads((d / "eval.json").read_text()) if (d / "eval.json").is_file() else {}
                 train_seconds = prev.get("train_seconds")
             else:
-                cmd = train_command(a, stage, d, restore, n_windows)
+                cmd = train_command(a, stage, d, restore, n_windows, teacher=fp_best)
                 if a.dry_run:
                     print(shlex.join(cmd))
                     continue
-                d.mkdir(parents=True, exist_ok=True)
-                t0 = time.time()
-                rc = _run_logged(cmd, d / "train.log", alloc)
-                if rc != 0:
-                    raise RecipeError(f"stage {stage}: fairseq-train failed with exit code {rc}; see "
-                                      f"{d / 'train.log'}")
-                train_seconds = round(time.time() - t0, 1)
+                train_seconds = _train_stage(a, stage, d, cmd, alloc)
             if tok is None:
                 tok, dict_ = _tokenizer(a)
             from .evaluate import model_logits
 
             model = _load_model(best, len(dict_), a.eval_device)
-            stages[stage] = _score(a, model_logits(model, dict_.pad()), tok, d,
-                                   {"checkpoint": str(best), "train_seconds": train_seconds})
+            curve = parse_curve((d / "train.log").read_text(encoding="utf-8", errors="replace")) \
+                if (d / "train.log").is_file() else []
+            stages[stage] = score_model(a, model_logits(model, dict_.pad()), tok, d,
+                                   {"checkpoint": str(best), "train_seconds": train_seconds,
+                                    "selection_curve": curve, "convergence": convergence(curve, interval)})
+            if stage == "fp":
+                summary["fp_convergence"] = stages[stage]["convergence"]
         elif a.dry_run:
             continue
         elif stage == "export":
@@ -496,28 +633,30 @@ def main(argv: Sequence[str]) -> dict:
 
             model = _load_model(packed, len(dict_), a.eval_device)
             prev = json.loads((d / "eval.json").read_text()) if reuse and (d / "eval.json").is_file() else {}
-            stages[stage] = _score(a, model_logits(model, dict_.pad()), tok, d,
+            stages[stage] = score_model(a, model_logits(model, dict_.pad()), tok, d,
                                    {"packed_model": str(packed), "packed_bytes": packed.stat().st_size,
                                     "checkpoint_bytes": src.stat().st_size if src.is_file()
                                     else prev.get("checkpoint_bytes")})
             if a.save_quantized_model and not a.save_fp_model:
                 for ck in dirs["ternary"].glob("checkpoint*.pt"):
                     ck.unlink()
-        elif stage == "engine":
-            src = dirs["ibert"] / "checkpoint_best.pt"
+        elif stage in ENGINE_SOURCES:
+            qat_dir = dirs[ENGINE_SOURCES[stage]]
+            src = qat_dir / "checkpoint_best.pt"
             if not src.is_file():
-                raise RecipeError(f"engine needs the ibert stage's {src}")
+                raise RecipeError(f"{stage} needs the {ENGINE_SOURCES[stage]} stage's {src}")
             d.mkdir(parents=True, exist_ok=True)
             if tok is None:
                 tok, dict_ = _tokenizer(a)
             from .evaluate import build_engine, engine_logits
 
             engine = build_engine(_load_model(src, len(dict_)), threads=a.threads)
-            rec = _score(a, engine_logits(engine, dict_.pad()), tok, d, {"checkpoint": str(src)})
-            for name in ("predictions.json",) + (("test_predictions.json",) if a.test_path else ()):
-                qat = json.loads((dirs["ibert"] / name).read_text())
+            rec = score_model(a, engine_logits(engine, dict_.pad()), tok, d, {"checkpoint": str(src)})
+            for report in (None, *a.reports):
+                name = f"{report}_predictions.json" if report else "predictions.json"
+                qat = json.loads((qat_dir / name).read_text())
                 eng = json.loads((d / name).read_text())
-                sub = rec if name == "predictions.json" else rec["test"]
+                sub = rec[report] if report else rec
                 sub["same_predictions_as_qat"] = sum(eng.get(k) == v for k, v in qat.items())
                 sub["questions"] = len(qat)
             (d / "eval.json").write_text(json.dumps(rec, indent=1) + "\n")
@@ -528,6 +667,39 @@ def main(argv: Sequence[str]) -> dict:
     a.out.mkdir(parents=True, exist_ok=True)
     summary_path.write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def _train_stage(a, stage: str, d: Path, cmd: List[str], alloc) -> float:
+    """Train one stage in ``d``; returns its training seconds over every sitting.
+
+    Resumable: ``fairseq-train`` loads ``d/checkpoint_last.pt`` when it exists (its ``--restore-file`` default;
+    ``--finetune-from-model`` only applies to a first launch), with the optimizer, LR scheduler, update count and
+    data-iterator position, so a relaunch continues an interrupted stage where its last save (every validation
+    interval) left it. ``train_done.json`` marks a finished run, so scoring that failed does not retrain; ``--fresh``
+    deletes the stage's checkpoints and logs first."""
+    done, runs_file = d / "train_done.json", d / "train_runs.json"
+    if a.fresh and d.is_dir():
+        for f in [*d.glob("checkpoint*.pt"), done, runs_file, d / "train.log", d / "curve.json"]:
+            f.unlink(missing_ok=True)
+    if done.is_file():
+        print(f"[squad] {stage}: training finished before ({done}); scoring its checkpoint", flush=True)
+        return json.loads(done.read_text())["train_seconds"]
+    d.mkdir(parents=True, exist_ok=True)
+    if (d / "checkpoint_last.pt").is_file():
+        print(f"[squad] {stage}: resuming from {d / 'checkpoint_last.pt'}", flush=True)
+    runs = json.loads(runs_file.read_text()) if runs_file.is_file() else []
+    t0 = time.time()
+    try:
+        rc = _run_logged(cmd, d / "train.log", alloc, on_line=_curve_writer(stage, d))
+    finally:  # an interrupted sitting still counts towards the stage's training time
+        runs.append(round(time.time() - t0, 1))
+        runs_file.write_text(json.dumps(runs) + "\n")
+    if rc != 0:
+        raise RecipeError(f"stage {stage}: fairseq-train failed with exit code {rc}; see {d / 'train.log'} "
+                          "(a relaunch resumes from checkpoint_last.pt)")
+    seconds = round(sum(runs), 1)
+    done.write_text(json.dumps({"train_seconds": seconds, "sittings": len(runs)}) + "\n")
+    return seconds
 
 
 def run_squad(argv: Sequence[str]) -> int:
