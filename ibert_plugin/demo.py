@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .quant.config import IBERT_W7A8, IBERT_W8A8, INT_TERNARY_W2, TERNARYBERT_W2A8
+
 REPO = Path(__file__).resolve().parents[1]
 TASK = "RT-SENT"
 HEAD = "sentence_classification_head"
@@ -494,21 +496,20 @@ def plan(a: argparse.Namespace, common: List[str], fp_ckpt: str = "<fp>", tern_c
 
     add("fp", "FP fine-tuning", "fp", a.fp_updates, ["--quant-mode", "none", "--restore-file", "<pretrained>",
                                                      "--lr", "1e-4"], 0.1)
-    add("w8", "I-BERT W8A8 QAT", "qat", a.qat_updates, ["--quant-mode", "symmetric", "--restore-file", fp_ckpt,
+    add("w8", "I-BERT W8A8 QAT", "qat", a.qat_updates, [*IBERT_W8A8.to_flags(), "--restore-file", fp_ckpt,
                                                        "--lr", "1e-5"], 0.0)
     if not a.skip_w7:
-        add("w7", "I-BERT W7A8 QAT", "qat", a.qat_updates, ["--quant-mode", "symmetric", "--weight-bits", "7",
-                                                           "--restore-file", fp_ckpt, "--lr", "1e-5"], 0.0)
+        add("w7", "I-BERT W7A8 QAT", "qat", a.qat_updates, [*IBERT_W7A8.to_flags(), "--restore-file", fp_ckpt,
+                                                           "--lr", "1e-5"], 0.0)
     if not a.skip_ternary:
         for m in a.methods:
             add(f"tern_{m}", f"TernaryBERT W2A8 {m.upper()}", "ternary", a.ternary_updates,
-                ["--quant-mode", "ternarybert", "--weight-bits", "2", "--weight-quant-method", m, "--restore-file",
-                 fp_ckpt, "--pred-distill", "--intermediate-distill", "--save-fp-model", "--save-quantized-model",
-                 "--lr", "1e-4"], 0.1)
+                [*TERNARYBERT_W2A8.replace(weight_method=m).to_flags(), "--restore-file", fp_ckpt, "--pred-distill",
+                 "--intermediate-distill", "--save-fp-model", "--save-quantized-model", "--lr", "1e-4"], 0.1)
         if not a.skip_int_ternary:
             add("int_tern", f"integer-only ternary ({a.methods[0].upper()})", "int_ternary", a.int_ternary_updates,
-                ["--quant-mode", "symmetric", "--weight-bits", "2", "--weight-quant-method", a.methods[0],
-                 "--restore-file", tern_ckpt, "--lr", "2e-5"], 0.0)
+                [*INT_TERNARY_W2.replace(weight_method=a.methods[0]).to_flags(), "--restore-file", tern_ckpt,
+                 "--lr", "2e-5"], 0.0)
     return stages
 
 
