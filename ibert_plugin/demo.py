@@ -269,10 +269,10 @@ class Progress:
                 with open(log, "rb") as f:
                     f.seek(max(0, f.seek(0, 2) - 65536))
                     done = self.updates_in(f.read().decode("utf-8", "replace"))
-            if not done:
+            if not done:  # fairseq still loading: the cost model's estimate, while it has not run out
                 left = stage.estimate() * self.speed - elapsed
-                self._show(step, 0.0, f"starting, {_fmt_min(elapsed)} elapsed, ~{_fmt_min(max(left, 0))} left "
-                                      f"(demo ~{_fmt_min(max(left, 0) + later_s * self.speed)})")
+                eta = f", ~{_fmt_min(left)} left (demo ~{_fmt_min(left + later_s * self.speed)})" if left > 0 else ""
+                self._show(step, 0.0, f"starting, {_fmt_min(elapsed)} elapsed{eta}")
                 continue
             if done != seen:
                 seen, t_seen = done, time.time()
