@@ -69,9 +69,10 @@ class Console:
     """The demo's terminal output: one line per stage and the final table, nothing else.
 
     On a terminal a stage's line is redrawn in place (progress bar, percentage, time left) and finished with its
-    result and the path of its full log; on a pipe or file it is printed at most every ``interval`` seconds, so a
-    captured log stays short. Writes go to the stream given at construction, so they are not affected by the
-    redirection of ``sys.stdout`` / ``sys.stderr`` into a stage's log (:func:`stage_output`).
+    result and the path of its full log; on a pipe or file a progress line is printed only when the bar moves, or
+    after ``interval`` seconds without one, so a captured log stays short. Writes go to the stream given at
+    construction, so they are not affected by the redirection of ``sys.stdout`` / ``sys.stderr`` into a stage's log
+    (:func:`stage_output`).
     """
 
     def __init__(self, stream=None, interval: float = 60.0):
@@ -81,17 +82,18 @@ class Console:
         self._lock = threading.Lock()
         self._open = False  # a redrawable line is on the screen
         self._last_print = 0.0
+        self._last_key = None  # (step, bar) of the last progress line printed on a pipe
 
-    def _emit(self, text: str, final: bool) -> None:
+    def _emit(self, text: str, final: bool, key=None) -> None:
         with self._lock:
             if self.tty:
                 self.stream.write("\r\033[K" + text + ("\n" if final else ""))
                 self._open = not final
             else:
                 now = time.time()
-                if not final and now - self._last_print < self.interval:
+                if not final and key == self._last_key and now - self._last_print < self.interval:
                     return
-                self._last_print = now
+                self._last_print, self._last_key = now, key
                 self.stream.write(text + "\n")
             self.stream.flush()
 
@@ -106,7 +108,8 @@ class Console:
 
     def progress(self, step: str, fraction: Optional[float], detail: str) -> None:
         """Redraw ``step``'s line: bar and percentage (``fraction`` in [0, 1], None when unknown) and ``detail``."""
-        self._emit(f"{step} {bar(fraction)} {detail}".rstrip(), final=False)
+        shown = bar(fraction)
+        self._emit(f"{step} {shown} {detail}".rstrip(), final=False, key=(step, shown))
 
     def done(self, step: str, detail: str) -> None:
         """Finish ``step``'s line."""
@@ -281,7 +284,11 @@ class Progress:
             trained = t_seen - t0
             rate = max(trained - COST[stage.kind][0], 0.5 * trained) / done
             self.speed = max(0.25, min(4.0, rate / per_update))
-            left = rate * max(stage.updates - done, 0) + COST[stage.kind][2] + SCORE_S[stage.kind]
+            if done >= stage.updates:
+                self._show(step, 1.0, f"{done}/{stage.updates} updates, {_fmt_min(elapsed)} elapsed; final "
+                                      f"validation and checkpoint (demo ~{_fmt_min(later_s * self.speed)} after)")
+                continue
+            left = rate * (stage.updates - done) + COST[stage.kind][2] + SCORE_S[stage.kind]
             self._show(step, done / stage.updates,
                        f"{done}/{stage.updates} updates, {_fmt_min(elapsed)} elapsed, ~{_fmt_min(left)} left "
                        f"(demo ~{_fmt_min(left + later_s * self.speed)})")

@@ -98,16 +98,23 @@ class _Stream(io.StringIO):
         return self._tty
 
 
-def test_console_on_a_pipe_prints_throttled_lines_and_every_final_one():
+def test_console_on_a_pipe_prints_a_line_when_the_bar_moves_and_every_final_one():
     s = _Stream(tty=False)
     con = demo.Console(s, interval=3600)
-    con.progress("[1/2] fp", 0.1, "1/10 updates")
-    con.progress("[1/2] fp", 0.5, "5/10 updates")  # within the interval: not printed
+    con.progress("[1/2] fp", 0.1, "1/10 updates, ~5 min left")
+    con.progress("[1/2] fp", 0.1, "1/10 updates, ~4 min left")  # same bar, within the interval: not printed
+    con.progress("[1/2] fp", 0.5, "5/10 updates")
     con.done("[1/2] fp", "10/10 updates   log: x.log")
     lines = s.getvalue().splitlines()
-    assert lines == ["[1/2] fp [##..................]  10% 1/10 updates",
+    assert lines == ["[1/2] fp [##..................]  10% 1/10 updates, ~5 min left",
+                     "[1/2] fp [##########..........]  50% 5/10 updates",
                      "[1/2] fp [####################] 100% 10/10 updates   log: x.log"]
     assert "\r" not in s.getvalue()
+    quiet = _Stream(tty=False)
+    con = demo.Console(quiet, interval=0)  # after `interval` seconds an unchanged bar is printed again
+    con.progress("[1/2] fp", 0.1, "a")
+    con.progress("[1/2] fp", 0.1, "b")
+    assert quiet.getvalue().splitlines()[-1].endswith(" b")
 
 
 def test_console_on_a_terminal_redraws_one_line_per_stage():
