@@ -25,7 +25,7 @@ test: assets kernels
 	@rc=0; OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS) $(VENV_PY) -m pytest -q tests $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)" >&2; fi; exit $$rc
 
-# The suite without the end-to-end training tests (marker `slow`, pyproject.toml): under 2 minutes on 2 cores.
+# The suite without the end-to-end training tests (marker `slow`, pyproject.toml).
 test-fast: assets kernels
 	@rc=0; OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS) $(VENV_PY) -m pytest -q -m "not slow" tests $(PYTEST_ARGS) \
 	  || rc=$$?; if [ $$rc -eq 5 ]; then echo "make test-fast: pytest collected no tests (exit 5)" >&2; fi; exit $$rc
