@@ -154,6 +154,7 @@ def test_ternarybert_mode_returns_scores_and_hiddens(dictionary, fp_roberta):
     assert torch.isinf(scores[2, :, :, -1]).all() and torch.isfinite(scores[0]).all()
 
 
+@pytest.mark.slow  # end-to-end fairseq-train: left out by `make test-fast`
 @pytest.mark.parametrize("mode", ["symmetric", "ternarybert"])
 def test_fairseq_train_user_dir_quantized(tmp_path, mode):
     data = make_tiny_glue(tmp_path / "data")
