@@ -54,4 +54,5 @@ def test_install_files_shape():
     assert os.access(ci, os.X_OK)
     text = ci.read_text()
     assert text.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in text and "make test" in text
-    assert text.index("make lint") < text.index("make test")  # CI lints before it tests
+    commands = [line.strip() for line in text.splitlines() if not line.startswith("#")]
+    assert commands.index("make lint") < commands.index("exec make test")  # CI lints before it tests
