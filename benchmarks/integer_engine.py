@@ -60,9 +60,10 @@ def _dictionary(vocab: int):
 
 def _build(arch: str, dictionary, extra, seed: int = 0):
     """``arch`` (an ``ibert_roberta`` variant) for ``dictionary`` with a 2-class sentence head."""
-    import ibert_plugin  # noqa: F401  (registers the architectures)
     from fairseq import options
     from fairseq.models import ARCH_MODEL_REGISTRY
+
+    import ibert_plugin  # noqa: F401  (registers the architectures)
 
     class _Task:
         source_dictionary = dictionary
@@ -288,7 +289,8 @@ def measure(inputs, case, model, eng, fp, batches, args, shape, extra):
         eng.profile = False
         print(f"  profile {inputs} {case} B={batches[0].shape[0]}: " + ", ".join(
             f"{k} {1000 * v:.1f}" for k, v in sorted(eng.timings.items(), key=lambda kv: -kv[1])) + " ms")
-    row = dict(inputs=inputs, case=case, weights=label, weight_bits=int(wb), routes=routes, attention_route="fused attention_u8",
+    row = dict(inputs=inputs, case=case, weights=label, weight_bits=int(wb), routes=routes,
+               attention_route="fused attention_u8",
                threads=args.threads, shape=shape, batch=int(batches[0].shape[0]), batches=len(batches),
                sentences=n_sent, fp32_ms=round(1000 * statistics.median(tf), 2),
                int_ms=round(1000 * statistics.median(ti), 2), speedup_median=round(statistics.median(ratios), 3),
@@ -360,7 +362,8 @@ def main(argv=None):
           f"{'[min, max]':>14s} {'bit_exact':>9s}")
     for r in results:
         print(f"{r['inputs']:6s} {r['case']:7s} {','.join(r['routes']):14s} {r['batch']:5d} {r['fp32_ms']:9.1f} "
-              f"{r['int_ms']:9.1f} {r['speedup_median']:8.2f} {'[%.2f, %.2f]' % (r['speedup_min'], r['speedup_max']):>14s}"
+              f"{r['int_ms']:9.1f} {r['speedup_median']:8.2f} "
+              f"{'[%.2f, %.2f]' % (r['speedup_min'], r['speedup_max']):>14s}"
               f" {str(r['bit_exact']):>9s}")
     summary = dict(benchmark="integer_engine", threads=args.threads, quick=args.quick, load=os.getloadavg(),
                    cpu_vnni=_has_vnni(), results=results,

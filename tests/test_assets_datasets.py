@@ -45,7 +45,8 @@ def _rows(p):
 
 
 @pytest.mark.skipif(_vader_sdist() is None,
-                    reason="vaderSentiment sdist not in <data>/cache (python -m ibert_plugin.assets build --only rt_sent)")
+                    reason="vaderSentiment sdist not in <data>/cache "
+                           "(python -m ibert_plugin.assets build --only rt_sent)")
 def test_rt_sent(tmp_path):
     from ibert_plugin.assets.datasets import build_rt_sent
 

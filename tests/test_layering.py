@@ -3,7 +3,8 @@
 * a static graph of the import statements that run at import time (module level, class bodies, top-level
   ``if``/``try``; not function bodies) over every ``ibert_plugin`` module must be acyclic;
 * room rules on that graph: ``_cext`` (the C++ extension loader) imports nothing of the plugin, ``quant`` only
-  ``quant`` and ``_cext`` (also inside functions), ``engine`` only ``engine``, ``quant`` and ``_cext``, ``recipes`` (the driver) only ``quant.config``, the fairseq-free ``wiring.checkpoint_file`` and
+  ``quant`` and ``_cext`` (also inside functions), ``engine`` only ``engine``, ``quant`` and ``_cext``, ``recipes``
+  (the driver) only ``quant.config``, the fairseq-free ``wiring.checkpoint_file`` and
   (for SQuAD tasks) ``squad.recipe``;
 * every module imports alone in a fresh interpreter (a forked child of a process that has not imported the plugin),
   and the ``quant`` / ``engine`` / ``recipes`` ones leave ``fairseq`` out of ``sys.modules``.

@@ -99,7 +99,10 @@ def _members():
         answer = {"text": f"19{n}0", "answer_start": ctx.index("19")}
         return {"title": title, "paragraphs": [{"context": ctx, "qas": [
             {"id": f"{title}-{n}", "question": "when?", "answers": [answer]}]}]}
-    doc = lambda *arts: json.dumps({"version": "1.1", "canary": "CANARY", "data": list(arts)}).encode()
+
+    def doc(*arts):
+        return json.dumps({"version": "1.1", "canary": "CANARY", "data": list(arts)}).encode()
+
     disfl = {"canary": "CANARY", "examples": [
         {"input": f"who no what did {i} do ?\ncontext: thing {i} ' s value is {i}", "target": t}
         for i in range(10) for t in (f"thing {i}'s value", "unknown")]}

@@ -350,10 +350,10 @@ def import_hf(model_dir: os.PathLike, output_dir: os.PathLike, *, gpt2_encoder_j
     # dict.txt first: the masked_lm task below loads it to size the embedding (len + 4 specials + <mask>).
     write_text_atomic(out_dir / "dict.txt", "".join(f"{s} 1\n" for s in symbols))
 
+    import warnings
+
     from fairseq import tasks
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-
-    import warnings
 
     with warnings.catch_warnings():
         # hydra's deprecation chatter from convert_namespace_to_omegaconf is noise for a conversion tool.
