@@ -1,10 +1,12 @@
-# User-facing targets: `make test` and `make demo`. Helpers: install, clean.
+# User-facing targets: `make test` and `make demo`. Helpers: install, kernels, test-fast, lint, clean.
 SHELL := /bin/bash
 VENV_PY := .venv/bin/python
 THREADS ?= 2
 PYTEST_ARGS ?=
+# ruff, pinned so that a rule added upstream never turns CI red on its own; installed into the venv by `make lint`.
+RUFF_VERSION := 0.17.6
 
-.PHONY: demo test install assets kernels allocator clean
+.PHONY: demo test test-fast lint install assets kernels allocator clean
 
 install:
 	./scripts/bootstrap.sh
@@ -22,6 +24,17 @@ kernels: install
 test: assets kernels
 	@rc=0; OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS) $(VENV_PY) -m pytest -q tests $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)" >&2; fi; exit $$rc
+
+# The suite without the end-to-end training tests (marker `slow`, pyproject.toml).
+test-fast: assets kernels
+	@rc=0; OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS) $(VENV_PY) -m pytest -q -m "not slow" tests $(PYTEST_ARGS) \
+	  || rc=$$?; if [ $$rc -eq 5 ]; then echo "make test-fast: pytest collected no tests (exit 5)" >&2; fi; exit $$rc
+
+# ruff (pyflakes, pycodestyle, import order; configuration in pyproject.toml) over the whole repository.
+lint: install
+	@$(VENV_PY) -m ruff --version 2>/dev/null | grep -qx "ruff $(RUFF_VERSION)" || \
+	  $(VENV_PY) -m pip install -q --disable-pip-version-check "ruff==$(RUFF_VERSION)"
+	$(VENV_PY) -m ruff check .
 
 # Optional, best effort (never fails): jemalloc for the training processes (ibert_plugin/recipes/allocator.py; about a
 # third off a CPU training step). Installed with apt-get when this is root on Debian/Ubuntu; otherwise a note.

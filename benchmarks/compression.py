@@ -26,18 +26,15 @@ BERT-base has a 30522 vocabulary, a ternary pooler and no MLM head. base-3 packi
 Prints a table, then ONE JSON object as the last line. ``python benchmarks/compression.py [--models minilm]``.
 """
 import argparse
-import json
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ibert_plugin.quant.packing import pack_model, pack_state, saved_bytes  # noqa: E402
-from ibert_plugin.wiring.checkpoint import _StubTask  # noqa: E402
-from ibert_plugin.quant.ternary import twn_ternarize  # noqa: E402
+from harness import emit
+from ibert_plugin.quant.packing import pack_model, pack_state, saved_bytes
+from ibert_plugin.quant.ternary import twn_ternarize
+from ibert_plugin.wiring.checkpoint import _StubTask
 
 SHAPES = {
     "roberta_base": dict(vocab=50265, layers=12, dim=768, ffn=3072, heads=12, max_positions=512),
@@ -51,9 +48,10 @@ LM_HEAD = "encoder.lm_head."
 
 def build_fp_model(shape, arch="roberta", extra=()):
     """fairseq ``roberta`` (or ``ibert_roberta`` with ``extra`` flags) with random weights and a 2-class head."""
-    import ibert_plugin  # noqa: F401  (registers ibert_roberta)
     from fairseq import options
     from fairseq.models import ARCH_MODEL_REGISTRY
+
+    import ibert_plugin  # noqa: F401  (registers ibert_roberta)
 
     parser = options.get_training_parser()
     argv = ["unused", "--task", "sentence_prediction", "--num-classes", "2", "--arch", arch, *extra,
@@ -168,7 +166,7 @@ def main(argv=None):
             print(f"  {k:42s} {v / 1e6:9.2f} {r['ratio'][k]:7.2f}")
         print("  float32 tensors in 'ternary' (MB): "
               + ", ".join(f"{k} {v / 1e6:.2f}" for k, v in sorted(r["ternary_float_bytes"].items())))
-    print(json.dumps({"benchmark": "compression", "unit": "bytes", "results": results}, sort_keys=True))
+    emit({"benchmark": "compression", "unit": "bytes", "results": results}, sort_keys=True)
 
 
 if __name__ == "__main__":

@@ -16,15 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+from harness import emit, summarize
+from ibert_plugin.recipes.allocator import allocator_env, describe
 
-from ibert_plugin.recipes.allocator import allocator_env, describe  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 ALLOCATORS = ("system", "jemalloc")
 
@@ -67,16 +66,16 @@ def main(argv=None) -> int:
         row = {"shape": shape["shape"], "batch": shape["batch"], "seq": shape["seq"], "modes": {}}
         for mode in shape["step_wall_s"]:
             t = {a: [run["results"][i]["step_wall_s"][mode] for run in runs[a]] for a in ALLOCATORS}
-            ratios = [j / s for s, j in zip(t["system"], t["jemalloc"])]
-            rec = {"system_s": statistics.median(t["system"]), "jemalloc_s": statistics.median(t["jemalloc"]),
-                   "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
+            ratios = summarize([j / s for s, j in zip(t["system"], t["jemalloc"])])
+            rec = {"system_s": summarize(t["system"]).median, "jemalloc_s": summarize(t["jemalloc"]).median,
+                   **ratios.to_dict("ratio")}
             row["modes"][mode] = rec
             print(f"{name:<24}{mode:<17}{rec['system_s']:>10.3f}{rec['jemalloc_s']:>12.3f}"
                   f"{rec['ratio']:>10.2f} [{rec['ratio_min']:.2f}, {rec['ratio_max']:.2f}]")
             name = ""
         results.append(row)
-    print(json.dumps({"benchmark": "cpu_allocator", "threads": threads, "rounds": args.rounds, "reps": args.reps,
-                      "jemalloc_env": jem, "results": results}))
+    emit({"benchmark": "cpu_allocator", "threads": threads, "rounds": args.rounds, "reps": args.reps,
+          "jemalloc_env": jem, "results": results})
     return 0
 
 

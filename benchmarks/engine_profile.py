@@ -17,11 +17,11 @@ peaks; ``--peak-gmacs`` for another CPU), and the FP32 forward's GMAC/s against 
 Models and the FP32 twin come from ``benchmarks/integer_engine.py`` (the same calibration and the same plain FP32
 encoder). Per op the engine's kernel module and GEMM objects are wrapped by timers (a wrapper costs ~1 us a call); a
 call's time is charged to its op: ``gemm_qkv`` / ``gemm_out`` / ``gemm_fc1`` / ``gemm_fc2`` (with the route named),
-``attention`` (one fused call: q/k/v requant, QK^T, i-softmax, P.V, context requant), ``resid_ln``, ``gelu``, ``embed_ln``; ``python`` is the rest of ``encode`` (argument checks,
-views, glue between calls). Both clocks are recorded per repetition: wall (``perf_counter``) and the process's CPU
-time (``process_time``, all threads; it includes OpenMP workers' spin-waits but not time spent descheduled, so on a
-loaded host it is the steadier of the two). Reported: the median over ``--reps`` repetitions; FP32 and engine
-alternate inside each repetition.
+``attention`` (one fused call: q/k/v requant, QK^T, i-softmax, P.V, context requant), ``resid_ln``, ``gelu``,
+``embed_ln``; ``python`` is the rest of ``encode`` (argument checks, views, glue between calls). Both clocks are
+recorded per repetition: wall (``perf_counter``) and the process's CPU time (``process_time``, all threads; it
+includes OpenMP workers' spin-waits but not time spent descheduled, so on a loaded host it is the steadier of the
+two). Reported: the median over ``--reps`` repetitions; FP32 and engine alternate inside each repetition.
 
     python benchmarks/engine_profile.py [--threads 2] [--reps 5] [--cases 7bit ternary]
                                         [--order file length] [--shapes minilm base squad]
@@ -45,8 +45,7 @@ sys.path.insert(0, os.path.abspath(os.path.dirname(__file__)))
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 import integer_engine as IE  # noqa: E402  (benchmarks/integer_engine.py: models, calibration, FP32 twin)
-
-from ibert_plugin.engine import EngineError, convert, gemm  # noqa: E402
+from ibert_plugin.engine import EngineError, gemm  # noqa: E402
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 

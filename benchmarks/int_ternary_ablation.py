@@ -87,8 +87,8 @@ def main(argv=None) -> int:
     tern_ckpt = a.ternary_checkpoint or (tern_rec or {}).get("checkpoint")
     for what, path in (("FP", fp_ckpt), ("TernaryBERT", tern_ckpt)):
         if not path or not Path(path).exists():
-            print(f"error: no {what} checkpoint (run the demo first, or pass --{what.lower().replace('ternarybert', 'ternary')}"
-                  f"-checkpoint)", file=sys.stderr)
+            flag = f"--{what.lower().replace('ternarybert', 'ternary')}-checkpoint"
+            print(f"error: no {what} checkpoint (run the demo first, or pass {flag})", file=sys.stderr)
             return 2
 
     data = demo._data_dir(a.data_dir)
@@ -143,7 +143,8 @@ def main(argv=None) -> int:
               f"{'':<10} {vb_s}")
     for r in rows.values():
         r.pop("_scores")
-    print(json.dumps({"benchmark": "int_ternary_ablation", "task": demo.TASK, "split": "test (checkpoint chosen on dev)",
+    print(json.dumps({"benchmark": "int_ternary_ablation", "task": demo.TASK,
+                      "split": "test (checkpoint chosen on dev)",
                       "updates": a.updates, "fp_test_acc": round(fp_test, 2), "fp_checkpoint": str(fp_ckpt),
                       "ternary_checkpoint": str(tern_ckpt), "variants": rows}))
     return 0

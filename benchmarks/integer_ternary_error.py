@@ -41,9 +41,10 @@ class _Task:
 
 
 def _build(dictionary, state, extra):
-    import ibert_plugin  # noqa: F401  (registers the architectures)
     from fairseq import options
     from fairseq.models import ARCH_MODEL_REGISTRY
+
+    import ibert_plugin  # noqa: F401  (registers the architectures)
 
     parser = options.get_training_parser()
     argv = ["unused", "--task", "sentence_prediction", "--num-classes", "2", "--arch", "ibert_roberta_minilm",

@@ -17,18 +17,15 @@ Usage: ``OMP_NUM_THREADS=1 python benchmarks/nonlinear_error.py``.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ibert_plugin.quant.nonlinear import int_exp, int_gelu, int_layernorm, int_softmax  # noqa: E402
-from ibert_plugin.quant.primitives import qmax  # noqa: E402
+from harness import emit
+from ibert_plugin.quant.nonlinear import int_exp, int_gelu, int_layernorm, int_softmax
+from ibert_plugin.quant.primitives import qmax
 
 
 def _err(got: torch.Tensor, ref: torch.Tensor):
@@ -116,8 +113,8 @@ def main():
     for k, v in res.items():
         print(f"{k:<26}{v['l2']:>12.3e}{v['linf']:>12.3e}   {paper.get(k, '')}")
     ok = all(v["within_bound"] for rows in gelu.values() for v in rows.values())
-    print(json.dumps({"benchmark": "nonlinear_error", "gelu": gelu, "gelu_bounds": GELU_BOUNDS,
-                      "within_bounds": ok, "results": res}, sort_keys=True))
+    emit({"benchmark": "nonlinear_error", "gelu": gelu, "gelu_bounds": GELU_BOUNDS, "within_bounds": ok,
+          "results": res}, sort_keys=True)
 
 
 if __name__ == "__main__":

@@ -23,16 +23,12 @@ Usage: ``OMP_NUM_THREADS=1 python benchmarks/qat_overhead.py [--shapes minilm,ro
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
 import sys
-import time
 from typing import Dict, List
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from harness import emit, summarize, timed
 
 HEAD = "sentence_classification_head"
 ARCHS = {"roberta_base": "ibert_roberta_base", "minilm": "ibert_roberta_minilm", "minilm_squad": "ibert_roberta_minilm"}
@@ -69,9 +65,10 @@ class _Task:
 
 
 def _build(shape: str, mode: str, task: _Task, layers: int):
-    import ibert_plugin  # noqa: F401  (registers the architectures and the criterion)
     from fairseq import options
     from fairseq.models import ARCH_MODEL_REGISTRY
+
+    import ibert_plugin  # noqa: F401  (registers the architectures and the criterion)
 
     arch = ARCHS[shape]
     argv = ["unused", "--task", "sentence_prediction", "--num-classes", "2", "--arch", arch, "--max-positions", "512",
@@ -110,12 +107,14 @@ def _sample(task: _Task, bsz: int, seq: int) -> Dict:
 
 
 def _step(model, criterion, opt, sample):
-    t0, c0 = time.perf_counter(), time.process_time()
-    opt.zero_grad(set_to_none=True)
-    loss, sample_size, _ = criterion(model, sample)
-    loss.backward()
-    opt.step()
-    return time.perf_counter() - t0, time.process_time() - c0
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss, _sample_size, _ = criterion(model, sample)
+        loss.backward()
+        opt.step()
+
+    wall, cpu, _ = timed(step)
+    return wall, cpu
 
 
 def bench_shape(shape: str, reps: int, layers: int) -> Dict:
@@ -145,14 +144,13 @@ def bench_shape(shape: str, reps: int, layers: int) -> Dict:
             wall[mode].append(w)
             cpu[mode].append(c)
     out = {"shape": shape, "arch": ARCHS[shape], "layers": len(fp.encoder.sentence_encoder.layers),
-           "batch": bsz, "seq": seq, "step_cpu_s": {m: statistics.median(v) for m, v in cpu.items()},
-           "step_wall_s": {m: statistics.median(v) for m, v in wall.items()}}
+           "batch": bsz, "seq": seq, "step_cpu_s": {m: summarize(v).median for m, v in cpu.items()},
+           "step_wall_s": {m: summarize(v).median for m, v in wall.items()}}
     for mode in TARGETS:
-        rc = [a / b for a, b in zip(cpu[mode], cpu["fp"])]
-        rw = [a / b for a, b in zip(wall[mode], wall["fp"])]
-        out[mode] = {"ratio": statistics.median(rc), "ratio_min": min(rc), "ratio_max": max(rc),
-                     "ratio_wall": statistics.median(rw), "target": TARGETS[mode],
-                     "meets_target": statistics.median(rc) <= TARGETS[mode]}
+        rc = summarize([a / b for a, b in zip(cpu[mode], cpu["fp"])])
+        rw = summarize([a / b for a, b in zip(wall[mode], wall["fp"])])
+        out[mode] = {**rc.to_dict("ratio"), "ratio_wall": rw.median, "target": TARGETS[mode],
+                     "meets_target": rc.median <= TARGETS[mode]}
     return out
 
 
@@ -185,9 +183,8 @@ def main(argv=None) -> int:
             ratio = f"{q['ratio']:.2f} [{q['ratio_min']:.2f}, {q['ratio_max']:.2f}]"
             print(f"{'':<24}{mode:<17}{r['step_cpu_s'][mode]:>11.3f}{r['step_wall_s'][mode]:>12.3f}{ratio:>24}"
                   f"{q['ratio_wall']:>7.2f}  <= {q['target']} {'ok' if q['meets_target'] else 'MISSED'}")
-    print(json.dumps({"benchmark": "qat_overhead", "threads": threads, "reps": args.reps, "device": "cpu",
-                      "results": results,
-                      "meets_targets": all(r[m]["meets_target"] for r in results for m in TARGETS)}))
+    emit({"benchmark": "qat_overhead", "threads": threads, "reps": args.reps, "device": "cpu", "results": results,
+          "meets_targets": all(r[m]["meets_target"] for r in results for m in TARGETS)})
     return 0
 
 

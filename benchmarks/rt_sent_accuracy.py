@@ -16,9 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ibert_plugin import demo  # noqa: E402
+from harness import emit
+from ibert_plugin import demo
 
 TARGETS = {"w8": 0.5, "tern_twn": 1.0, "tern_lat": 1.0, "int_tern": 1.5}
 
@@ -46,8 +45,8 @@ def main(argv=None) -> int:
                 row["target_gap"] = -TARGETS[r["key"]]
                 row["meets_target"] = gap["gap"] >= -TARGETS[r["key"]]
         rows.append(row)
-    print(json.dumps({"benchmark": "rt_sent_accuracy", "smoke": table["smoke"], "split": "test (checkpoint chosen on "
-                      "dev)", "bootstrap": {"resamples": 10000, "seed": 0, "level": 0.95}, "rows": rows}))
+    emit({"benchmark": "rt_sent_accuracy", "smoke": table["smoke"], "split": "test (checkpoint chosen on dev)",
+          "bootstrap": {"resamples": 10000, "seed": 0, "level": 0.95}, "rows": rows})
     return rc
 
 

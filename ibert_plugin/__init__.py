@@ -16,7 +16,10 @@ from __future__ import annotations
 import importlib.abc
 import sys
 
-__all__ = ["register"]
+__all__ = ["__version__", "register"]
+
+#: The package version (``pyproject.toml`` reads it from here; changes by version: ``CHANGELOG.md``).
+__version__ = "0.2.0"
 
 
 def register() -> None:

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Idempotent install of the ibert_plugin stack into <repo>/.venv (see docs: fairseq_stack.md §1).
+# Idempotent install of the ibert_plugin stack into <repo>/.venv: Python 3.11, torch 2.13 CPU, fairseq-fixed 0.12.3.1
+# (fairseq 0.12.2 needs patches to build and import on Python 3.11; fairseq-fixed is upstream main plus a Python 3.11
+# dataclass fix, built from source against the installed torch) and the pinned requirements.
 #
 #   scripts/bootstrap.sh            # first run: minutes (fairseq-fixed builds from source); later runs: ~1 s
 #   IBERT_BOOTSTRAP_FORCE=1 scripts/bootstrap.sh   # ignore the stamp and re-check everything
@@ -9,8 +11,9 @@
 #   2. torch==2.13.0 first when it is missing (IBERT_TORCH_INDEX_URL adds an extra package index)
 #   3. pip install -r requirements.txt            (only when the stamp differs)
 #   4. fairseq-fixed==0.12.3.1 --no-build-isolation --no-deps   (only when `import fairseq` fails)
-#   5. pip install --no-deps -e .                 (setup.py: ibert_plugin, no install_requires)
-# The stamp (.venv/.ibert_bootstrap_stamp) holds the sha256 of requirements.txt + setup.py + the fairseq pin.
+#   5. pip install --no-deps -e .                 (pyproject.toml: ibert_plugin, no dependencies)
+# The stamp (.venv/.ibert_bootstrap_stamp) holds the sha256 of requirements.txt + pyproject.toml + setup.py + the
+# fairseq pin.
 # Works with or without a pip constraints file capping torch (e.g. /etc/xdg/pip/constraints.txt): the pins
 # here sit inside such caps and no step asks pip to upgrade torch. torchaudio and xformers are never installed.
 set -euo pipefail
@@ -33,7 +36,7 @@ if [[ ! -x "$VENV/bin/python" ]]; then
 fi
 VPY="$VENV/bin/python"
 
-want_stamp="$(cat requirements.txt setup.py | sha256sum | cut -d' ' -f1) $FAIRSEQ_PIN $("$VPY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+want_stamp="$(cat requirements.txt pyproject.toml setup.py | sha256sum | cut -d' ' -f1) $FAIRSEQ_PIN $("$VPY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 
 fast_ok() {
     # Cheap check (no heavy imports): the stamp matches and the key packages are still importable.

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""``fairseq-hydra-train`` with the ibert_plugin registered first (fairseq_stack.md §7.5).
+"""``fairseq-hydra-train`` with the ibert_plugin registered first.
 
 fairseq's hydra entry point runs ``add_defaults`` before it imports ``common.user_dir``, so plugin criteria and models
 would be invisible to the config merge; this wrapper imports the plugin, then calls

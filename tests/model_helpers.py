@@ -38,8 +38,9 @@ def make_dictionary(num_words=60):
 
 
 def parse_model_args(arch, extra=()):
-    import ibert_plugin  # noqa: F401  (registers the architectures)
     from fairseq import options
+
+    import ibert_plugin  # noqa: F401  (registers the architectures)
 
     parser = options.get_training_parser()
     argv = ["unused-data", "--task", "sentence_prediction", "--num-classes", "2", "--arch", arch,
@@ -242,7 +243,8 @@ def minilm_model(dictionary, weight_bits):
 
     (pt,) = require_assets("minilm/model.pt")
     model = build_model("ibert_roberta_minilm", dictionary,
-                        extra=["--quant-mode", "symmetric", "--weight-bits", str(weight_bits), "--max-positions", "512"])
+                        extra=["--quant-mode", "symmetric", "--weight-bits", str(weight_bits),
+                               "--max-positions", "512"])
     state = checkpoint_utils.load_checkpoint_to_cpu(str(pt))["model"]
     model.load_state_dict(state, strict=True)
     return model.eval()

@@ -46,8 +46,9 @@ def test_gpt2_bpe_missing_source_is_asset_error(tmp_path):
 
 
 def test_hf_wordpiece_bpe_roundtrip():
-    from fairseq.data.encoders import build_bpe
     from argparse import Namespace
+
+    from fairseq.data.encoders import build_bpe
 
     import ibert_plugin.assets.wordpiece_bpe  # noqa: F401  (registers hf_wordpiece)
 

@@ -45,7 +45,8 @@ def _rows(p):
 
 
 @pytest.mark.skipif(_vader_sdist() is None,
-                    reason="vaderSentiment sdist not in <data>/cache (python -m ibert_plugin.assets build --only rt_sent)")
+                    reason="vaderSentiment sdist not in <data>/cache "
+                           "(python -m ibert_plugin.assets build --only rt_sent)")
 def test_rt_sent(tmp_path):
     from ibert_plugin.assets.datasets import build_rt_sent
 
@@ -58,7 +59,7 @@ def test_rt_sent(tmp_path):
     assert all(len(r) == 2 for r in tr + dv + te)
     assert len(tr) - 1 == 8568 and len(dv) - 1 == 1000 and len(te) - 1 == 1000
     pos = sum(r[1] == "1" for r in tr[1:] + dv[1:]) + meta["labels"]["test"]["1"]
-    assert pos == 5242  # all positive snippets (offline_assets.md §4)
+    assert pos == 5242  # all positive snippets: 5,242 of the 10,568 with a non-zero mean score
     assert {r[1] for r in tr[1:] + dv[1:]} == {"0", "1"}
     assert 0.45 < sum(r[1] == "1" for r in tr[1:]) / 8568 < 0.55
     # The split is fixed (sha256 order): the first test row never changes, nor any byte of any file.

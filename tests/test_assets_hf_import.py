@@ -11,7 +11,6 @@ reason otherwise. The importer is run on the installed package into a temp dir (
 import importlib.util
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -98,7 +97,6 @@ def _hf_ids(text):
 
 def _fairseq_model(out):
     """Build fairseq's built-in roberta with the importer's dims and load model.pt strictly."""
-    from argparse import Namespace
 
     from fairseq import checkpoint_utils, tasks
 

@@ -15,7 +15,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import model_helpers as mh  # noqa: E402
-
 from ibert_plugin.engine import convert, qat_compare  # noqa: E402
 
 TEST_LENGTHS = (128, 128, 113, 90, 64, 40, 23, 11)

@@ -1,4 +1,5 @@
 """The demo's plan (stages, schedules, time budget), its log parsing and its refusal of bad flags before any work."""
+import io
 import subprocess
 import sys
 
@@ -80,3 +81,83 @@ def test_log_parsing():
     assert demo.dev_curve(log) == [(134, 80.1), (268, 81.9)]
     assert demo.Progress.updates_in(log) == 288
     assert demo.Progress.updates_in("no updates yet") is None
+
+
+def test_progress_bar_shows_fraction_and_unknown():
+    assert demo.bar(0.35, width=20) == "[#######.............]  35%"
+    assert demo.bar(1.5, width=4) == "[####] 100%"  # clamped
+    assert demo.bar(None, width=4) == "[....]   ?%"
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty):
+        super().__init__()
+        self._tty = tty
+
+    def isatty(self):
+        return self._tty
+
+
+def test_console_on_a_pipe_prints_a_line_when_the_bar_moves_and_every_final_one():
+    s = _Stream(tty=False)
+    con = demo.Console(s, interval=3600)
+    con.progress("[1/2] fp", 0.1, "1/10 updates, ~5 min left")
+    con.progress("[1/2] fp", 0.1, "1/10 updates, ~4 min left")  # same bar, within the interval: not printed
+    con.progress("[1/2] fp", 0.5, "5/10 updates")
+    con.done("[1/2] fp", "10/10 updates   log: x.log")
+    lines = s.getvalue().splitlines()
+    assert lines == ["[1/2] fp [##..................]  10% 1/10 updates, ~5 min left",
+                     "[1/2] fp [##########..........]  50% 5/10 updates",
+                     "[1/2] fp [####################] 100% 10/10 updates   log: x.log"]
+    assert "\r" not in s.getvalue()
+    quiet = _Stream(tty=False)
+    con = demo.Console(quiet, interval=0)  # after `interval` seconds an unchanged bar is printed again
+    con.progress("[1/2] fp", 0.1, "a")
+    con.progress("[1/2] fp", 0.1, "b")
+    assert quiet.getvalue().splitlines()[-1].endswith(" b")
+
+
+def test_console_on_a_terminal_redraws_one_line_per_stage():
+    s = _Stream(tty=True)
+    con = demo.Console(s, interval=3600)
+    con.progress("[1/2] fp", 0.1, "a")
+    con.progress("[1/2] fp", 0.5, "b")
+    con.done("[1/2] fp", "c")
+    con.line("table")
+    text = s.getvalue()
+    assert text.count("\n") == 2 and text.count("\r") == 3  # redraws in place; one newline per finished stage
+    assert text.endswith("c\ntable\n")
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_stage_output_goes_to_the_log_and_with_verbose_also_to_the_terminal(tmp_path, verbose):
+    term = io.StringIO()
+    log = tmp_path / "logs" / "stage.log"
+    with demo.stage_output(log, verbose, term):
+        print("python line")
+        print("python warning", file=sys.stderr)
+        sys.stdout.buffer.write(b"raw fairseq bytes\n")  # how run.py tees fairseq's output
+        demo._run([sys.executable, "-c", "import sys; print('child out'); print('child err', file=sys.stderr)"],
+                  "child")
+    text = log.read_text()
+    for needle in ("python line", "python warning", "raw fairseq bytes", "child out", "child err"):
+        assert needle in text
+        assert (needle in term.getvalue()) == verbose
+
+
+def test_a_failing_child_is_a_demo_error(tmp_path):
+    with demo.stage_output(tmp_path / "x.log", False, io.StringIO()):
+        with pytest.raises(demo.DemoError, match="child failed with exit code 3"):
+            demo._run([sys.executable, "-c", "raise SystemExit(3)"], "child")
+
+
+def test_table_goes_to_the_given_stream():
+    s = io.StringIO()
+    rows = [dict(precision="FP32", dev_acc=85.2, test_acc=84.7, size_mb=91.6, wall_s=10.0),
+            dict(precision="W7A8", dev_acc=84.6, test_acc=84.4, size_mb=23.4, wall_s=5.0,
+                 gap=dict(gap=-0.3, low=-1.6, high=1.0, significant=False),
+                 engine={"8": dict(dev_acc=84.6, speedup=1.97)})]
+    demo._print_table(rows, 60.0, False, [(134, 82.4)], stream=s)
+    text = s.getvalue()
+    assert "-0.30 [-1.60, +1.00] noise" in text and "b8: 84.60 = QAT, 1.97x" in text
+    assert "FP dev accuracy by update: 134: 82.40" in text and "total wall time 1.0 min" in text

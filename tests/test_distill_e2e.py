@@ -14,6 +14,8 @@ import torch
 
 from model_helpers import PLUGIN_DIR, make_tiny_glue, random_batch
 
+pytestmark = pytest.mark.slow  # end-to-end distillation training: left out by `make test-fast`
+
 HEAD = "sentence_classification_head"
 
 

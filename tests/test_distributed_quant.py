@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from model_helpers import build_model, make_dictionary, random_batch
 
+pytestmark = pytest.mark.slow  # 2-worker distributed training: left out by `make test-fast`
+
 HEAD = "sentence_classification_head"
 MODES = {
     # upstream's 2^32 LayerNorm variance bound, so that the tiny model's 22-bit rows need a shift and its cross-rank

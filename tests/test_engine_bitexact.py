@@ -7,7 +7,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import model_helpers as mh  # noqa: E402
-
 from ibert_plugin.engine import EngineError, convert, qat_compare  # noqa: E402
 
 BASE_1L = ["--encoder-layers", "1", "--encoder-embed-dim", "768", "--encoder-ffn-embed-dim", "3072",

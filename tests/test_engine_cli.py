@@ -40,7 +40,6 @@ def test_eval_matches_qat_and_is_bit_exact(trained):
     from ibert_plugin.engine import convert
 
     eng, model, _ = convert.from_checkpoint(str(ckpt), threads=2)
-    d = model.encoder.sentence_encoder.dictionary if hasattr(model.encoder.sentence_encoder, "dictionary") else None
     V = model.encoder.sentence_encoder.embed_tokens.weight.shape[0]
     g = torch.Generator().manual_seed(0)
     toks = torch.randint(4, V, (3, 12), generator=g)
@@ -80,7 +79,8 @@ def _tiny_tsv(data: Path, path: Path, with_labels=True):
 
 
 def _wordpiece_dir(root: Path) -> Path:
-    """A WordPiece vocabulary in which every tiny-data word is one piece, so the TSV encodes like the binarised split."""
+    """A WordPiece vocabulary in which every tiny-data word is one piece, so the TSV encodes like the binarised
+    split."""
     d = root / "wp"
     d.mkdir(exist_ok=True)
     (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + [f"w{i}" for i in range(40)]) + "\n")

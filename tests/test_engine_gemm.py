@@ -101,7 +101,8 @@ def test_fbgemm_acc16_ternary_exact_and_large_m(fbgemm):
         assert torch.equal(_exact(lin, x)[1], _ref(x, w))
         for xv, wv in ((127, 1), (127, -1), (-128, 1)):
             lin = gemm.make_linear(torch.full((N, K), wv), "fbgemm16")
-            assert torch.equal(_exact(lin, torch.full((M, K), xv))[1], _ref(torch.full((M, K), xv), torch.full((N, K), wv)))
+            x, w = torch.full((M, K), xv), torch.full((N, K), wv)
+            assert torch.equal(_exact(lin, x)[1], _ref(x, w))
     assert gemm.make_linear(torch.ones(768, 768, dtype=torch.int64), "fbgemm16").weight_bytes == 768 * 768
 
 

@@ -11,7 +11,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import model_helpers as mh  # noqa: E402
-
 from ibert_plugin.engine import cli, convert, model_file  # noqa: E402
 from ibert_plugin.engine.engine import IntegerEngine  # noqa: E402
 from ibert_plugin.engine.tokenizer import TextEncoder, gpt2_tokenizer_json  # noqa: E402

@@ -8,7 +8,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import model_helpers as mh  # noqa: E402
-
 from ibert_plugin.engine import EngineError, convert, qat_compare  # noqa: E402
 
 

@@ -15,10 +15,15 @@ import sysconfig
 import textwrap
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a pip install and a C++ build into a fresh venv: left out by `make test-fast`
+
 REPO = Path(__file__).resolve().parents[1]
 
 CHECK = textwrap.dedent("""
     import sys
+    from importlib.metadata import version
     from pathlib import Path
     import ibert_plugin, ibert_plugin.engine
     from ibert_plugin.engine import kernels
@@ -29,6 +34,7 @@ CHECK = textwrap.dedent("""
     assert (root / "engine" / "kernels.cpp").is_file() and (root / "engine" / "fbgemm_gemm.cpp").is_file()
     assert (root / "quant" / "qat_kernels.cpp").is_file()
     assert "fairseq" not in sys.modules
+    assert version("ibert_plugin") == ibert_plugin.__version__  # pyproject.toml reads the one version string
     K = kernels.load()
     g = torch.Generator().manual_seed(0)
     s = torch.tensor([2.0e-3])
@@ -45,7 +51,8 @@ CHECK = textwrap.dedent("""
 def test_non_editable_install_builds_and_runs_the_engine(tmp_path):
     src = tmp_path / "src"
     shutil.copytree(REPO / "ibert_plugin", src / "ibert_plugin", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "setup.py", src / "setup.py")
+    for name in ("pyproject.toml", "setup.py", "README.md", "LICENSE"):
+        shutil.copy(REPO / name, src / name)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"

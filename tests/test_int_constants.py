@@ -18,7 +18,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import model_helpers as mh  # noqa: E402
-
 from ibert_plugin.engine import convert  # noqa: E402
 from ibert_plugin.engine.engine import IntegerEngine  # noqa: E402
 from ibert_plugin.quant import modules as QM  # noqa: E402

@@ -3,7 +3,6 @@ import pytest
 import torch
 
 import ibert_plugin  # noqa: F401  (fairseq checkpoints pickle argparse.Namespace: allow-listed by the plugin)
-
 from model_helpers import (
     TINY_DIMS,
     build_model,
@@ -154,6 +153,7 @@ def test_ternarybert_mode_returns_scores_and_hiddens(dictionary, fp_roberta):
     assert torch.isinf(scores[2, :, :, -1]).all() and torch.isfinite(scores[0]).all()
 
 
+@pytest.mark.slow  # end-to-end fairseq-train: left out by `make test-fast`
 @pytest.mark.parametrize("mode", ["symmetric", "ternarybert"])
 def test_fairseq_train_user_dir_quantized(tmp_path, mode):
     data = make_tiny_glue(tmp_path / "data")
@@ -173,8 +173,10 @@ def test_fairseq_train_user_dir_quantized(tmp_path, mode):
         assert "encoder.sentence_encoder.layers.1.final_layer_norm.shift" in state["model"]
 
 
-@pytest.mark.parametrize("extra", [("--quant-mode", "symmetric"),
-                                   ("--quant-mode", "ternarybert", "--weight-bits", "2", "--weight-quant-method", "lat")])
+@pytest.mark.parametrize("extra", [
+    ("--quant-mode", "symmetric"),
+    ("--quant-mode", "ternarybert", "--weight-bits", "2", "--weight-quant-method", "lat"),
+])
 def test_eval_reuses_quantized_weights_until_they_change(dictionary, fp_roberta, extra):
     from ibert_plugin.quant.modules import QuantLinear
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import nn
 
+from ibert_plugin.quant.config import QuantConfig
 from ibert_plugin.quant.packing import (
     FrozenWeightQuantizer,
     collect_quantized_weights,
@@ -13,10 +14,8 @@ from ibert_plugin.quant.packing import (
     unpack,
     unpack_ternary,
 )
-from ibert_plugin.quant.config import QuantConfig
 from ibert_plugin.quant.ternary import LATWeightQuantizer, TWNWeightQuantizer
 from ibert_plugin.quant.weight import WeightQuantizer
-
 
 Cfg = QuantConfig  # defaults: clip 2.5, LAT beta2/eps of fairseq's Adam
 

@@ -19,8 +19,15 @@ from ibert_plugin.quant.nonlinear import (
     layernorm_shift_update,
     nonlinear_coeffs,
 )
-from ibert_plugin.quant.primitives import attach_scale_grad, dyadic, exact_int_matmul, floor_ste, isqrt_ste
-from ibert_plugin.quant.primitives import requant, requant_clamp
+from ibert_plugin.quant.primitives import (
+    attach_scale_grad,
+    dyadic,
+    exact_int_matmul,
+    floor_ste,
+    isqrt_ste,
+    requant,
+    requant_clamp,
+)
 
 
 def _ref(z: int, m: int, e: int) -> int:
@@ -42,7 +49,8 @@ def test_requant_float64_split_is_exact_across_the_domain():
     z = (torch.rand(600, generator=g, dtype=torch.float64) * torch.exp2(bits.double())).floor()
     z = torch.where(torch.rand(600, generator=g) < 0.5, -z, z)
     z[:3] = torch.tensor([2.0**51 - 1, -(2.0**51 - 1), 0.0], dtype=torch.float64)
-    ratios = torch.tensor([2.0**21 + 3, 3.3, -0.77, 2.0**-13, -3e-9, 2.0**-31 * 1.7, 1e-16, 2.0**-70], dtype=torch.float64)
+    ratios = torch.tensor([2.0**21 + 3, 3.3, -0.77, 2.0**-13, -3e-9, 2.0**-31 * 1.7, 1e-16, 2.0**-70],
+                          dtype=torch.float64)
     m, e = dyadic(ratios)
     assert float(e.min()) == 1 and float(e.max()) > 72
     out = requant(z[:, None], m, e)

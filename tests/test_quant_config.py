@@ -88,3 +88,37 @@ def test_from_namespace_reads_fairseq_names_and_defaults():
     assert c.ternary_linear == "row" and c.linear_rowwise
     # the granularity only concerns the ternary methods: sym keeps its own per-channel switch
     assert not QuantConfig(weight_bits=8, ternary_linear="row").linear_rowwise
+
+
+def test_presets_are_the_four_models():
+    from ibert_plugin.quant import config as C
+
+    assert (C.IBERT_W8A8.quant_mode, C.IBERT_W8A8.weight_bits, C.IBERT_W8A8.weight_method) == ("symmetric", 8, "sym")
+    assert (C.IBERT_W7A8.quant_mode, C.IBERT_W7A8.weight_bits, C.IBERT_W7A8.weight_method) == ("symmetric", 7, "sym")
+    assert C.IBERT_W8A8.integer_gelu and C.IBERT_W8A8.integer_softmax and C.IBERT_W8A8.integer_layernorm
+    t = C.TERNARYBERT_W2A8
+    assert (t.quant_mode, t.weight_bits, t.weight_method, t.act_bits) == ("ternarybert", 2, "twn", 8)
+    assert not t.integer_gelu
+    i = C.INT_TERNARY_W2
+    assert (i.quant_mode, i.weight_bits, i.weight_method) == ("symmetric", 2, "twn") and i.integer_layernorm
+    assert list(C.PRESETS.values()) == [C.IBERT_W8A8, C.IBERT_W7A8, C.TERNARYBERT_W2A8, C.INT_TERNARY_W2]
+    with pytest.raises(Exception):  # frozen: a shared preset cannot be changed under another user
+        C.IBERT_W8A8.weight_bits = 4
+
+
+@pytest.mark.parametrize("name, changes", [
+    ("IBERT_W8A8", {}), ("IBERT_W7A8", {}), ("TERNARYBERT_W2A8", {}), ("INT_TERNARY_W2", {}),
+    ("TERNARYBERT_W2A8", dict(weight_method="lat", clip_val=10.0, act_bits=6, ternary_linear="row")),
+    ("IBERT_W8A8", dict(force_dequant="gelu", ln_var_bits=32, nonlinear_constants="refit")),
+])
+def test_to_flags_parse_back_to_the_same_config_through_fairseq(name, changes):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import model_helpers as mh
+    from ibert_plugin.quant.config import PRESETS
+
+    cfg = PRESETS[name].replace(**changes)
+    args = mh.parse_model_args("ibert_roberta", mh.TINY_DIMS + cfg.to_flags())
+    assert QuantConfig.from_namespace(args) == cfg

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from ibert_plugin.quant.nonlinear import (
     EXP_LN2,
-    LN_VAR_BITS,
     GELU_C,
     GELU_K,
+    LN_VAR_BITS,
     gelu_constants,
     int_exp,
     int_gelu,

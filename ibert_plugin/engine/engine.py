@@ -17,9 +17,9 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..quant.primitives import dequantize
 from . import EngineError, gemm, kernels, selftest
 from .intmodel import IntModel
-from ..quant.primitives import dequantize
 
 I64 = torch.int64
 
@@ -168,7 +168,8 @@ class IntegerEngine:
     def _encode(self, tokens: torch.Tensor, collect: bool):
         B, T = tokens.shape
         if T + self.im.padding_idx + 1 > self.im.pos_w.shape[0]:
-            raise EngineError(f"sequence length {T} exceeds the model's {self.im.pos_w.shape[0] - self.im.padding_idx - 1} positions")
+            positions = self.im.pos_w.shape[0] - self.im.padding_idx - 1
+            raise EngineError(f"sequence length {T} exceeds the model's {positions} positions")
         K, im, D = self.K, self.im, self.D
         buf = self._buf(B, T)
         M = B * T

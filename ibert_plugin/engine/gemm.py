@@ -17,8 +17,8 @@ fbgemm returns the raw sums of the u8 operand (x + 128); ``zp_correction = -128 
 bias by the engine, so every route yields ``x_s8 @ w`` exactly. fbgemm runs in the same OpenMP pool as the fused
 kernels, so nothing spins against it; ORT's own pool is told to sleep between calls.
 
-ORT details: one tiny ONNX graph per weight (the weight is an initializer, so ORT/MLAS pre-packs it once); activations and outputs
-are torch tensors bound zero-copy through ``IOBinding``. Routes (see docs/integer_spec.md and the CPU kernel reference):
+ORT details: one tiny ONNX graph per weight (the weight is an initializer, so ORT/MLAS pre-packs it once); activations
+and outputs are torch tensors bound zero-copy through ``IOBinding``. Routes (``docs/engine.md``, "What runs"):
 
 * ``u8u8`` (exact for any 8-bit weight): A = x_s8 + 128 as u8 (zp 128), B = w_s8 + 128 as u8 (zp 128). MLAS widens both
   to 16 bits (``vpmaddwd``), so ``Y = x_s8 @ w_s8`` exactly.

@@ -94,8 +94,8 @@ def _check_attention(gen: torch.Generator, threads: Optional[int]) -> bool:
     kernel's ``p`` must equal ``softmax_u8`` of the int64 scores (the same i-softmax rows, run on exact scores), and
     its context output the int64 ``p v`` requantized.
     """
-    from . import kernels
     from ..quant.nonlinear import exp_lut
+    from . import kernels
 
     try:
         K = kernels.load()

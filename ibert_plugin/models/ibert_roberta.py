@@ -459,7 +459,8 @@ class QuantRobertaEncoder(RobertaEncoder):
 
 
 class QuantClassificationHead(RobertaClassificationHead):
-    """RoBERTa sentence head; in TernaryBERT mode its ``dense`` (BERT's pooler) is quantized, ``out_proj`` stays float."""
+    """RoBERTa sentence head; in TernaryBERT mode its ``dense`` (BERT's pooler) is quantized, ``out_proj`` stays
+    float."""
 
     def __init__(self, input_dim, inner_dim, num_classes, activation_fn, pooler_dropout, cfg: QuantConfig):
         super().__init__(input_dim, inner_dim, num_classes, activation_fn, pooler_dropout)

@@ -3,8 +3,9 @@
 Layers (torchao-style): :mod:`.config` (the one ``QuantConfig``), :mod:`.primitives` (quantize, dyadic requant,
 integer sqrt, exact integer GEMM), :mod:`.nonlinear` (i-GELU, i-exp/softmax, integer LayerNorm as pure functions),
 :mod:`.weight` (weight quantizers and their registry), :mod:`.ternary` (TWN / LAT, imported here so that the
-registry always holds them), :mod:`.packing` (2-bit / int8 storage), :mod:`.modules` (the ``(x, scale)`` modules the model wiring
-uses) and :mod:`.audit` (integer-only audit). ``docs/integer_spec.md`` is the contract shared with the engine.
+registry always holds them), :mod:`.packing` (2-bit / int8 storage), :mod:`.modules` (the ``(x, scale)`` modules the
+model wiring uses) and :mod:`.audit` (integer-only audit). ``docs/integer_spec.md`` is the contract shared with the
+engine.
 """
 from .config import QuantConfig
 from .modules import (

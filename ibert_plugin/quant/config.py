@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Dict, List
 
 __all__ = ["ConfigError", "QuantConfig", "QUANT_MODES", "FORCE_DEQUANT", "WEIGHT_METHODS", "ACT_RANGES",
-           "EMBEDDING_GRANULARITIES", "TERNARY_GRANULARITIES"]
+           "EMBEDDING_GRANULARITIES", "TERNARY_GRANULARITIES", "IBERT_W8A8", "IBERT_W7A8", "TERNARYBERT_W2A8",
+           "INT_TERNARY_W2", "PRESETS"]
 
 QUANT_MODES = ("none", "symmetric", "ternarybert")
 FORCE_DEQUANT = ("none", "gelu", "softmax", "layernorm", "nonlinear")
@@ -247,6 +248,39 @@ class QuantConfig:
             nonlinear_constants=str(get("nonlinear_constants", defaults.nonlinear_constants)),
             ln_var_bits=int(get("ln_var_bits", defaults.ln_var_bits)),
         )
+
+
+    def to_flags(self) -> List[str]:
+        """The model flags (``run.py`` and ``fairseq-train`` spell them alike) that :meth:`from_namespace` reads back
+        into this configuration: mode, weight bits and quantizer always, the other fields it reads when they differ
+        from their defaults. LAT's ``lat_beta2`` / ``lat_eps`` are the optimizer's (``--adam-betas`` /
+        ``--adam-eps``) and are not model flags."""
+        flags = ["--quant-mode", self.quant_mode, "--weight-bits", str(self.weight_bits),
+                 "--weight-quant-method", self.weight_method]
+        defaults = QuantConfig()
+        for name, flag in (("force_dequant", "--force-dequant"), ("act_bits", "--input-bits"),
+                           ("clip_val", "--clip-val"), ("act_range", "--act-range"),
+                           ("ternary_linear", "--ternary-linear"), ("nonlinear_constants", "--nonlinear-constants"),
+                           ("ln_var_bits", "--ln-var-bits")):
+            value = getattr(self, name)
+            if value != getattr(defaults, name):
+                flags += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+        return flags
+
+
+# ------------------------------------------------------------------------------------------------------------ presets
+#: I-BERT integer-only: 8-bit per-channel weights, 8-bit activations (Kim et al., 2021).
+IBERT_W8A8 = QuantConfig(quant_mode="symmetric", weight_bits=8, weight_method="sym")
+#: I-BERT with 7-bit per-channel weights: exact *and* fast on CPUs without VNNI (``docs/engine.md``).
+IBERT_W7A8 = IBERT_W8A8.replace(weight_bits=7)
+#: TernaryBERT: ternary TWN weights, 8-bit fake-quantized activations, float nonlinearities (Zhang et al., 2020).
+TERNARYBERT_W2A8 = QuantConfig(quant_mode="ternarybert", weight_bits=2, weight_method="twn")
+#: Integer-only ternary: ternary TWN weights with I-BERT's integer activations, GELU, softmax and LayerNorm.
+INT_TERNARY_W2 = QuantConfig(quant_mode="symmetric", weight_bits=2, weight_method="twn")
+
+#: The presets by name (``QuantConfig`` is frozen: derive a variant with ``.replace(...)``).
+PRESETS: Dict[str, QuantConfig] = {"IBERT_W8A8": IBERT_W8A8, "IBERT_W7A8": IBERT_W7A8,
+                                   "TERNARYBERT_W2A8": TERNARYBERT_W2A8, "INT_TERNARY_W2": INT_TERNARY_W2}
 
 
 def _parse_betas(betas: Any) -> tuple:

@@ -3,8 +3,8 @@ i-GELU, one pass each over the float64 carriers instead of PyTorch's chain of el
 
 They compute the same numbers as the PyTorch reference in :mod:`.primitives` / :mod:`.nonlinear` (which stays the
 path on any other device, for non-contiguous inputs, and wherever the extension cannot be built), bit for bit
-(``tests/test_qat_kernels.py``). Built on first use (``-O3 -march=native -ffp-contract=off``, vectorised; about a minute,
-then cached; :mod:`ibert_plugin._cext`). ``IBERT_QAT_KERNELS=0`` turns them off.
+(``tests/test_qat_kernels.py``). Built on first use (``-O3 -march=native -ffp-contract=off``, vectorised; about a
+minute, then cached; :mod:`ibert_plugin._cext`). ``IBERT_QAT_KERNELS=0`` turns them off.
 """
 from __future__ import annotations
 

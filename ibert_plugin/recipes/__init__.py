@@ -30,8 +30,9 @@ unfinished run of the same configuration (``--fresh`` starts a new run instead).
 Timestamps are GMT. Extra fairseq flags can follow ``--`` (e.g. ``-- --log-interval 10 --num-workers 0``); fairseq
 keeps the last occurrence of a flag, so they override the generated ones.
 
-Deviations from the seed (ibert_spec.md §6, §10 rows 20-22): exact task-name validation, integer ``--bs``,
-``--max-epochs`` honoured, STS-B trained as regression, per-task GLUE metrics for best-checkpoint selection
+Deviations from I-BERT's ``run.py`` (which validated within the epoch, typed ``--bs`` as float, ignored
+``--max-epochs``, never set STS-B's regression flag and logged only accuracy): exact task-name validation, integer
+``--bs``, ``--max-epochs`` honoured, STS-B trained as regression, per-task GLUE metrics for best-checkpoint selection
 (CoLA ``mcc``, MRPC/QQP ``acc_and_f1``, STS-B ``pearson_and_spearman``, accuracy elsewhere), mid-epoch validation
 counted in updates (fairseq semantics), ``--no-epoch-checkpoints`` (only best/last are kept), no separate
 ``--log-file`` (the driver tees the whole output, tracebacks included).

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from ..quant.config import IBERT_W8A8, TERNARYBERT_W2A8
 from ..wiring.checkpoint_file import CheckpointError, check_fairseq_checkpoint
 from .options import RunError
 from .tasks import ARCHS, FP_OPTIMIZER, TASKS, TERNARY, TERNARY_OPTIMIZER, TaskSpec
@@ -155,8 +156,8 @@ def hyper_parameters(a: argparse.Namespace, spec: TaskSpec, bin_dir: Path) -> Hy
         bs = a.bs or spec.ternary_bs
         epochs = a.max_epochs or TERNARY.epochs
         total = max(1, math.ceil(count_examples(bin_dir) / (bs * a.distributed_world_size)) * epochs)
-        wbits = a.weight_bits or 2
-        method = a.weight_quant_method or ("twn" if wbits == 2 else "sym")
+        wbits = a.weight_bits or TERNARYBERT_W2A8.weight_bits
+        method = a.weight_quant_method or (TERNARYBERT_W2A8.weight_method if wbits == 2 else IBERT_W8A8.weight_method)
         return HyperParameters(
             bs=bs, lr=a.lr if a.lr is not None else TERNARY.lr, epochs=epochs,
             weight_decay=a.weight_decay if a.weight_decay is not None else TERNARY.weight_decay,
@@ -173,7 +174,8 @@ def quantization_flags(a: argparse.Namespace, hp: HyperParameters) -> List[str]:
     """The ``ibert_roberta`` model flags (``--quant-mode`` ... ``--act-range``)."""
     if a.quant_mode == "ternarybert":
         flags = ["--quant-mode", "symmetric" if a.integer_only else "ternarybert", "--weight-bits",
-                 str(hp.weight_bits), "--weight-quant-method", hp.method, "--input-bits", str(a.input_bits or 8)]
+                 str(hp.weight_bits), "--weight-quant-method", hp.method, "--input-bits",
+                 str(a.input_bits or TERNARYBERT_W2A8.act_bits)]
         if a.integer_only or a.force_dequant != "none":
             flags += ["--force-dequant", a.force_dequant]
     else:

@@ -1,6 +1,6 @@
 """The one task table of the driver (``run.py``) and of the hydra configs it generates (``configs/*.yaml``).
 
-GLUE numbers are the I-BERT / fairseq ``README.glue.md`` recipe (``docs`` reference ``ibert_spec.md`` §6): learning
+GLUE numbers are the fairseq RoBERTa ``README.glue.md`` recipe, which I-BERT's ``run.py`` copies unchanged: learning
 rate, batch size in sentences, total and warmup updates of the polynomial schedule, epochs, and the mid-epoch
 validation interval in training sentences (``validate_interval_updates = sentences // bs``). Added tasks:
 

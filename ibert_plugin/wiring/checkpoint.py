@@ -8,7 +8,6 @@ import argparse
 import logging
 from typing import Any, Dict, List, Tuple
 
-import torch
 from fairseq.data import Dictionary
 from fairseq.models import ARCH_MODEL_REGISTRY
 from torch import nn
