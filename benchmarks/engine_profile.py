@@ -6,7 +6,8 @@ Cases (``--shapes``):
   ``--dev-sentences`` RT-SENT dev sentences (the demo's engine-stage inputs, tokenized as the demo does) in batches
   of ``--real-batches`` (8 and 32), either in file order padded to each batch's longest row (``--order file``) or
   through ``IntegerEngine.predict_batches``'s length buckets (``--order length``).
-* ``base``: a random-weight ``ibert_roberta_base`` (``--layers``), random tokens, seq ``--seq`` 128, ``--batch`` 1 and 8.
+* ``base``: a random-weight ``ibert_roberta_base`` (``--layers``), random tokens, seq ``--seq`` 128,
+  ``--batch`` 1 and 8.
 * ``squad``: the MiniLM models on SQuAD-length windows (``--squad-seq`` 384 random tokens, ``--squad-batch`` 8).
 
 Per case it also reports the share of the engine's wall time spent in the linear GEMMs and the achieved int8
@@ -213,7 +214,8 @@ def report(label, med, calls, tot, ratios, n_sent, threads=2, peak=None):
         print(f"  {k:28s} {calls.get(k, 0):6d} {1000 * med['wall'][k]:9.2f} {100 * med['wall'][k] / wall_int:6.1f}% "
               f"{1000 * med['cpu'][k]:9.2f} {100 * med['cpu'][k] / cpu_int:6.1f}%")
     pk = rates["peak_gmac_per_s"]
-    print(f"  GEMMs {100 * rates['gemm_share_wall']:.1f}% of wall; GEMM {rates['gemm_gmac_per_s']} GMAC/s, whole engine "
+    print(f"  GEMMs {100 * rates['gemm_share_wall']:.1f}% of wall; GEMM {rates['gemm_gmac_per_s']} GMAC/s, "
+          "whole engine "
           f"{rates['engine_gmac_per_s']} GMAC/s" + (f" vs peak {pk} GMAC/s ({rates['gemm_pct_of_peak']}% / "
                                                       f"{rates['engine_pct_of_peak']}%)" if pk else " (peak unknown)"))
     return rates

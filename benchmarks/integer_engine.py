@@ -66,9 +66,10 @@ def _dictionary(vocab: int):
 
 def _build(arch: str, dictionary, extra, seed: int = 0):
     """``arch`` (an ``ibert_roberta`` variant) for ``dictionary`` with a 2-class sentence head."""
-    import ibert_plugin  # noqa: F401  (registers the architectures)
     from fairseq import options
     from fairseq.models import ARCH_MODEL_REGISTRY
+
+    import ibert_plugin  # noqa: F401  (registers the architectures)
 
     class _Task:
         source_dictionary = dictionary
@@ -444,9 +445,9 @@ def main(argv=None):
         if "real" in args.inputs or "squad" in args.inputs:
             d, calib, dev, state, lengths = _minilm_data(args.dev_sentences, args.real_batches)
             model_desc = "imported MiniLM (6 x 384, FFN 1536)"
-            sets = [CaseSet("real", b, dev[b], "minilm", dict(model=model_desc, data="RT-SENT dev (file order, padded "
-                                                                "per batch)", mean_len=round(statistics.mean(lengths), 1),
-                                                                max_len=max(lengths)))
+            real_desc = dict(model=model_desc, data="RT-SENT dev (file order, padded per batch)",
+                             mean_len=round(statistics.mean(lengths), 1), max_len=max(lengths))
+            sets = [CaseSet("real", b, dev[b], "minilm", dict(real_desc))
                     for b in args.real_batches if "real" in args.inputs]
             if "squad" in args.inputs:
                 sets.append(CaseSet("squad", args.squad_batch,
@@ -478,7 +479,8 @@ def main(argv=None):
         vs = r.get("vs_fastest_int8_peer")
         vs_s = f"{vs['median']:.2f} ({vs['peer']})" if vs else ""
         print(f"{r['inputs']:6s} {r['batch']:5d} {r['contender']:17s} {r['ms']:9.1f} {r['speedup_median']:7.2f} "
-              f"{'[%.2f, %.2f]' % (r['speedup_min'], r['speedup_max']):>14s} {vs_s:>26s} {str(r.get('bit_exact', '')):>9s}")
+              f"{'[%.2f, %.2f]' % (r['speedup_min'], r['speedup_max']):>14s} {vs_s:>26s} "
+              f"{str(r.get('bit_exact', '')):>9s}")
     eng_rows = [r for r in results if r["contender"].startswith("engine_")]
     summary = dict(benchmark="integer_engine", threads=args.threads, quick=args.quick, load=os.getloadavg(),
                    cpu=_cpu_name(), cpu_isa=_cpu_isa(), cpu_vnni=_has_vnni(), torch=torch.__version__,

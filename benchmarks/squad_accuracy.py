@@ -201,8 +201,8 @@ def run_peers(a, fp_ckpt: Path, out: Path, names, fresh: bool, log=print) -> dic
     recs = {n: json.loads((out / n / "eval.json").read_text()) for n in names if n not in todo}
     if not todo:
         return recs
-    from peers import build_peers
     from integer_engine import FloatEncoder
+    from peers import build_peers
 
     tok, d = recipe._tokenizer(a)
     state = check_fairseq_checkpoint(str(fp_ckpt))
@@ -245,13 +245,12 @@ def engine_speed(a, runs: Path, batch_sizes, reps: int, threads: int, log=print)
     timed batch."""
     import torch
 
-    from integer_engine import FloatEncoder, time_contenders
-    from peers import INT8_PEERS, build_peers
-
     from ibert_plugin.squad.data import read_squad
     from ibert_plugin.squad.evaluate import build_engine, engine_logits, model_logits
     from ibert_plugin.squad.features import build_features
     from ibert_plugin.wiring.checkpoint_file import check_fairseq_checkpoint
+    from integer_engine import FloatEncoder, time_contenders
+    from peers import INT8_PEERS, build_peers
 
     torch.set_num_threads(threads)
     tok, d = recipe._tokenizer(a)

@@ -107,12 +107,12 @@ def main(argv=None) -> int:
     import torch
 
     import ibert_plugin  # noqa: F401  (registers the architectures)
-    from squad_accuracy import calibrated_model
     from ibert_plugin.squad.data import SquadError, read_squad
     from ibert_plugin.squad.evaluate import evaluate_file, model_logits
     from ibert_plugin.squad.features import OffsetTokenizer, build_features
     from ibert_plugin.tasks.squad import load_dictionary
     from ibert_plugin.wiring.checkpoint_file import CheckpointError, check_fairseq_checkpoint
+    from squad_accuracy import calibrated_model
 
     tmp = tempfile.TemporaryDirectory()
     eval_file = args.eval_file

@@ -58,10 +58,6 @@ def binarise_tiny_glue(root: Path, n_train: int = 256, n_valid: int = 48, seed: 
     return out
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: long-running fault tests (deselect with -m 'not slow')")
-
-
 @pytest.fixture(scope="session")
 def tiny_glue(tmp_path_factory) -> Path:
     """Folder with ``<TASK>-bin`` for every task name (``RTE-bin`` real, the rest symlinks to it)."""

@@ -81,8 +81,9 @@ def test_atomic_checkpoint_copy_never_leaves_a_partial_destination(tmp_path, mon
     dies half-way must leave the previous complete file (here: a copy that writes half the bytes, then fails)."""
     import shutil
 
-    import ibert_plugin  # noqa: F401  (registers with fairseq)
     from fairseq import checkpoint_utils
+
+    import ibert_plugin  # noqa: F401  (registers with fairseq)
 
     src, dst = tmp_path / "checkpoint1.pt", tmp_path / "checkpoint_last.pt"
     src.write_bytes(b"N" * 1000)

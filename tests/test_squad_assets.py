@@ -46,8 +46,12 @@ def _qas(doc):
 
 def _docs():
     """Stand-ins for every known file: role -> (document, (articles, questions, unanswerable))."""
-    v1 = lambda arts: {"version": "1.1", "data": arts}
-    v2 = lambda arts: {"version": "v2.0", "data": arts}
+    def v1(arts):
+        return {"version": "1.1", "data": arts}
+
+    def v2(arts):
+        return {"version": "v2.0", "data": arts}
+
     dev2 = v2([_article(f"V2_{i}", 2, 4, impossible=(1, 3)) for i in range(7)])
     q = {(i, p, k): f"V2_{i}-{p}-{k}" for i in range(7) for p in range(2) for k in range(4)}
     lists = {"train": [v for (i, p, k), v in q.items() if i < 4 and k < 3],     # articles 0-3, questions 0-2
@@ -156,9 +160,13 @@ def test_squad1_from_squadshifts_article_disjoint(tmp_path, standins, capsys):
     assert sorted(_ids(train) + _ids(select)) == sorted(i for doc in shifts for i in _ids(doc))
     assert not set(_ids(train)) & set(_ids(select))
     # multi-article sources split by article, reddit (one article) by paragraph
-    multi = lambda doc: {a["title"] for a in doc["data"] if a["title"] != "Reddit"}
+    def multi(doc):
+        return {a["title"] for a in doc["data"] if a["title"] != "Reddit"}
+
     assert multi(select) and not multi(train) & multi(select)
-    ctx = lambda doc: {p["context"] for a in doc["data"] for p in a["paragraphs"]}
+    def ctx(doc):
+        return {p["context"] for a in doc["data"] for p in a["paragraphs"]}
+
     assert not ctx(train) & ctx(select)
     assert any(a["title"] == "Reddit" for a in select["data"]) and any(a["title"] == "Reddit" for a in train["data"])
     assert len(_ids(select)) >= 5 and meta["selection"]["sources"]["squadshifts-reddit"]["unit"] == "paragraph"

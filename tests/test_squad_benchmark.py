@@ -110,11 +110,11 @@ def test_peers_differ_from_fp_only_through_quantization(tiny_run):
     2^-8 of its range, which through the tiny model's 2 layers stays far below 0.1 of the logits' spread (a wiring
     error, such as a missing position offset or an unmasked padding row, moves them by their whole spread)."""
     import torch
-    from integer_engine import FloatEncoder
-    from peers import build_peers
 
     from ibert_plugin.squad.evaluate import model_logits
     from ibert_plugin.wiring.checkpoint_file import check_fairseq_checkpoint
+    from integer_engine import FloatEncoder
+    from peers import build_peers
 
     root, _ = tiny_run
     state = check_fairseq_checkpoint(str(root / "out" / "runs" / "fp" / "checkpoint_best.pt"))
