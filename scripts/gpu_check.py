@@ -104,7 +104,7 @@ def plan(a: argparse.Namespace, data: Path, out: Path, fp_ckpt: str = "<fp>", te
     return [
         ("fp16", "FP fine-tuning (--fp16)", _stage_argv(
             common, ["--quant-mode", "none", "--restore-file", pretrained, "--lr", "1e-4"], a.fp_updates, 0.1,
-            ["--fp16"])),
+            ["--fp16"] if a.device == "cuda" else [])),
         ("fp32", "FP32 timing run", _stage_argv(
             common, ["--quant-mode", "none", "--restore-file", pretrained, "--lr", "1e-4", "--no-save"],
             a.fp32_updates, 0.1)),
@@ -241,7 +241,10 @@ def _run_stage(key: str, label: str, argv: List[str]):
 
     _log(f"{label}: python run.py {' '.join(argv)}")
     t0 = time.time()
-    res = run_py.main(argv)
+    try:
+        res = run_py.main(argv)
+    except run_py.RunError as e:
+        raise CheckError(f"{label}: run.py refused: {e}") from None
     if res.returncode != 0:
         raise CheckError(f"{label} failed (exit {res.returncode}); see {res.log_path}")
     res.stage_seconds = time.time() - t0
@@ -272,7 +275,7 @@ def run_check(a: argparse.Namespace, data: Path, out: Path) -> Dict[str, object]
             tern_ckpt = res.checkpoint
     train_s = time.time() - t0
 
-    device = torch.device("cuda")
+    device = torch.device(a.device)
     compare = {}
     batches = dev_batches(results["w8"].checkpoint, data_bin)
     for key in ("w8", "int_ternary"):
@@ -291,7 +294,8 @@ def run_check(a: argparse.Namespace, data: Path, out: Path) -> Dict[str, object]
     rat = ratios(steps)
     integers_equal = all(c["integers_equal_device_cpu"] and c["integers_equal_engine_cpu"] for c in compare.values())
     return {
-        "gpu_check": True, "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+        "gpu_check": True, "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
         "batch": 32, "step_s": steps, "step_ratio": rat, "compare": compare, "accuracy": accuracy,
         "targets": {"integers_equal": integers_equal,
                     **{f"{k}_step_over_fp32_le_{TARGETS[k]:g}": rat[k]["met"] for k in TARGETS}},
@@ -383,6 +387,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ternary-updates", type=int, default=150, help="TernaryBERT distillation updates (default 150)")
     p.add_argument("--int-ternary-updates", type=int, default=100, help="integer-only ternary updates (default 100)")
     p.add_argument("--json", default=None, help="also write the JSON result to this file")
+    p.add_argument("--device", default="cuda",
+                   help="device of the comparison and the scoring (default cuda; cpu: a full rehearsal on a CPU-only "
+                        "machine, where run.py trains on the CPU too, without --fp16, and (a) compares CPU with CPU)")
     p.add_argument("--dry-run", action="store_true", help="CPU-only plumbing check (no training, no GPU)")
     p.add_argument("--require-assets", action="store_true", help="--dry-run: missing assets are an error")
     p.add_argument("--skip-engine", action="store_true", help="--dry-run: leave the engine out of the comparison")
@@ -407,7 +414,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             import torch
 
-            if not torch.cuda.is_available():
+            if a.device == "cuda" and not torch.cuda.is_available():
                 raise CheckError(f"CUDA is not available (torch {torch.__version__}, CUDA build "
                                  f"{torch.version.cuda or 'none'}): run this on a GPU machine, or use --dry-run")
             assets(data, a.pretrained)
