@@ -51,6 +51,13 @@ allocator:
 demo: install kernels allocator
 	OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS) $(VENV_PY) -m ibert_plugin.demo
 
+# The GPU check of issue 25 (about 8 minutes on one H100; needs no .venv there: python3 with torch+CUDA and fairseq,
+# see scripts/gpu_check.py). `make gpu-check GPU_CHECK_ARGS=--dry-run` checks its plumbing on a CPU-only machine.
+.PHONY: gpu-check
+gpu-check:
+	PY=$$([ -x $(VENV_PY) ] && echo $(VENV_PY) || echo python3); \
+	$$PY scripts/build_kernels.py && $$PY scripts/gpu_check.py --json outputs/gpu_check.json $(GPU_CHECK_ARGS)
+
 clean:
 	rm -rf build *.egg-info .pytest_cache
 	find . -path ./.venv -prune -o -name __pycache__ -type d -print0 | xargs -0 rm -rf

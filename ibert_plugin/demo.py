@@ -400,12 +400,12 @@ def test_labels(glue_dir: Path, label_dictionary) -> List[int]:
 
 
 def score_checkpoint(checkpoint: Path, data_bin: Path, glue_dir: Path, splits=("test",),
-                     batch_size: int = 64) -> Dict[str, List[int]]:
+                     batch_size: int = 64, device=None) -> Dict[str, List[int]]:
     """Per-sentence correctness (0/1) of a fairseq checkpoint on binarised splits (``test``, ``valid``).
 
     The checkpoint is loaded with fairseq's ``load_model_ensemble_and_task`` and run in eval mode on the binarised
     splits through the task's collater (sentences batched by length), exactly what fairseq's validation does, but
-    keeping each sentence's outcome for the paired bootstrap.
+    keeping each sentence's outcome for the paired bootstrap. ``device``: where the model runs (default CPU).
     """
     import numpy as np
     import torch
@@ -415,7 +415,7 @@ def score_checkpoint(checkpoint: Path, data_bin: Path, glue_dir: Path, splits=("
 
     models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task(
         [str(checkpoint)], arg_overrides={"data": str(data_bin)})
-    model = models[0].eval()
+    model = models[0].eval().to(device or "cpu")
     out = {}
     for split in splits:
         task.load_dataset(split)
@@ -433,9 +433,10 @@ def score_checkpoint(checkpoint: Path, data_bin: Path, glue_dir: Path, splits=("
         with torch.no_grad():
             for s in range(0, len(ds), batch_size):
                 batch = ds.collater([ds[int(i)] for i in order[s:s + batch_size]])
-                logits, _ = model(**batch["net_input"], features_only=True, classification_head_name=HEAD)
+                net_input = {k: v.to(device or "cpu") for k, v in batch["net_input"].items()}
+                logits, _ = model(**net_input, features_only=True, classification_head_name=HEAD)
                 ids = batch["id"].numpy()
-                preds[ids] = logits.argmax(-1).numpy()
+                preds[ids] = logits.argmax(-1).cpu().numpy()
                 if "target" in batch:
                     gold[ids] = batch["target"].view(-1).numpy()
         if targets is not None:

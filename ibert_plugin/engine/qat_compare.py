@@ -47,24 +47,55 @@ def qat_outputs(model, tokens: torch.Tensor, head: str = HEAD) -> Tuple[Dict[str
     return outs, logits
 
 
-def compare(eng, model, tokens: torch.Tensor, head: str = HEAD):
-    """Every hooked QAT integer output against the engine's integers on ``tokens``, with ``torch.equal``.
+def differing(ref: Dict[str, torch.Tensor], other: Dict[str, torch.Tensor], tokens: torch.Tensor,
+              padding_idx: int) -> Dict[str, int]:
+    """``{name: number of differing integers}`` between two sets of hooked outputs (``torch.equal`` per name, after
+    zeroing the rows of padding tokens on both sides); a name missing from ``other`` counts all of its integers.
 
-    Rows of padding tokens are zeroed on both sides first (the QAT ``layernorm_embedding`` hook sees them before
-    they are zeroed, the engine reports them after; they never reach a real token). In the softmax output the
-    padding *keys* are compared unmasked (both sides must give them probability 0).
+    Padding rows are zeroed because the QAT ``layernorm_embedding`` hook sees them before they are zeroed and the
+    engine after; they never reach a real token. In the softmax output the padding *keys* are compared unmasked
+    (both sides must give them probability 0).
+    """
+    keep = tokens.ne(padding_idx)
+    bad = {}
+    for k, v in ref.items():
+        if k not in other:
+            bad[k] = v.numel()
+            continue
+        a = other[k].double().cpu()
+        v = v.double().cpu().reshape(a.shape)
+        row = keep[:, None, :, None] if k.endswith("softmax") else keep[:, :, None]  # query rows
+        a, v = a * row, v * row
+        if not torch.equal(a, v):
+            bad[k] = int((a != v).sum())
+    return bad
+
+
+def compare(eng, model, tokens: torch.Tensor, head: str = HEAD):
+    """Every hooked QAT integer output against the engine's integers on ``tokens``, with ``torch.equal``
+    (padding rows as :func:`differing` says).
 
     Returns ``(QAT outputs as from qat_outputs, {name: number of differing integers}, QAT logits)``.
     """
     outs, logits = qat_outputs(model, tokens, head)
     _, _, acts = eng.encode(tokens, collect=True)
-    keep = tokens.ne(model.encoder.sentence_encoder.padding_idx)
-    bad = {}
-    for k, v in outs.items():
-        a = acts[k].double()
-        v = v.reshape(a.shape)
-        row = keep[:, None, :, None] if k.endswith("softmax") else keep[:, :, None]  # query rows
-        a, v = a * row, v * row
-        if not torch.equal(a, v):
-            bad[k] = int((a != v).sum())
-    return outs, bad, logits
+    return outs, differing(outs, acts, tokens, model.encoder.sentence_encoder.padding_idx), logits
+
+
+def compare_devices(model, other, tokens: torch.Tensor, head: str = HEAD):
+    """The same checkpoint's QAT model on two devices (``model`` and ``other``, both in eval mode, e.g. CPU and
+    CUDA): every hooked integer output compared with ``torch.equal``, and the logits.
+
+    ``tokens`` may live anywhere; each model gets a copy on its own device. Returns
+    ``({name: number of differing integers}, number of outputs compared, logits of model, logits of other)``, the
+    logits on the CPU (``None`` when ``head`` is ``None``).
+    """
+    def run(m):
+        dev = next(m.parameters()).device
+        outs, logits = qat_outputs(m, tokens.to(dev), head)
+        return outs, None if logits is None else logits.float().cpu()
+
+    outs_a, logits_a = run(model)
+    outs_b, logits_b = run(other)
+    bad = differing(outs_a, outs_b, tokens.cpu(), model.encoder.sentence_encoder.padding_idx)
+    return bad, len(outs_a), logits_a, logits_b

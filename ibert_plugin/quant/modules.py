@@ -445,7 +445,9 @@ class QuantLinear(nn.Linear):
         (float32 ``(1,)``)."""
         w_int, w_bits, s_acc, b_int = self._integer_params(scale.detach().float().reshape(1))
         n_out = w_int.shape[0]
-        b_int = torch.zeros(n_out, dtype=torch.float64) if b_int is None else b_int.expand(n_out)
+        if b_int is None:
+            b_int = torch.zeros(n_out, dtype=torch.float64, device=w_int.device)
+        b_int = b_int.expand(n_out)
         return LinearIntForm(w_int.detach().round().to(torch.int8), s_acc.expand(n_out).contiguous(),
                              b_int.to(torch.int64).contiguous(), w_bits)
 
@@ -645,8 +647,9 @@ class IntLayerNorm(nn.LayerNorm):
     def int_form(self) -> LayerNormIntForm:
         """Shift, integer bias and output scale of the integer forward (the input scale cancels)."""
         c = self.normalized_shape[0]
-        gamma = self.weight if self.weight is not None else torch.ones(c)
-        beta = self.bias if self.bias is not None else torch.zeros(c)
+        dev = self.shift.device
+        gamma = self.weight if self.weight is not None else torch.ones(c, device=dev)
+        beta = self.bias if self.bias is not None else torch.zeros(c, device=dev)
         lc = layernorm_constants(gamma, beta, c)
         return LayerNormIntForm(int(self.shift.reshape(-1)[0]), lc.b_int.to(torch.int64), lc.s_out)
 

@@ -330,7 +330,7 @@ def exp_lut(scale: torch.Tensor, constants: str = "paper") -> torch.Tensor:
     if size > EXP_LUT_MAX:
         raise ValueError(f"softmax score scale {float(scale.reshape(-1)[0]):g} is too fine for an i-exp table "
                          f"({size} entries > {EXP_LUT_MAX})")
-    lut = _int_exp(-torch.arange(size, dtype=torch.float64), ec).to(torch.int32)
+    lut = _int_exp(-torch.arange(size, dtype=torch.float64, device=ec.x0.device), ec).to(torch.int32)
     nz = torch.nonzero(lut).flatten()
     last = int(nz[-1]) if nz.numel() else 0
     return lut[: last + 2].clone()
