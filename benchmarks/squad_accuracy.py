@@ -302,6 +302,97 @@ def _row(rec: dict, report: str) -> dict:
     return row
 
 
+def write_result(*, args, argv, a, out: Path, results: Path, data: Path, caps, v2: bool, name: str, argv_recipe,
+                 peer_recs: dict, t0: float) -> dict:
+    """Build ``result.json`` from the recipe's ``summary.json`` and the peers' records, copy each row's predictions
+    into ``results/predictions``, print the table and write the JSON. Rows whose stage has not finished are listed
+    under ``pending`` and ``complete`` is false: a partial result says so, it never passes for a whole one."""
+    summary = json.loads((out / "runs" / "summary.json").read_text())
+    st = summary["stages"]
+    recs = {row: st[stage] for row, stage in STAGE_ROWS.items() if stage in st}
+    pdirs = {row: out / "runs" / STAGE_DIRS[stage] for row, stage in STAGE_ROWS.items()}
+    for row, rec in peer_recs.items():
+        recs[row] = rec
+        pdirs[row] = out / "peers" / row
+    rows = [r for r in ROWS if r in recs]
+    pending = [r for r in ROWS if r not in recs and (r in STAGE_ROWS or r in peer_recs)]
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "predictions").mkdir(exist_ok=True)
+    result = {"benchmark": "squad_accuracy", "task": args.task, "version": "2.0" if v2 else "1.1",
+              "schedule": name, "complete": not pending, "pending": pending,
+              "model": "all-MiniLM-L6-v2 (data/minilm)" if args.arch == "minilm" else args.arch,
+              "command": shlex.join(["python", "benchmarks/squad_accuracy.py", *(argv or sys.argv[1:])]),
+              "update_caps": caps, "recipe_argv": argv_recipe,
+              "windows": {"max_seq_length": a.max_seq_length, "doc_stride": a.doc_stride,
+                          "batch": a.per_gpu_batch_size},
+              "data": {}, "fp_convergence": summary.get("fp_convergence"),
+              "fp_selection_curve": st["fp"].get("selection_curve"),
+              "train_seconds": {s: st[s].get("train_seconds") for s in ("fp", "ternary", "int_ternary", "ibert")
+                                if s in st},
+              "rows": {}, "unavailable": {}}
+    files = {"train": a.train_path, "select": a.dev_path, **a.reports}
+    meta = data / args.task / "meta.json"
+    meta_files = json.loads(meta.read_text()).get("files", {}) if meta.is_file() else {}
+    for role, path in files.items():
+        result["data"][role] = {"file": f"{args.task}/{path.name}" if path.parent == (data / args.task).resolve()
+                                else str(path), "sha256": sha256(path),
+                                "source": meta_files.get(path.name, {}).get("source")}
+    reports = list(a.reports)
+    f1q = {}
+    for row in rows:
+        rec = recs[row]
+        if rec.get("available") is False:
+            result["unavailable"][row] = rec.get("error")
+            continue
+        r = {rep: _row(rec, rep) for rep in reports}
+        r.update(r.pop("test"))
+        for extra in ("route", "library", "version", "calib_windows"):
+            if extra in rec:
+                r[extra] = rec[extra]
+        for rep in reports:
+            src = pdirs[row] / f"{rep}_predictions.json"
+            suffix = "" if rep == "test" else "_" + rep.removeprefix("test_")
+            (results / "predictions" / f"{row}{suffix}.json").write_bytes(src.read_bytes())
+        if row in ENGINE_OF:
+            r["same_predictions_as_qat"] = rec["test"]["same_predictions_as_qat"]
+            r["bit_exact_predictions"] = rec["test"]["same_predictions_as_qat"] == rec["test"]["questions"]
+        f1q[row] = per_question_f1(a.reports["test"], pdirs[row] / "test_predictions.json", v2)
+        result["rows"][row] = r
+    for row in result["rows"]:
+        if row == "fp32":
+            continue
+        gap = paired_bootstrap_scores(f1q["fp32"], f1q[row])
+        result["rows"][row].update(gap_f1=round(result["rows"][row]["f1"] - result["rows"]["fp32"]["f1"], 2),
+                                   gap_f1_ci95=[round(gap.low, 2), round(gap.high, 2)],
+                                   gap_f1_is_noise=not gap.significant)
+    result["bootstrap"] = {"resamples": DEFAULT_RESAMPLES, "seed": DEFAULT_SEED, "level": 0.95,
+                           "unit": "per-question F1 (points), paired over the report questions"}
+    peers_f1 = {b: max([result["rows"][p]["f1"] for p in result["rows"] if p in PEER_ROWS or p == "w8a8_ptq"
+                        if BITS[p] == b] or [None], key=lambda x: -1 if x is None else x) for b in (8, 2)}
+    result["targets"] = {row: {"max_gap_f1": t,
+                               "met": result["rows"][row]["gap_f1"] >= -t if row in result["rows"] else None,
+                               "best_post_training_peer_f1": peers_f1[BITS[row]],
+                               "at_or_above_best_peer": None if peers_f1[BITS[row]] is None or row not in
+                               result["rows"] else result["rows"][row]["f1"] >= peers_f1[BITS[row]]}
+                         for row, t in TARGETS.items()}
+    result["wall_seconds"] = round(time.time() - t0, 1)
+    (results / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    head = "  HasAns F1  NoAns F1" if v2 else ""
+    print(f"{'row':<20} {'EM':>6} {'F1':>6}{head}  {'gap F1 [95% CI]':>22}   ({result['data']['test']['file']}, "
+          f"{result['rows']['fp32']['questions']} q)")
+    for row, r in result["rows"].items():
+        extra = f"  {r.get('HasAns_f1', float('nan')):9.2f} {r.get('NoAns_f1', float('nan')):9.2f}" if v2 else ""
+        gap = f"{r['gap_f1']:+.2f} [{r['gap_f1_ci95'][0]:+.2f}, {r['gap_f1_ci95'][1]:+.2f}]" if "gap_f1" in r else ""
+        print(f"{row:<20} {r['exact']:6.2f} {r['f1']:6.2f}{extra}  {gap:>22}")
+    for row, err in result["unavailable"].items():
+        print(f"{row:<20} unavailable: {err}")
+    if pending:
+        print(f"{'pending':<20} {', '.join(pending)} (stages not finished: a relaunch of the same command resumes)")
+    print(f"[squad_accuracy] wrote {results / 'result.json'} ({'complete' if not pending else 'PARTIAL'}) and "
+          f"{len(result['rows'])} predictions files", flush=True)
+    return result
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     g = ap.add_mutually_exclusive_group()
@@ -370,75 +461,24 @@ def main(argv=None) -> int:
         names = ", ".join(f for pair in recipe.REPORT_FILES[args.task].values() for f in pair)
         print(f"error: {data / args.task} has no report file ({names})", file=sys.stderr)
         return 2
-    rc = recipe.run_squad(argv_recipe)
+    # FP first, then the post-training peers of its checkpoint, then the quantized stages: the FP and peer rows
+    # (result.json with "complete": false) exist after the first ~2 hours of a CPU run, not only after all four.
+    first = list(argv_recipe)
+    first[first.index("--stages") + 1] = "fp"
+    rc = recipe.run_squad(first)
     if rc != 0:
         return rc
-    summary = json.loads((out / "runs" / "summary.json").read_text())
-    st = summary["stages"]
-    recs = {row: st[stage] for row, stage in STAGE_ROWS.items()}
-    pdirs = {row: out / "runs" / STAGE_DIRS[stage] for row, stage in STAGE_ROWS.items()}
     peer_recs = run_peers(a, out / "runs" / "fp" / "checkpoint_best.pt", out / "peers", peers,
                           args.fresh or args.rescore)
-    for row, rec in peer_recs.items():
-        recs[row] = rec
-        pdirs[row] = out / "peers" / row
-    rows = [r for r in ROWS if r in recs]
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "predictions").mkdir(exist_ok=True)
-    result = {"benchmark": "squad_accuracy", "task": args.task, "version": "2.0" if v2 else "1.1",
-              "schedule": name, "model": "all-MiniLM-L6-v2 (data/minilm)" if args.arch == "minilm" else args.arch,
-              "command": shlex.join(["python", "benchmarks/squad_accuracy.py", *(argv or sys.argv[1:])]),
-              "update_caps": caps, "recipe_argv": argv_recipe,
-              "windows": {"max_seq_length": a.max_seq_length, "doc_stride": a.doc_stride,
-                          "batch": a.per_gpu_batch_size},
-              "data": {}, "fp_convergence": summary.get("fp_convergence"),
-              "fp_selection_curve": st["fp"].get("selection_curve"),
-              "train_seconds": {s: st[s].get("train_seconds") for s in ("fp", "ternary", "int_ternary", "ibert")},
-              "rows": {}, "unavailable": {}}
-    files = {"train": a.train_path, "select": a.dev_path, **a.reports}
-    meta = data / args.task / "meta.json"
-    meta_files = json.loads(meta.read_text()).get("files", {}) if meta.is_file() else {}
-    for role, path in files.items():
-        result["data"][role] = {"file": f"{args.task}/{path.name}" if path.parent == (data / args.task).resolve()
-                                else str(path), "sha256": sha256(path),
-                                "source": meta_files.get(path.name, {}).get("source")}
-    reports = list(a.reports)
-    f1q = {}
-    for row in rows:
-        rec = recs[row]
-        if rec.get("available") is False:
-            result["unavailable"][row] = rec.get("error")
-            continue
-        r = {rep: _row(rec, rep) for rep in reports}
-        r.update(r.pop("test"))
-        for extra in ("route", "library", "version", "calib_windows"):
-            if extra in rec:
-                r[extra] = rec[extra]
-        for rep in reports:
-            src = pdirs[row] / f"{rep}_predictions.json"
-            suffix = "" if rep == "test" else "_" + rep.removeprefix("test_")
-            (results / "predictions" / f"{row}{suffix}.json").write_bytes(src.read_bytes())
-        if row in ENGINE_OF:
-            r["same_predictions_as_qat"] = rec["test"]["same_predictions_as_qat"]
-            r["bit_exact_predictions"] = rec["test"]["same_predictions_as_qat"] == rec["test"]["questions"]
-        f1q[row] = per_question_f1(a.reports["test"], pdirs[row] / "test_predictions.json", v2)
-        result["rows"][row] = r
-    for row in result["rows"]:
-        if row == "fp32":
-            continue
-        gap = paired_bootstrap_scores(f1q["fp32"], f1q[row])
-        result["rows"][row].update(gap_f1=round(result["rows"][row]["f1"] - result["rows"]["fp32"]["f1"], 2),
-                                   gap_f1_ci95=[round(gap.low, 2), round(gap.high, 2)],
-                                   gap_f1_is_noise=not gap.significant)
-    result["bootstrap"] = {"resamples": DEFAULT_RESAMPLES, "seed": DEFAULT_SEED, "level": 0.95,
-                           "unit": "per-question F1 (points), paired over the report questions"}
-    peers_f1 = {b: max([result["rows"][p]["f1"] for p in result["rows"] if p in PEER_ROWS or p == "w8a8_ptq"
-                        if BITS[p] == b] or [None], key=lambda x: -1 if x is None else x) for b in (8, 2)}
-    result["targets"] = {row: {"max_gap_f1": t, "met": row in result["rows"] and result["rows"][row]["gap_f1"] >= -t,
-                               "best_post_training_peer_f1": peers_f1[BITS[row]],
-                               "at_or_above_best_peer": None if peers_f1[BITS[row]] is None or row not in
-                               result["rows"] else result["rows"][row]["f1"] >= peers_f1[BITS[row]]}
-                         for row, t in TARGETS.items()}
+    ctx = dict(args=args, argv=argv, a=a, out=out, results=results, data=data, caps=caps, v2=v2, name=name,
+               argv_recipe=argv_recipe, peer_recs=peer_recs, t0=t0)
+    write_result(**ctx)
+    rest = list(argv_recipe)
+    rest[rest.index("--stages") + 1] = ",".join(x for x in stages.split(",") if x != "fp")
+    rc = recipe.run_squad(rest)
+    if rc != 0:
+        return rc
+    result = write_result(**ctx)
     if args.engine_speed:
         result["engine_speed"] = engine_speed(a, out / "runs", [int(b) for b in args.engine_batches.split(",")],
                                               args.reps, args.threads)
@@ -447,16 +487,6 @@ def main(argv=None) -> int:
         result["engine_speed"]["cpu"] = _cpu_name()
     result["wall_seconds"] = round(time.time() - t0, 1)
     (results / "result.json").write_text(json.dumps(result, indent=1) + "\n")
-    head = "  HasAns F1  NoAns F1" if v2 else ""
-    print(f"{'row':<20} {'EM':>6} {'F1':>6}{head}  {'gap F1 [95% CI]':>22}   ({result['data']['test']['file']}, "
-          f"{result['rows']['fp32']['questions']} q)")
-    for row, r in result["rows"].items():
-        extra = f"  {r.get('HasAns_f1', float('nan')):9.2f} {r.get('NoAns_f1', float('nan')):9.2f}" if v2 else ""
-        gap = f"{r['gap_f1']:+.2f} [{r['gap_f1_ci95'][0]:+.2f}, {r['gap_f1_ci95'][1]:+.2f}]" if "gap_f1" in r else ""
-        print(f"{row:<20} {r['exact']:6.2f} {r['f1']:6.2f}{extra}  {gap:>22}")
-    for row, err in result["unavailable"].items():
-        print(f"{row:<20} unavailable: {err}")
-    print(f"[squad_accuracy] wrote {results / 'result.json'} and {len(result['rows'])} predictions files")
     print(json.dumps(result))
     return 0
 

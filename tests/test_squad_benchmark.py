@@ -101,6 +101,41 @@ def test_every_row_on_the_same_questions_with_gaps_and_files(tiny_run):
     assert res["command"].startswith("python benchmarks/squad_accuracy.py --data-dir")
     assert json.loads((root / "results" / "result.json").read_text()) == res
     assert [c["update"] for c in res["fp_selection_curve"]] == [3, 6] and "converged" in res["fp_convergence"]
+    assert res["complete"] is True and res["pending"] == []
+
+
+def test_fp_and_peer_rows_are_written_before_the_quantized_stages_and_marked_partial(tiny_run, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """A run stopped after FP and the peers (the first ~2 hours of a CPU run) leaves a result.json that holds those
+    rows and says it is partial; the quantized rows are pending, not missing silently."""
+    import shutil
+
+    root, _ = tiny_run
+    shutil.copytree(root / "out", tmp_path / "out")
+    shutil.copytree(root / "data", tmp_path / "data")
+    summary = tmp_path / "out" / "runs" / "summary.json"
+    done = json.loads(summary.read_text())
+    done["stages"] = {"fp": done["stages"]["fp"]}  # the state after the FP stage
+    summary.write_text(json.dumps(done))
+    real = bench.recipe.run_squad
+    calls = []
+
+    def stop_after_fp(argv):
+        stages = argv[argv.index("--stages") + 1]
+        calls.append(stages)
+        return real(argv) if stages == "fp" else 1  # as if the quantized stages were interrupted
+
+    monkeypatch.setattr(bench.recipe, "run_squad", stop_after_fp)
+    argv = ["--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "out"), "--results-dir",
+            str(tmp_path / "results"), *TINY_BENCH]
+    assert bench.main(argv) == 1
+    assert calls == ["fp", "ternary,int_ternary,int_ternary_engine,ibert,engine"]
+    res = json.loads((tmp_path / "results" / "result.json").read_text())
+    assert res["complete"] is False
+    assert set(res["pending"]) == {"int8_qat", "int8_qat_engine", "w2a8_twn", "int_ternary", "int_ternary_engine"}
+    assert {"fp32", "ort_int8_dynamic", "torch_int8_dynamic", "w8a8_ptq"} <= set(res["rows"])
+    assert res["targets"]["int8_qat"]["met"] is None
+    assert "PARTIAL" in capsys.readouterr().out
 
 
 def test_peers_differ_from_fp_only_through_quantization(tiny_run):
