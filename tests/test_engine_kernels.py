@@ -94,6 +94,27 @@ def test_attention_u8_lengths(T, dh):
     assert torch.equal(out2, out)
 
 
+@pytest.mark.parametrize("T", [7, 33, 130])
+def test_attention_u8_padding_anywhere(T):
+    """Padding keys that are not a suffix (left padding, holes, a lone real key at the end or at the start): the
+    kernel skips keys only past the last real one and masks the rest, so the probabilities and contexts still equal
+    the QAT functions'."""
+    g = _gen(7 * T)
+    B, H, dh = 4, 2, 32
+    acc, bias, m, e, _, lut, s = _attention_case(g, B, T, H, dh, 3.1e-4, [])
+    pad = torch.zeros(B, T, dtype=torch.uint8)
+    pad[0, : T // 2] = 1  # left padding
+    pad[1, 1::3] = 1  # holes
+    pad[2, :-1] = 1  # only the last key is real
+    pad[3, 1:] = 1  # only the first key is real
+    ctx_m, ctx_e = (int(v) for v in _dy(torch.tensor(3.1e-4 * T ** -0.5, dtype=f64)))
+    q, k, v, p, ref = _attention_ref(acc, bias, m, e, pad, s, ctx_m, ctx_e, B, T, H)
+    out, _, probs = _run_attention(acc, bias, m, e, pad, lut, ctx_m, ctx_e, B, T, H)
+    assert torch.equal(probs.to(I64), p)
+    assert bool((probs.to(I64) * pad[:, None, None, :]).eq(0).all())
+    assert torch.equal(out.to(f64) - 128, ref)
+
+
 @pytest.mark.parametrize("S", [3.1e-4, 0.037])
 def test_attention_u8_extremes_and_threads(S):
     """Saturated q/k/v (scores at +-64 127^2, the int32 bound's worst case), no padding mask, and a call large

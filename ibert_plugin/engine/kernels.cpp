@@ -10,6 +10,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <vector>
@@ -109,23 +110,36 @@ constexpr i64 kTile = 2 * kLanes;  // output lanes of one madd tile
 inline i64 round_up(i64 n, i64 k) { return (n + k - 1) / k * k; }
 inline i32 pack16(i64 lo, i64 hi) { return i32(uint32_t(uint16_t(lo)) | (uint32_t(uint16_t(hi)) << 16)); }
 
-// o0[j] = sum_p madd(a0[p], b[p ldb + j]), o1 likewise with a1, for j < n (n a multiple of kTile): two rows times
-// two vectors, four independent accumulators (a madd has 4-5 cycles of latency).
-inline void madd_rows2(const i32* a0, const i32* a1, i64 np, const i32* b, i64 ldb, i64 n, i32* o0, i32* o1) {
+// o_r[j] = sum_p madd(a_r[p], b[p ldb + j]) for the four rows r and j < n (n a multiple of kTile): four rows times two
+// vectors, eight independent accumulators (a madd has 4-5 cycles of latency; each load of b feeds four of them).
+inline void madd_rows4(const i32* a0, const i32* a1, const i32* a2, const i32* a3, i64 np, const i32* b, i64 ldb,
+                       i64 n, i32* o0, i32* o1, i32* o2, i32* o3) {
   for (i64 j = 0; j < n; j += kTile) {
     vec c00 = vzero(), c01 = vzero(), c10 = vzero(), c11 = vzero();
+    vec c20 = vzero(), c21 = vzero(), c30 = vzero(), c31 = vzero();
     for (i64 p = 0; p < np; ++p) {
-      const vec x = vbcast(a0[p]), y = vbcast(a1[p]);
       const vec b0 = vload(b + p * ldb + j), b1 = vload(b + p * ldb + j + kLanes);
+      vec x = vbcast(a0[p]);
       c00 = vmadd(c00, x, b0);
       c01 = vmadd(c01, x, b1);
-      c10 = vmadd(c10, y, b0);
-      c11 = vmadd(c11, y, b1);
+      x = vbcast(a1[p]);
+      c10 = vmadd(c10, x, b0);
+      c11 = vmadd(c11, x, b1);
+      x = vbcast(a2[p]);
+      c20 = vmadd(c20, x, b0);
+      c21 = vmadd(c21, x, b1);
+      x = vbcast(a3[p]);
+      c30 = vmadd(c30, x, b0);
+      c31 = vmadd(c31, x, b1);
     }
     vstore(o0 + j, c00);
     vstore(o0 + j + kLanes, c01);
     vstore(o1 + j, c10);
     vstore(o1 + j + kLanes, c11);
+    vstore(o2 + j, c20);
+    vstore(o2 + j + kLanes, c21);
+    vstore(o3 + j, c30);
+    vstore(o3 + j + kLanes, c31);
   }
 }
 
@@ -138,19 +152,53 @@ inline void softmax_row(const i32* __restrict s, i64 n, const i32* __restrict ke
                         i32 lm1, i32* __restrict ev, i32* __restrict pr) {
   i32 mx = INT32_MIN;
   for (i64 j = 0; j < n; ++j) mx = std::max(mx, (s[j] & keep[j]) | (~keep[j] & INT32_MIN));
-  i64 sum = 0;
-  for (i64 j = 0; j < n; ++j) {
+  i64 sum = 0, j = 0;
+#if defined(__AVX2__)
+  // gcc turns the table lookup into a gather of 64-bit indices; 32-bit index gathers, sums widened to int64
+  {
+    const __m256i vmx = _mm256_set1_epi32(mx), vlm1 = _mm256_set1_epi32(lm1), v0 = _mm256_setzero_si256();
+    __m256i acc = v0;
+    for (; j + 8 <= n; j += 8) {
+      __m256i d = _mm256_sub_epi32(vmx, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + j)));
+      d = _mm256_min_epi32(_mm256_max_epi32(d, v0), vlm1);
+      const __m256i e = _mm256_and_si256(_mm256_i32gather_epi32(lut, d, 4),
+                                         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keep + j)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(ev + j), e);
+      acc = _mm256_add_epi64(acc, _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(e)),
+                                                   _mm256_cvtepi32_epi64(_mm256_extracti128_si256(e, 1))));
+    }
+    alignas(32) i64 part[4];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(part), acc);
+    sum = part[0] + part[1] + part[2] + part[3];
+  }
+#endif
+  for (; j < n; ++j) {
     const i32 d = mx - s[j];  // negative only on padded keys above the unpadded max (and all keys of a padded row)
     const i32 idx = d < 0 ? 0 : (d < lm1 ? d : lm1);
     ev[j] = lut[idx] & keep[j];
     sum += ev[j];
   }
   if (sum < 1) sum = 1;
-  const i64 f = (i64(1) << 40) / sum;  // ev <= sum: ev f 255 < 2^48
-  const i64 half = i64(1) << 39;
-  for (i64 j = 0; j < n; ++j) {
-    const i64 p = (i64(ev[j]) * f * 255 + half) >> 40;
-    pr[j] = i32(p > 255 ? 255 : p);
+  const i64 f = (i64(1) << 40) / sum;
+  // p = (ev f 255 + 2^39) >> 40, computed in doubles: ev <= sum gives ev f <= 2^40, so ev (f 255) < 2^48 and the sum
+  // with 2^39 are exact in a double's 53-bit significand, and the scaling by 2^-40 and the floor are exact too. The
+  // same integers as the int64 formula, four lanes at a time on AVX2 (which has no 64-bit multiply).
+  const double f255 = double(f * 255), half = 549755813888.0, inv = 1.0 / 1099511627776.0;  // 2^39, 2^-40
+  j = 0;
+#if defined(__AVX2__)
+  {
+    const __m256d vf = _mm256_set1_pd(f255), vh = _mm256_set1_pd(half), vi = _mm256_set1_pd(inv),
+                  vcap = _mm256_set1_pd(255.0);
+    for (; j + 4 <= n; j += 4) {
+      const __m256d x = _mm256_cvtepi32_pd(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ev + j)));
+      const __m256d q = _mm256_floor_pd(_mm256_mul_pd(_mm256_add_pd(_mm256_mul_pd(x, vf), vh), vi));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(pr + j), _mm256_cvttpd_epi32(_mm256_min_pd(q, vcap)));
+    }
+  }
+#endif
+  for (; j < n; ++j) {
+    const double q = std::floor((double(ev[j]) * f255 + half) * inv);
+    pr[j] = i32(q > 255.0 ? 255.0 : q);
   }
 }
 
@@ -203,17 +251,26 @@ struct AttnArgs {
   u8 *out, *q_out, *k_out, *v_out, *p_out;  // optional outputs null
 };
 
-// Work buffers of one thread: packed operands qp [T+1][dh2], kp [dh2][Tp] (pairs of head dims), vp [Tm][dhp] (pairs
-// of keys), and one query-row pair's scores, probabilities and contexts.
+// Rows of queries handled together: one block of scores, probabilities and contexts (madd_rows4).
+constexpr i64 kRows = 4;
+// Rows of the QKV accumulator fetched ahead of the q/k/v requant (measured: without it half of attention_head's
+// time was spent waiting for these strided loads at 384-token windows).
+constexpr i64 kPrefetchRows = 8;
+
+// Work buffers of one thread: packed operands qp [T+kRows][dh2] (zero phantom rows past T), kp [dh2][Tp] (pairs of
+// head dims), vp [Tm][dhp] (pairs of keys), and one block of kRows query rows: scores s [kRows][Tp], probabilities pr
+// [kRows][Tp + 1] (room for the zero that pads an odd key count), pairs pp [kRows][Tm], contexts c [kRows][dhp].
 struct AttnScratch {
   std::vector<i32> qp, kp, vp, s, ev, pr, pp, c, keep;
   std::vector<i64> row;
   AttnScratch(i64 T, i64 dh2, i64 Tp, i64 Tm, i64 dhp, i64 dh)
-      : qp((T + 1) * dh2), kp(dh2 * Tp), vp(Tm * dhp), s(2 * Tp), ev(Tp), pr(2 * Tp), pp(2 * Tm), c(2 * dhp),
-        keep(T), row(3 * dh) {}
+      : qp((T + kRows) * dh2), kp(dh2 * Tp), vp(Tm * dhp), s(kRows * Tp), ev(Tp), pr(kRows * (Tp + 1)),
+        pp(kRows * Tm), c(kRows * dhp), keep(T), row(3 * dh) {}
 };
 
-// One (batch b, head h): requant + pack q/k/v, then per query-row pair scores, i-softmax, contexts, attn_act.
+// One (batch b, head h): requant + pack q/k/v, then per block of kRows query rows: scores, i-softmax, contexts,
+// attn_act. Keys past the last unpadded one are skipped: their probability is 0 (the mask), so neither their scores
+// nor their values change any sum; only the p_out rows get their zeros written.
 void attention_head(const AttnArgs& P, i64 b, i64 h, AttnScratch& W) {
   const i64 T = P.T, H = P.H, D = P.D, dh = P.dh, N = P.N, qmax = P.qmax;
   const i64 dh2 = (dh + 1) / 2, Tp = round_up(T, kTile), Tm = (T + 1) / 2, dhp = round_up(dh, kTile);
@@ -222,9 +279,14 @@ void attention_head(const AttnArgs& P, i64 b, i64 h, AttnScratch& W) {
   i64* __restrict x = W.row.data();
   std::fill(W.kp.begin(), W.kp.end(), 0);
   std::fill(W.vp.begin(), W.vp.end(), 0);
-  std::fill(qp + T * dh2, qp + (T + 1) * dh2, 0);  // the phantom row past an odd T
+  std::fill(qp + T * dh2, qp + (T + kRows) * dh2, 0);  // the phantom rows of the last block
   for (i64 t = 0; t < T; ++t) {
     const i32* __restrict a = P.acc + (b * T + t) * N;
+    if (t + kPrefetchRows < T) {  // this head's three slices of a row are 3 dh int32 out of 3 D: strided, not streamed
+      const i32* ahead = a + kPrefetchRows * N + h * dh;
+      for (i64 part = 0; part < 3; ++part)
+        for (i64 d = 0; d < dh; d += 16) __builtin_prefetch(ahead + part * D + d, 0, 0);
+    }
     for (i64 part = 0; part < 3; ++part) {  // this head's q | k | v columns of row t
       const i64 c0 = part * D + h * dh;
       const i64 *__restrict bi = P.bias + c0, *__restrict mm = P.m + c0, *__restrict rn = P.rnd + c0,
@@ -252,26 +314,32 @@ void attention_head(const AttnArgs& P, i64 b, i64 h, AttnScratch& W) {
     if (P.k_out) for (i64 d = 0; d < dh; ++d) P.k_out[oo + d] = u8(xk[d] + 128);
     if (P.v_out) for (i64 d = 0; d < dh; ++d) P.v_out[oo + d] = u8(xv[d] + 128);
   }
-  keep_row(P.key_pad ? P.key_pad + b * T : nullptr, T, W.keep.data());
+  i32* __restrict keep = W.keep.data();
+  keep_row(P.key_pad ? P.key_pad + b * T : nullptr, T, keep);
+  i64 nk = T;  // keys that can count: up to the last unpadded one
+  while (nk > 0 && !keep[nk - 1]) --nk;
+  const i64 Tpk = round_up(nk, kTile), Tmk = (nk + 1) / 2, Tps = Tp + 1;
   const i64 cm = P.ctx_m, ce = P.ctx_e, crnd = P.ctx_rnd;
   i32 *__restrict s = W.s.data(), *__restrict pr = W.pr.data(), *__restrict pp = W.pp.data(),
                   *__restrict c = W.c.data();
-  for (i64 i = 0; i < T; i += 2) {  // query rows i, i + 1 (the phantom zero row past an odd T)
-    madd_rows2(qp + i * dh2, qp + (i + 1) * dh2, dh2, kp, Tp, Tp, s, s + Tp);
-    const i64 nr = std::min<i64>(2, T - i);
-    std::fill(pp, pp + 2 * Tm, 0);
+  for (i64 i = 0; i < T; i += kRows) {  // query rows i .. i + 3 (zero phantom rows past T)
+    madd_rows4(qp + i * dh2, qp + (i + 1) * dh2, qp + (i + 2) * dh2, qp + (i + 3) * dh2, dh2, kp, Tp, Tpk, s, s + Tp,
+               s + 2 * Tp, s + 3 * Tp);
+    const i64 nr = std::min<i64>(kRows, T - i);
     for (i64 k = 0; k < nr; ++k) {
-      i32* __restrict prk = pr + k * Tp;
-      softmax_row(s + k * Tp, T, W.keep.data(), P.lut, P.lm1, W.ev.data(), prk);
+      i32* __restrict prk = pr + k * Tps;
+      softmax_row(s + k * Tp, nk, keep, P.lut, P.lm1, W.ev.data(), prk);
       if (P.p_out) {
         u8* po = P.p_out + (bh * T + i + k) * T;
-        for (i64 j = 0; j < T; ++j) po[j] = u8(prk[j]);
+        for (i64 j = 0; j < nk; ++j) po[j] = u8(prk[j]);
+        std::fill(po + nk, po + T, u8(0));
       }
-      prk[T] = 0;  // pairs past an odd T
+      prk[nk] = 0;  // the pair past an odd key count
       i32* __restrict ppk = pp + k * Tm;
-      for (i64 j = 0; j < Tm; ++j) ppk[j] = prk[2 * j] | (prk[2 * j + 1] << 16);  // p in [0, 255]
+      for (i64 j = 0; j < Tmk; ++j) ppk[j] = prk[2 * j] | (prk[2 * j + 1] << 16);  // p in [0, 255]
     }
-    madd_rows2(pp, pp + Tm, Tm, vp, dhp, dhp, c, c + dhp);
+    for (i64 k = nr; k < kRows; ++k) std::fill(pp + k * Tm, pp + k * Tm + Tmk, 0);  // phantom rows
+    madd_rows4(pp, pp + Tm, pp + 2 * Tm, pp + 3 * Tm, Tmk, vp, dhp, dhp, c, c + dhp, c + 2 * dhp, c + 3 * dhp);
     for (i64 k = 0; k < nr; ++k) {
       const i32* __restrict ck = c + k * dhp;
       u8* __restrict o = P.out + (b * T + i + k) * D + h * dh;
