@@ -60,7 +60,7 @@ class _Timer:
         self.macs = defaultdict(int)
 
     def wrap(self, name, fn, macs=None):
-        """``fn`` timed under ``name``; ``macs(*args)`` (optional) counts its multiply-accumulates."""
+        """``fn`` timed under ``name``; ``macs(*args, **kwargs)`` (optional) counts its multiply-accumulates."""
         def timed(*a, **k):
             w0, c0 = time.perf_counter(), time.process_time()
             try:
@@ -70,7 +70,7 @@ class _Timer:
                 self.t["cpu"][name] += time.process_time() - c0
                 self.calls[name] += 1
                 if macs is not None:
-                    self.macs[name] += macs(*a)
+                    self.macs[name] += macs(*a, **k)
         return timed
 
 
@@ -87,9 +87,10 @@ class _KernelProxy:
         return self._timer.wrap(self.OP.get(name, name), getattr(self._K, name), macs)
 
 
-def _attention_macs(acc, *a):
-    """QK^T + P V multiply-accumulates of one attention_u8 call: 2 B H T^2 dh = 2 (B T) T D."""
-    B, T = int(a[4]), int(a[5])
+def _attention_macs(*a, **k):
+    """QK^T + P V multiply-accumulates of one attention_u8 call (the engine calls it by keyword): 2 B H T^2 dh =
+    2 (B T) T D."""
+    acc, B, T = k["acc"], int(k["batch"]), int(k["seq_len"])
     return 2 * B * T * T * (acc.shape[1] // 3)
 
 

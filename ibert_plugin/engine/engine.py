@@ -190,9 +190,11 @@ class IntegerEngine:
         last_q = out_q if not im.layers else e
         q16 = torch.empty(M, D, dtype=I64) if collect else e
         qln = torch.empty(M, D, dtype=I64) if collect else last_q
-        K.embed_ln(tokens.reshape(-1), positions.reshape(-1), pad_u8.reshape(-1), im.tok_w, im.pos_w, im.emb_tok_m,
-                   im.emb_tok_e, im.emb_pos_m, im.emb_pos_e, 2 ** (im.embed_act_bits - 1) - 1, im.emb_ln.shift,
-                   im.emb_ln.b_int, nm, ne, 2 ** (im.act_bits - 1) - 1, xo, qln, q16)
+        K.embed_ln(tokens=tokens.reshape(-1), positions=positions.reshape(-1), pad_rows=pad_u8.reshape(-1),
+                   tok_w=im.tok_w, pos_w=im.pos_w, m_t=im.emb_tok_m, e_t=im.emb_tok_e, m_p=im.emb_pos_m,
+                   e_p=im.emb_pos_e, qmax16=2 ** (im.embed_act_bits - 1) - 1, shift=im.emb_ln.shift,
+                   ln_bint=im.emb_ln.b_int, next_m=nm, next_e=ne, next_qmax=2 ** (im.act_bits - 1) - 1, out_u8=xo,
+                   out_q=qln, out_q16=q16)
         if collect:
             acts["embed_act"] = q16.view(B, T, D).clone()
             acts["layernorm_embedding"] = qln.view(B, T, D).clone()
@@ -215,8 +217,9 @@ class IntegerEngine:
                 probs = torch.empty(B, H, T, T, dtype=torch.uint8)
             else:
                 qkv, probs = [eu, eu, eu], eu
-            K.attention_u8(buf["acc_qkv"], lay.bias["qkv"], L.qkv_m, L.qkv_e, qmax8, B, T, H, pad_u8, L.lut, L.ctx_m,
-                           L.ctx_e, c, *qkv, probs)
+            K.attention_u8(acc=buf["acc_qkv"], bias=lay.bias["qkv"], m=L.qkv_m, e=L.qkv_e, qmax=qmax8, batch=B,
+                           seq_len=T, heads=H, key_pad=pad_u8, lut=L.lut, ctx_m=L.ctx_m, ctx_e=L.ctx_e, out=c,
+                           q_out=qkv[0], k_out=qkv[1], v_out=qkv[2], p_out=probs)
             t0 = self._t("attention", t0)
             if collect:
                 for name, t in zip(("q_act", "k_act", "v_act"), qkv):
@@ -227,8 +230,9 @@ class IntegerEngine:
             t0 = self._t("gemm_out", t0)
             q22 = torch.empty(M, D, dtype=I64) if collect else e
             qa = torch.empty(M, D, dtype=I64) if collect else e
-            K.resid_ln(buf["acc_d"], lay.bias["o"], L.ar_m, L.ar_e, x, L.ar_id_m, L.ar_id_e, qmax22, L.attn_ln.shift,
-                       L.attn_ln.b_int, L.h_m, L.h_e, qmax8, h, qa, q22)
+            K.resid_ln(acc=buf["acc_d"], bias=lay.bias["o"], m_a=L.ar_m, e_a=L.ar_e, resid_u8=x, m_r=L.ar_id_m,
+                       e_r=L.ar_id_e, qmax22=qmax22, shift=L.attn_ln.shift, ln_bint=L.attn_ln.b_int, next_m=L.h_m,
+                       next_e=L.h_e, next_qmax=qmax8, out_u8=h, out_q=qa, out_q22=q22)
             t0 = self._t("resid_ln", t0)
             if collect:
                 acts[pre + "attn_residual_act"] = q22.view(B, T, D)
@@ -238,8 +242,8 @@ class IntegerEngine:
             t0 = self._t("gemm_fc1", t0)
             F = L.fc1.w_int.shape[0]
             gq = torch.empty(M, F, dtype=I64) if collect else e
-            K.gelu_u8(buf["acc_f"], lay.bias["fc1"], L.gelu_k, L.gelu_b, L.gelu_c, L.gelu_one, L.g_m, L.g_e, qmax8,
-                      lay.fc1_acc_bound, g, gq)
+            K.gelu_u8(acc=buf["acc_f"], bias=lay.bias["fc1"], k_sh=L.gelu_k, b_int=L.gelu_b, c_int=L.gelu_c,
+                      one=L.gelu_one, m=L.g_m, e=L.g_e, qmax=qmax8, acc_bound=lay.fc1_acc_bound, out=g, out_g=gq)
             t0 = self._t("gelu", t0)
             if collect:
                 acts[pre + "gelu"] = gq.view(B, T, F)
@@ -254,8 +258,9 @@ class IntegerEngine:
                 nm, ne, xo, oq = Ln.in_m, Ln.in_e, x, (torch.empty(M, D, dtype=I64) if collect else e)
             q22 = torch.empty(M, D, dtype=I64) if collect else e
             # the residual here is h, so x is free for the next layer's input
-            K.resid_ln(buf["acc_d"], lay.bias["fc2"], L.fr_m, L.fr_e, h, L.fr_id_m, L.fr_id_e, qmax22, L.ffn_ln.shift,
-                       L.ffn_ln.b_int, nm, ne, qmax8, xo, oq, q22)
+            K.resid_ln(acc=buf["acc_d"], bias=lay.bias["fc2"], m_a=L.fr_m, e_a=L.fr_e, resid_u8=h, m_r=L.fr_id_m,
+                       e_r=L.fr_id_e, qmax22=qmax22, shift=L.ffn_ln.shift, ln_bint=L.ffn_ln.b_int, next_m=nm,
+                       next_e=ne, next_qmax=qmax8, out_u8=xo, out_q=oq, out_q22=q22)
             t0 = self._t("resid_ln", t0)
             if collect:
                 acts[pre + "ffn_residual_act"] = q22.view(B, T, D)

@@ -68,6 +68,36 @@ inline int bit_width(i64 qmax) { return 64 - __builtin_clzll((unsigned long long
 
 void check(bool ok, const char* msg) { TORCH_CHECK(ok, msg); }
 
+// Every tensor a kernel indexes is checked before its data pointer is taken: a wrong call raises (RuntimeError in
+// Python), it never reads or writes outside a buffer. `n` is the element count it must have (-1: any).
+void check_tensor(const at::Tensor& t, at::ScalarType dt, i64 n, const char* what) {
+  TORCH_CHECK(t.defined() && t.scalar_type() == dt && t.is_contiguous() && (n < 0 || t.numel() == n), what,
+              ": expected a contiguous ", c10::toString(dt), " tensor", n >= 0 ? " of " + std::to_string(n) +
+              " elements" : std::string(), ", got ", t.defined() ? c10::toString(t.scalar_type()) : "undefined",
+              t.defined() ? " with " + std::to_string(t.numel()) + " elements" : std::string(),
+              t.defined() && !t.is_contiguous() ? " (not contiguous)" : "");
+}
+
+// An optional output: empty (not wanted) or a tensor check_tensor accepts. Returns whether it is wanted.
+bool check_optional(const at::Tensor& t, at::ScalarType dt, i64 n, const char* what) {
+  if (!t.defined() || t.numel() == 0) return false;
+  check_tensor(t, dt, n, what);
+  return true;
+}
+
+// Per-column requant shifts: >= 1 (the rounding term is 2^(e-1)).
+void check_shifts(const at::Tensor& e, const char* what) {
+  const i64* p = e.data_ptr<i64>();
+  for (i64 j = 0; j < e.numel(); ++j) TORCH_CHECK(p[j] >= 1, what, ": requant shifts must be >= 1, got ", p[j]);
+}
+
+// Values of an index tensor must lie in [0, n).
+void check_index(const at::Tensor& t, i64 n, const char* what) {
+  const i64* p = t.data_ptr<i64>();
+  for (i64 j = 0; j < t.numel(); ++j)
+    TORCH_CHECK(p[j] >= 0 && p[j] < n, what, ": index ", p[j], " outside [0, ", n, ")");
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Integer pair dot products for the attention GEMMs. An int32 "pair" holds two int16 values (low half first); madd
 // adds lo(a) lo(b) + hi(a) hi(b) to each int32 lane, which is vpmaddwd (vpdpwssd with VNNI). Operands here are s8
@@ -218,8 +248,9 @@ void check_lut(const at::Tensor& lut) {
 void softmax_u8(const at::Tensor& scores, const at::Tensor& key_pad, const at::Tensor& lut, at::Tensor& out) {
   check(scores.scalar_type() == at::kInt && scores.is_contiguous() && scores.dim() == 4, "scores: int32 [B,H,T,T]");
   check_lut(lut);
+  check_tensor(out, at::kByte, scores.numel(), "softmax_u8 out");
   const i64 Bsz = scores.size(0), H = scores.size(1), Tq = scores.size(2), Tk = scores.size(3);
-  const bool has_mask = key_pad.defined() && key_pad.numel() > 0;
+  const bool has_mask = check_optional(key_pad, at::kByte, scores.size(0) * scores.size(3), "softmax_u8 key_pad");
   const u8* KP = has_mask ? key_pad.data_ptr<u8>() : nullptr;
   const i32* S = scores.data_ptr<i32>();
   u8* O = out.data_ptr<u8>();
@@ -367,15 +398,16 @@ void attention_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tenso
   check(H >= 1 && acc.size(0) == Bsz * T && D * 3 == N && dh * H == D, "attention: acc is not [B*T, 3 H dh]");
   check(T <= (i64(1) << 16) && dh <= (i64(1) << 16), "attention: T and head_dim must be <= 2^16 (int32 sums)");
   check(qmax >= 1 && qmax <= 127, "attention: 8-bit activations only");
-  check(bias.numel() == N && m.numel() == N && e.numel() == N, "attention: per-column constants of length 3D");
-  check(out.scalar_type() == at::kByte && out.is_contiguous() && out.numel() == Bsz * T * D, "out: u8 [B*T, D]");
+  check_tensor(bias, at::kLong, N, "attention bias");
+  check_tensor(m, at::kLong, N, "attention m");
+  check_tensor(e, at::kLong, N, "attention e");
+  check_shifts(e, "attention e");
+  check(ctx_e >= 1, "attention: ctx_e must be >= 1");
+  check_tensor(out, at::kByte, Bsz * T * D, "attention out");
   check_lut(lut);
-  const bool has_mask = key_pad.defined() && key_pad.numel() > 0;
-  check(!has_mask || (key_pad.scalar_type() == at::kByte && key_pad.numel() == Bsz * T), "key_pad: u8 [B, T]");
-  auto opt = [&](const at::Tensor& t, i64 n) -> u8* {
-    if (!t.defined() || t.numel() == 0) return nullptr;
-    check(t.scalar_type() == at::kByte && t.is_contiguous() && t.numel() == n, "attention: optional output shape");
-    return t.data_ptr<u8>();
+  const bool has_mask = check_optional(key_pad, at::kByte, Bsz * T, "attention key_pad");
+  auto opt = [&](const at::Tensor& t, i64 n, const char* what) -> u8* {
+    return check_optional(t, at::kByte, n, what) ? t.data_ptr<u8>() : nullptr;
   };
   std::vector<i64> rnd(N), sh(N);
   for (i64 j = 0; j < N; ++j) sh[j] = cap_shift(e.data_ptr<i64>()[j]), rnd[j] = i64(1) << (sh[j] - 1);
@@ -383,8 +415,8 @@ void attention_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tenso
   const AttnArgs P{T, H, D, dh, N, qmax, acc.data_ptr<i32>(), bias.data_ptr<i64>(), m.data_ptr<i64>(), rnd.data(),
                    sh.data(), has_mask ? key_pad.data_ptr<u8>() : nullptr, lut.data_ptr<i32>(),
                    i32(lut.numel() - 1), ctx_m, ce, i64(1) << (ce - 1), out.data_ptr<u8>(),
-                   opt(q_out, Bsz * T * D), opt(k_out, Bsz * T * D), opt(v_out, Bsz * T * D),
-                   opt(p_out, Bsz * H * T * T)};
+                   opt(q_out, Bsz * T * D, "attention q_out"), opt(k_out, Bsz * T * D, "attention k_out"),
+                   opt(v_out, Bsz * T * D, "attention v_out"), opt(p_out, Bsz * H * T * T, "attention p_out")};
   const i64 dh2 = (dh + 1) / 2, Tp = round_up(T, kTile), Tm = (T + 1) / 2, dhp = round_up(dh, kTile);
   const i64 macs = Bsz * H * T * (Tp * dh2 + Tm * dhp) * 2;
   at::parallel_for(0, Bsz * H, macs >= kAttnParallelMin ? 1 : Bsz * H, [&](int64_t lo, int64_t hi) {
@@ -472,6 +504,23 @@ void resid_ln(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& m
               at::Tensor& out_u8, at::Tensor& out_q, at::Tensor& out_q22) {
   check(acc.scalar_type() == at::kInt && acc.is_contiguous() && acc.dim() == 2, "acc: int32 [M, C]");
   const i64 M = acc.size(0), C = acc.size(1);
+  check_tensor(bias, at::kLong, C, "resid_ln bias");
+  check_tensor(m_a, at::kLong, C, "resid_ln m_a");
+  check_tensor(e_a, at::kLong, C, "resid_ln e_a");
+  check_shifts(e_a, "resid_ln e_a");
+  check_tensor(resid_u8, at::kByte, M * C, "resid_ln resid_u8");
+  check_tensor(ln_bint, at::kLong, C, "resid_ln ln_bint");
+  check(e_r >= 1, "resid_ln: e_r must be >= 1");
+  check(qmax22 >= 1 && qmax22 < (i64(1) << 31), "resid_ln: qmax22 in [1, 2^31)");
+  check(shift >= 0 && shift <= 62, "resid_ln: shift in [0, 62]");
+  if (check_optional(out_u8, at::kByte, M * C, "resid_ln out_u8")) {
+    check_tensor(next_m, at::kLong, C, "resid_ln next_m");
+    check_tensor(next_e, at::kLong, C, "resid_ln next_e");
+    check_shifts(next_e, "resid_ln next_e");
+    check(next_qmax >= 1 && next_qmax <= 127, "resid_ln: next_qmax in [1, 127]");
+  }
+  check_optional(out_q, at::kLong, M * C, "resid_ln out_q");
+  check_optional(out_q22, at::kLong, M * C, "resid_ln out_q22");
   const i32* A = acc.data_ptr<i32>();
   const i64* Bi = bias.data_ptr<i64>();
   const i64* Ma = m_a.data_ptr<i64>();
@@ -517,7 +566,28 @@ void embed_ln(const at::Tensor& tokens, const at::Tensor& positions, const at::T
               const at::Tensor& pos_w, int64_t m_t, int64_t e_t, int64_t m_p, int64_t e_p, int64_t qmax16, int64_t shift,
               const at::Tensor& ln_bint, const at::Tensor& next_m, const at::Tensor& next_e, int64_t next_qmax,
               at::Tensor& out_u8, at::Tensor& out_q, at::Tensor& out_q16) {
+  check(tok_w.dim() == 2 && pos_w.dim() == 2 && tok_w.size(1) == pos_w.size(1),
+        "embed_ln: tok_w [V, C] and pos_w [P, C] with the same C");
+  check_tensor(tok_w, at::kChar, -1, "embed_ln tok_w");
+  check_tensor(pos_w, at::kChar, -1, "embed_ln pos_w");
+  check_tensor(tokens, at::kLong, -1, "embed_ln tokens");
   const i64 M = tokens.numel(), C = tok_w.size(1);
+  check_tensor(positions, at::kLong, M, "embed_ln positions");
+  check_tensor(pad_rows, at::kByte, M, "embed_ln pad_rows");
+  check_index(tokens, tok_w.size(0), "embed_ln tokens");
+  check_index(positions, pos_w.size(0), "embed_ln positions");
+  check_tensor(ln_bint, at::kLong, C, "embed_ln ln_bint");
+  check(e_t >= 1 && e_p >= 1, "embed_ln: e_t and e_p must be >= 1");
+  check(qmax16 >= 1 && qmax16 < (i64(1) << 31), "embed_ln: qmax16 in [1, 2^31)");
+  check(shift >= 0 && shift <= 62, "embed_ln: shift in [0, 62]");
+  if (check_optional(out_u8, at::kByte, M * C, "embed_ln out_u8")) {
+    check_tensor(next_m, at::kLong, C, "embed_ln next_m");
+    check_tensor(next_e, at::kLong, C, "embed_ln next_e");
+    check_shifts(next_e, "embed_ln next_e");
+    check(next_qmax >= 1 && next_qmax <= 127, "embed_ln: next_qmax in [1, 127]");
+  }
+  check_optional(out_q, at::kLong, M * C, "embed_ln out_q");
+  check_optional(out_q16, at::kLong, M * C, "embed_ln out_q16");
   const i64* TK = tokens.data_ptr<i64>();
   const i64* PS = positions.data_ptr<i64>();
   const u8* PR = pad_rows.data_ptr<u8>();
@@ -581,6 +651,15 @@ void gelu_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& k_
   check(qmax >= 1 && qmax <= 127, "gelu: 8-bit output only");
   check(acc_bound >= 0, "gelu: acc_bound must be >= 0");
   const i64 M = acc.size(0), N = acc.size(1);
+  check_tensor(bias, at::kLong, N, "gelu_u8 bias");
+  check_tensor(k_sh, at::kLong, N, "gelu_u8 k_sh");
+  check_tensor(b_int, at::kLong, N, "gelu_u8 b_int");
+  check_tensor(c_int, at::kLong, N, "gelu_u8 c_int");
+  check_tensor(one, at::kLong, N, "gelu_u8 one");
+  check_tensor(m, at::kLong, N, "gelu_u8 m");
+  check_tensor(e, at::kLong, N, "gelu_u8 e");
+  check_tensor(out, at::kByte, M * N, "gelu_u8 out");
+  check_optional(out_g, at::kLong, M * N, "gelu_u8 out_g");
   const i32* A = acc.data_ptr<i32>();
   const i64* KS = k_sh.data_ptr<i64>();
   const i64* BI = b_int.data_ptr<i64>();
@@ -698,10 +777,22 @@ void gelu_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& k_
 
 }  // namespace
 
+// Named arguments: the engine calls every kernel by keyword.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.def("attention_u8", &attention_u8);
-  mod.def("softmax_u8", &softmax_u8);
-  mod.def("resid_ln", &resid_ln);
-  mod.def("embed_ln", &embed_ln);
-  mod.def("gelu_u8", &gelu_u8);
+  mod.def("attention_u8", &attention_u8, py::arg("acc"), py::arg("bias"), py::arg("m"), py::arg("e"),
+          py::arg("qmax"), py::arg("batch"), py::arg("seq_len"), py::arg("heads"), py::arg("key_pad"),
+          py::arg("lut"), py::arg("ctx_m"), py::arg("ctx_e"), py::arg("out"), py::arg("q_out"), py::arg("k_out"),
+          py::arg("v_out"), py::arg("p_out"));
+  mod.def("softmax_u8", &softmax_u8, py::arg("scores"), py::arg("key_pad"), py::arg("lut"), py::arg("out"));
+  mod.def("resid_ln", &resid_ln, py::arg("acc"), py::arg("bias"), py::arg("m_a"), py::arg("e_a"),
+          py::arg("resid_u8"), py::arg("m_r"), py::arg("e_r"), py::arg("qmax22"), py::arg("shift"),
+          py::arg("ln_bint"), py::arg("next_m"), py::arg("next_e"), py::arg("next_qmax"), py::arg("out_u8"),
+          py::arg("out_q"), py::arg("out_q22"));
+  mod.def("embed_ln", &embed_ln, py::arg("tokens"), py::arg("positions"), py::arg("pad_rows"), py::arg("tok_w"),
+          py::arg("pos_w"), py::arg("m_t"), py::arg("e_t"), py::arg("m_p"), py::arg("e_p"), py::arg("qmax16"),
+          py::arg("shift"), py::arg("ln_bint"), py::arg("next_m"), py::arg("next_e"), py::arg("next_qmax"),
+          py::arg("out_u8"), py::arg("out_q"), py::arg("out_q16"));
+  mod.def("gelu_u8", &gelu_u8, py::arg("acc"), py::arg("bias"), py::arg("k_sh"), py::arg("b_int"),
+          py::arg("c_int"), py::arg("one"), py::arg("m"), py::arg("e"), py::arg("qmax"), py::arg("acc_bound"),
+          py::arg("out"), py::arg("out_g"));
 }
