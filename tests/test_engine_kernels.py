@@ -152,7 +152,7 @@ def test_attention_u8_rejects_bad_shapes():
     with pytest.raises(RuntimeError, match="acc is not"):
         K.attention_u8(acc, z, z, e, 127, 2, 3, 5, u8, lut, 1, 1, torch.empty(6, 12, dtype=torch.uint8), u8, u8, u8,
                        u8)
-    with pytest.raises(RuntimeError, match="out: u8"):
+    with pytest.raises(RuntimeError, match="attention out: expected a contiguous Byte tensor of 72 elements"):
         K.attention_u8(acc, z, z, e, 127, 2, 3, 2, u8, lut, 1, 1, torch.empty(6, 11, dtype=torch.uint8), u8, u8, u8,
                        u8)
 
