@@ -5,8 +5,8 @@ import argparse
 import sys
 from typing import List, Optional, Sequence
 
+from ..catalog import ARCHS, GLUE_TASKS, TASKS
 from ..quant.config import ACT_RANGES, FORCE_DEQUANT, QUANT_MODES, TERNARY_GRANULARITIES, WEIGHT_METHODS, QuantConfig
-from .tasks import ARCHS, SQUAD_TASKS, TASKS
 
 __all__ = ["RunError", "build_parser", "parse_args", "validate", "TERNARY_ONLY_FLAGS"]
 
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="run.py", description="Fine-tune / quantize RoBERTa-style encoders on GLUE-style tasks "
                 "with the ibert_plugin fairseq plugin. Extra fairseq-train flags may follow '--'.")
     p.add_argument("--arch", default="roberta_base", help=f"one of {', '.join(ARCHS)} (default roberta_base)")
-    p.add_argument("--task", required=True, help=f"one of {', '.join((*TASKS, *SQUAD_TASKS))} (case-sensitive; SQuAD "
+    p.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)} (case-sensitive; SQuAD "
                    "tasks take python -m ibert_plugin.squad's flags)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: task table; 2e-5 for ternarybert)")
     p.add_argument("--bs", type=int, default=None, help="batch size in sentences (default: task table)")
@@ -104,8 +104,8 @@ def validate(a: argparse.Namespace) -> None:
     Raises:
         RunError: one sentence naming the flag(s).
     """
-    if a.task not in TASKS:
-        valid = ", ".join((*TASKS, *SQUAD_TASKS))
+    if a.task not in GLUE_TASKS:
+        valid = ", ".join(TASKS)
         raise RunError(f"unknown task {a.task!r}; valid tasks (case-sensitive): {valid}")
     if a.arch not in ARCHS:
         raise RunError(f"unknown arch {a.arch!r}; valid archs: {', '.join(ARCHS)}")

@@ -20,10 +20,11 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from ..catalog import ARCHS, GLUE_TASKS, TaskSpec
 from ..quant.config import IBERT_W8A8, TERNARYBERT_W2A8
 from ..wiring.checkpoint_file import CheckpointError, check_fairseq_checkpoint
 from .options import RunError
-from .tasks import ARCHS, FP_OPTIMIZER, TASKS, TERNARY, TERNARY_OPTIMIZER, TaskSpec
+from .schedules import FP_OPTIMIZER, TERNARY, TERNARY_OPTIMIZER
 
 PLUGIN_DIR = Path(__file__).resolve().parents[1]
 REPO = PLUGIN_DIR.parent
@@ -120,7 +121,6 @@ def data_dir(a: argparse.Namespace) -> Path:
 def resolve_restore(a: argparse.Namespace) -> Optional[Path]:
     """The checkpoint the stage starts from (``None``: the tiny arch from scratch), checked to be a readable fairseq
     or plugin checkpoint so that a corrupt or foreign file fails here, not inside fairseq-train."""
-    fairseq_arch, _, pretrained = ARCHS[a.arch]
     if a.restore_file:
         restore = Path(a.restore_file).resolve()
         if not restore.is_file():
@@ -132,7 +132,7 @@ def resolve_restore(a: argparse.Namespace) -> Optional[Path]:
         raise RunError("--quant-mode ternarybert needs --restore-file <FP fine-tuned checkpoint_best.pt> "
                        "(teacher and student initialisation)")
     else:
-        cands = [REPO / c[1:] if c.startswith("@") else Path(a.model_dir) / c for c in pretrained]
+        cands = ARCHS[a.arch].pretrained_paths(Path(a.model_dir))
         found = [c for c in cands if c.is_file()]
         if not found:
             if cands:
@@ -149,7 +149,7 @@ def resolve_restore(a: argparse.Namespace) -> Optional[Path]:
 def hyper_parameters(a: argparse.Namespace, spec: TaskSpec, bin_dir: Path) -> HyperParameters:
     """Batch, lr, epochs, weight decay, schedule length/warmup and weight quantization of the stage.
 
-    FP: the task table. I-BERT QAT: the same with 0 warmup. TernaryBERT: :data:`~.tasks.TERNARY` with the schedule
+    FP: the task table. I-BERT QAT: the same with 0 warmup. TernaryBERT: :data:`~.schedules.TERNARY` with the schedule
     counted from the training set (``ceil(n / (bs * world)) * epochs`` updates, 10 % warmup).
     """
     if a.quant_mode == "ternarybert":
@@ -237,7 +237,7 @@ def distributed_commands(argv: List[str], world: int, cpu: bool,
 
 def output_layout(a: argparse.Namespace, hp: HyperParameters) -> Path:
     """``<output-dir>/<mode>/<TASK>-<size>/wd<wd>_ad<ad>_d<d>_lr<lr>`` (the seed's naming)."""
-    size = ARCHS[a.arch][1]
+    size = ARCHS[a.arch].size
     return Path(a.output_dir).resolve() / hp.mode / f"{a.task}-{size}" / \
         f"wd{fmt_num(hp.weight_decay)}_ad{fmt_num(a.attn_dropout)}_d{fmt_num(a.dropout)}_lr{fmt_num(hp.lr)}"
 
@@ -300,7 +300,7 @@ def training_command(a: argparse.Namespace, spec: TaskSpec, hp: HyperParameters,
     opt = hp.optimizer
     argv = fairseq_train_cmd() + [
         str(bin_dir), "--user-dir", str(user_dir()),
-        "--task", "sentence_prediction", "--arch", ARCHS[a.arch][0], "--num-classes", str(spec.num_classes),
+        "--task", spec.fairseq_task, "--arch", ARCHS[a.arch].fairseq_arch, "--num-classes", str(spec.num_classes),
         "--init-token", "0", "--separator-token", "2", "--max-positions", str(spec.max_positions),
         "--valid-subset", spec.valid_subset,
         "--batch-size", str(hp.bs), "--max-tokens", str(spec.max_tokens), "--required-batch-size-multiple", "1",
@@ -321,7 +321,7 @@ def training_command(a: argparse.Namespace, spec: TaskSpec, hp: HyperParameters,
 
 def make_plan(a: argparse.Namespace) -> Plan:
     """The full plan of a validated ``run.py`` invocation (raises :class:`RunError` on missing inputs)."""
-    spec = TASKS[a.task]
+    spec = GLUE_TASKS[a.task]
     bin_dir = data_dir(a)
     restore = resolve_restore(a)
     hp = hyper_parameters(a, spec, bin_dir)

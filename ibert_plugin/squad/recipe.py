@@ -60,6 +60,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from ..catalog import ARCHS, SQUAD_TASKS
 from ..quant.config import ConfigError
 from ..recipes.allocator import allocator_env
 from ..recipes.allocator import describe as describe_allocator
@@ -76,23 +77,11 @@ TRAIN_STAGES = ("fp", "ternary", "int_ternary", "ibert")
 #: engine stage -> the integer-only (symmetric-mode) stage whose checkpoint it runs
 ENGINE_SOURCES = {"engine": "ibert", "int_ternary_engine": "int_ternary"}
 QUANT_MODE_STAGES = {"none": ("fp",), "symmetric": ("ibert", "engine"), "ternarybert": ("ternary",)}
-TASKS = {"SQUAD1": False, "SQUAD2": True}  # task -> version_2_with_negative
-#: the report files of a task folder (``python -m ibert_plugin.assets build --only squad``), each scored once with
-#: a stage's selected checkpoint: name -> (file by default, file with ``--full``). SQUAD1 reports on the whole
-#: official v1.1 dev set with ``--full`` and on its fixed >= 2,500-question subset (whole articles) otherwise.
-REPORT_FILES = {"SQUAD1": {"test": ("test_subset.json", "test.json")},
-                "SQUAD2": {"test": ("test.json", "test.json"), "test_disfluent": ("test_disfluent.json",
-                                                                                  "test_disfluent.json")}}
+#: each task's report files (name -> (file by default, file with ``--full``)): a view of the task table
+REPORT_FILES = {name: dict(spec.report_files) for name, spec in SQUAD_TASKS.items()}
 #: FP counts as converged when its last half epoch adds less than this much selection F1 (points)
 CONVERGED_GAIN_F1 = 0.5
 IBERT_DISTILL = ("none", "pred", "all")  # --ibert_distill: the QAT stage's loss (see build_parser)
-#: --arch -> (fairseq arch, default tokenizer dir, default pretrained checkpoints)
-ARCHS = {
-    "minilm": ("ibert_roberta_minilm", "@data/minilm", ("@data/minilm/model.pt", "minilm/model.pt")),
-    "roberta_base": ("ibert_roberta_base", "@data/gpt2_bpe", ("roberta.base/model.pt",)),
-    "roberta_large": ("ibert_roberta_large", "@data/gpt2_bpe", ("roberta.large/model.pt",)),
-    "tiny": ("ibert_roberta_tiny", "@data/minilm", ()),
-}
 
 
 class RecipeError(Exception):
@@ -213,21 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _resolve(spec: str, base: Path) -> Path:
-    return REPO / spec[1:] if spec.startswith("@") else base / spec
-
-
 def _data_root() -> Path:
     return Path(os.environ.get("IBERT_DATA_DIR") or REPO / "data")
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     a = build_parser().parse_args(list(argv))
-    if a.task not in TASKS:
-        raise RecipeError(f"unknown task {a.task!r}; choose SQUAD1 or SQUAD2")
+    if a.task not in SQUAD_TASKS:
+        raise RecipeError(f"unknown task {a.task!r}; choose {' or '.join(SQUAD_TASKS)}")
     if a.arch not in ARCHS:
         raise RecipeError(f"unknown arch {a.arch!r}; choose {', '.join(ARCHS)}")
-    a.version_2_with_negative = a.version_2_with_negative or TASKS[a.task]
+    a.version_2_with_negative = a.version_2_with_negative or SQUAD_TASKS[a.task].version_2_with_negative
     if a.quant_mode and a.stages:
         raise RecipeError("give --stages or --quant_mode, not both")
     if a.quant_mode:
@@ -265,7 +250,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     a.dev_path = Path(a.dev_file or data_dir / a.task / "dev.json").resolve()
     a.reports = {}  # report name -> file, scored once with each stage's selected checkpoint
     if not a.no_test:
-        for name, (cpu_file, full_file) in REPORT_FILES[a.task].items():
+        for name, (cpu_file, full_file) in SQUAD_TASKS[a.task].report_files.items():
             path = data_dir / a.task / (full_file if a.full else cpu_file)
             if name == "test" and a.test_file:
                 path = Path(a.test_file)
@@ -273,7 +258,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                 continue  # a task folder of an older layout (train.json + dev.json only)
             a.reports[name] = path.resolve()
     a.test_path = a.reports.get("test")
-    a.tok_dir = (Path(a.tokenizer_dir) if a.tokenizer_dir else _resolve(ARCHS[a.arch][1], Path("."))).resolve()
+    a.tok_dir = (Path(a.tokenizer_dir) if a.tokenizer_dir else ARCHS[a.arch].tokenizer_path()).resolve()
     if not (a.tok_dir / "dict.txt").is_file():
         raise RecipeError(f"{a.tok_dir}/dict.txt not found (build it with python -m ibert_plugin.assets build, or "
                           "pass --tokenizer_dir)")
@@ -311,7 +296,7 @@ def _pretrained(a) -> Optional[Path]:
         if not p.is_file():
             raise RecipeError(f"restore file not found: {a.restore_file}")
         return p
-    cands = [_resolve(c, Path(a.model_dir)) for c in ARCHS[a.arch][2]]
+    cands = ARCHS[a.arch].pretrained_paths(Path(a.model_dir))
     for c in cands:
         if c.is_file():
             return c.resolve()
@@ -361,7 +346,7 @@ def train_command(a, stage: str, save_dir: Path, restore: Optional[Path], n_wind
         "--max-query-length", str(a.max_query_length), "--n-best-size", str(a.n_best_size),
         "--max-answer-length", str(a.max_answer_length),
         "--null-score-diff-threshold", f"{_fixed_threshold(a):g}",
-        "--arch", ARCHS[a.arch][0], "--max-positions", "512",
+        "--arch", ARCHS[a.arch].fairseq_arch, "--max-positions", "512",
         "--batch-size", str(a.per_gpu_batch_size), "--max-tokens", str(a.per_gpu_batch_size * a.max_seq_length),
         "--required-batch-size-multiple", "1", "--batch-size-valid", str(a.eval_batch_size),
         "--optimizer", "adam", "--adam-betas", "(0.9, 0.999)", "--adam-eps", "1e-06", "--weight-decay", "0.01",
@@ -370,7 +355,7 @@ def train_command(a, stage: str, save_dir: Path, restore: Optional[Path], n_wind
         "--total-num-update", str(total), "--max-update", str(total),
         "--dropout", "0.1", "--attention-dropout", "0.1", "--seed", str(a.seed),
         "--save-dir", str(save_dir), "--no-epoch-checkpoints", "--valid-subset", "valid",
-        "--best-checkpoint-metric", "f1", "--maximize-best-checkpoint-metric",
+        "--best-checkpoint-metric", SQUAD_TASKS[a.task].metric, "--maximize-best-checkpoint-metric",
         "--log-format", "simple", "--log-interval", "10", "--num-workers", "0",
         "--distributed-world-size", "1",
     ]
