@@ -29,7 +29,8 @@ def test_stage_selection_and_errors():
                       (["--task", "SQUAD1", "--stages", "fp", "--lr", "0"], "must be > 0"),
                       (["--task", "SQUAD1", "--pred_distill", "--pred_distill_weight", "-1"], "pred_distill_weight"),
                       (["--task", "SQUAD2", "--null_score_diff_threshold", "abc"], "a number or 'select'"),
-                      (["--task", "SQUAD2", "--null_score_diff_threshold", "inf"], "a number or 'select'")):
+                      (["--task", "SQUAD2", "--null_score_diff_threshold", "inf"], "a number or 'select'"),
+                      (["--task", "SQUAD1", "--stages", "fp", "--clip_val", "0"], "clip_val must be a positive")):
         with pytest.raises(recipe.RecipeError, match=msg):
             recipe.parse_args(argv + TOK)
 
@@ -91,3 +92,16 @@ def test_rescore_without_a_checkpoint_is_one_error(tmp_path, capsys):
                            "--stages", "fp", "--rescore", "--max_seq_length", "64", "--doc_stride", "32", *TOK])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: --rescore: stage fp has no ")
+
+
+def test_stage_quantization_comes_from_the_presets():
+    from ibert_plugin.quant.config import IBERT_W7A8, INT_TERNARY_W2, TERNARYBERT_W2A8
+
+    q = recipe.parse_args(["--task", "SQUAD1", "--stages", "fp", "--ibert_weight_bits", "7", *TOK]).stage_quant
+    assert q["ternary"] == TERNARYBERT_W2A8 and q["int_ternary"] == INT_TERNARY_W2 and q["ibert"] == IBERT_W7A8
+    assert q["fp"].quant_mode == "none"
+    q = recipe.parse_args(["--task", "SQUAD1", "--stages", "fp", "--weight_bits", "8", "--weight_quant_method", "lat",
+                           "--clip_val", "10", *TOK]).stage_quant
+    # 8-bit TernaryBERT weights are symmetric; the integer-only ternary stage keeps the ternary method
+    assert (q["ternary"].weight_bits, q["ternary"].weight_method, q["ternary"].clip_val) == (8, "sym", 10.0)
+    assert q["int_ternary"].weight_method == "lat"

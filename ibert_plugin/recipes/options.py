@@ -6,7 +6,17 @@ import sys
 from typing import List, Optional, Sequence
 
 from ..catalog import ARCHS, GLUE_TASKS, TASKS
-from ..quant.config import ACT_RANGES, FORCE_DEQUANT, QUANT_MODES, TERNARY_GRANULARITIES, WEIGHT_METHODS, QuantConfig
+from ..quant.config import (
+    ACT_RANGES,
+    FORCE_DEQUANT,
+    IBERT_W8A8,
+    QUANT_MODES,
+    TERNARY_GRANULARITIES,
+    TERNARY_METHODS,
+    TERNARYBERT_W2A8,
+    WEIGHT_METHODS,
+    QuantConfig,
+)
 
 __all__ = ["RunError", "build_parser", "parse_args", "validate", "TERNARY_ONLY_FLAGS"]
 
@@ -155,11 +165,11 @@ def _validate_quantization(a: argparse.Namespace) -> None:
         raise RunError(f"--input-bits {a.input_bits} out of range: use 2..8")
     if a.clip_val is not None and not a.clip_val > 0:
         raise RunError(f"--clip-val must be > 0 (got {a.clip_val:g})")
-    wbits = a.weight_bits or (2 if ternary else 8)
-    if a.weight_quant_method in ("twn", "lat") and wbits != 2:
+    wbits = a.weight_bits or (TERNARYBERT_W2A8 if ternary else IBERT_W8A8).weight_bits
+    if a.weight_quant_method in TERNARY_METHODS and wbits != 2:
         raise RunError(f"--weight-quant-method {a.weight_quant_method} ternarizes weights: it needs --weight-bits 2 "
                        f"(got {wbits})")
-    if a.ternary_linear is not None and not (wbits == 2 and a.weight_quant_method in (None, "twn", "lat")
+    if a.ternary_linear is not None and not (wbits == 2 and a.weight_quant_method in (None, *TERNARY_METHODS)
                                              and a.quant_mode != "none"):
         raise RunError("--ternary-linear sets the granularity of ternary weights: it needs --weight-bits 2 with "
                        "--weight-quant-method twn or lat")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ..catalog import ARCHS, GLUE_TASKS, TaskSpec
-from ..quant.config import IBERT_W8A8, TERNARYBERT_W2A8
+from ..quant.config import IBERT_W8A8, TERNARYBERT_W2A8, ConfigError, QuantConfig
 from ..wiring.checkpoint_file import CheckpointError, check_fairseq_checkpoint
 from .options import RunError
 from .schedules import FP_OPTIMIZER, TERNARY, TERNARY_OPTIMIZER
@@ -171,28 +171,29 @@ def hyper_parameters(a: argparse.Namespace, spec: TaskSpec, bin_dir: Path) -> Hy
 
 
 def quantization_flags(a: argparse.Namespace, hp: HyperParameters) -> List[str]:
-    """The ``ibert_roberta`` model flags (``--quant-mode`` ... ``--act-range``)."""
-    if a.quant_mode == "ternarybert":
-        flags = ["--quant-mode", "symmetric" if a.integer_only else "ternarybert", "--weight-bits",
-                 str(hp.weight_bits), "--weight-quant-method", hp.method, "--input-bits",
-                 str(a.input_bits or TERNARYBERT_W2A8.act_bits)]
-        if a.integer_only or a.force_dequant != "none":
-            flags += ["--force-dequant", a.force_dequant]
+    """The ``ibert_roberta`` model flags (``--quant-mode`` ... ``--ternary-linear``): the settings the stage fixes
+    (TernaryBERT: mode, weight bits and method, activation bits from :data:`TERNARYBERT_W2A8`; the others: what was
+    given), spelled by :meth:`QuantConfig.to_flags` from the configuration fairseq will build
+    (:meth:`QuantConfig.from_namespace`, so that a bad combination fails here).
+    """
+    ternary = a.quant_mode == "ternarybert"
+    given = {"quant_mode": "symmetric" if ternary and a.integer_only else a.quant_mode,
+             "force_dequant": a.force_dequant, "weight_bits": hp.weight_bits, "weight_quant_method": hp.method,
+             "input_bits": (a.input_bits or TERNARYBERT_W2A8.act_bits) if ternary else a.input_bits,
+             "clip_val": a.clip_val, "act_range": a.act_range, "ternary_linear": getattr(a, "ternary_linear", None)}
+    try:
+        cfg = QuantConfig.from_namespace(argparse.Namespace(**given))
+    except ConfigError as e:
+        raise RunError(str(e)) from None
+    if ternary:
+        fields = ["quant_mode", "weight_bits", "weight_method", "act_bits"]
+        fields += ["force_dequant"] if a.integer_only or a.force_dequant != "none" else []
     else:
-        flags = ["--quant-mode", a.quant_mode, "--force-dequant", a.force_dequant]
-        if hp.weight_bits is not None:
-            flags += ["--weight-bits", str(hp.weight_bits)]
-        if hp.method is not None:
-            flags += ["--weight-quant-method", hp.method]
-        if a.input_bits is not None:
-            flags += ["--input-bits", str(a.input_bits)]
-    if a.clip_val is not None:
-        flags += ["--clip-val", f"{a.clip_val:g}"]
-    if a.act_range is not None:
-        flags += ["--act-range", a.act_range]
-    if getattr(a, "ternary_linear", None) is not None:
-        flags += ["--ternary-linear", a.ternary_linear]
-    return flags
+        fields = ["quant_mode", "force_dequant"] + [field for field, flag in (
+            ("weight_bits", "weight_bits"), ("weight_method", "weight_quant_method"), ("act_bits", "input_bits"))
+            if given[flag] is not None]
+    fields += [f for f in ("clip_val", "act_range", "ternary_linear") if given[f] is not None]
+    return cfg.to_flags(fields)
 
 
 def criterion_flags(a: argparse.Namespace, spec: TaskSpec, restore: Optional[Path]) -> List[str]:

@@ -61,7 +61,16 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from ..catalog import ARCHS, SQUAD_TASKS
-from ..quant.config import ConfigError
+from ..quant.config import (
+    IBERT_W8A8,
+    INT_TERNARY_W2,
+    TERNARY_GRANULARITIES,
+    TERNARY_METHODS,
+    TERNARYBERT_W2A8,
+    WEIGHT_METHODS,
+    ConfigError,
+    QuantConfig,
+)
 from ..recipes.allocator import allocator_env
 from ..recipes.allocator import describe as describe_allocator
 from ..recipes.plan import fairseq_train_cmd
@@ -171,13 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int-ternary-learning-rate", dest="int_ternary_learning_rate", type=float, default=2e-5,
                    help="integer-only ternary stage (symmetric mode, 2-bit weights, from the ternary checkpoint)")
     p.add_argument("--int-ternary-epochs", dest="int_ternary_epochs", type=float, default=1.0)
-    _flag(p, "weight_bits", type=int, default=2, choices=[2, 8], help="TernaryBERT weight bits")
-    _flag(p, "input_bits", type=int, default=8, help="TernaryBERT activation bits")
-    _flag(p, "weight_quant_method", default="twn", choices=["twn", "lat", "sym"])
-    _flag(p, "clip_val", type=float, default=2.5)
-    _flag(p, "ternary_linear", default="tensor", choices=["tensor", "row"],
+    _flag(p, "weight_bits", type=int, default=TERNARYBERT_W2A8.weight_bits,
+          choices=[TERNARYBERT_W2A8.weight_bits, IBERT_W8A8.weight_bits], help="TernaryBERT weight bits")
+    _flag(p, "input_bits", type=int, default=TERNARYBERT_W2A8.act_bits, help="TernaryBERT activation bits")
+    _flag(p, "weight_quant_method", default=TERNARYBERT_W2A8.weight_method, choices=list(WEIGHT_METHODS),
+          help="TernaryBERT weight quantizer with --weight_bits 2 (8-bit weights use sym); the integer-only ternary "
+               "stage uses it when it is a ternary method, else twn")
+    _flag(p, "clip_val", type=float, default=TERNARYBERT_W2A8.clip_val, help="TernaryBERT activation clipping range")
+    _flag(p, "ternary_linear", default=TERNARYBERT_W2A8.ternary_linear, choices=list(TERNARY_GRANULARITIES),
           help="ternary Linear weights: one alpha per matrix (tensor, TernaryBERT) or per output row (row)")
-    _flag(p, "ibert_weight_bits", type=int, default=8, help="I-BERT weight bits (8, or 7 for the fast engine routes)")
+    _flag(p, "ibert_weight_bits", type=int, default=IBERT_W8A8.weight_bits,
+          help="I-BERT weight bits (8, or 7 for the fast engine routes)")
     _flag(p, "ibert_distill", default="none", choices=IBERT_DISTILL,
           help="I-BERT QAT loss: none = the span CE on the labels (I-BERT), pred = distil the FP model's start/end "
                "logits (soft CE, times --pred_distill_weight), all = pred plus the hidden-state and attention MSEs")
@@ -238,6 +251,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if not 2 <= a.input_bits <= 8 or not 2 <= a.ibert_weight_bits <= 8:
         raise RecipeError("--input_bits and --ibert_weight_bits must be in 2..8")
     a.caps = _parse_caps(a.max_updates)
+    try:
+        a.stage_quant = stage_configs(a)
+    except ConfigError as e:
+        raise RecipeError(str(e)) from None
     if a.lr is not None:
         a.learning_rate = a.ternary_learning_rate = a.ibert_learning_rate = a.int_ternary_learning_rate = a.lr
     if a.max_epochs is not None:
@@ -269,6 +286,28 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
         a.eval_device = "cuda" if torch.cuda.is_available() else "cpu"
     return a
+
+
+def stage_configs(a) -> Dict[str, QuantConfig]:
+    """The quantization of each training stage: the presets of :mod:`ibert_plugin.quant.config` with the stage flags.
+
+    ``fp``: float. ``ternary``: :data:`TERNARYBERT_W2A8` with ``--weight_bits``, ``--weight_quant_method`` (k-bit
+    weights use I-BERT's symmetric quantizer), ``--input_bits``, ``--clip_val`` and ``--ternary_linear``.
+    ``int_ternary``: :data:`INT_TERNARY_W2` with the ternary stage's method when that is a ternary one. ``ibert``:
+    :data:`IBERT_W8A8` with ``--ibert_weight_bits``.
+
+    Raises:
+        ConfigError: a flag value the configuration rejects.
+    """
+    ternary_method = a.weight_quant_method if a.weight_bits == TERNARYBERT_W2A8.weight_bits else \
+        IBERT_W8A8.weight_method
+    int_method = a.weight_quant_method if a.weight_quant_method in TERNARY_METHODS else INT_TERNARY_W2.weight_method
+    return {"fp": QuantConfig(),
+            "ternary": TERNARYBERT_W2A8.replace(weight_bits=a.weight_bits, weight_method=ternary_method,
+                                                act_bits=a.input_bits, clip_val=a.clip_val,
+                                                ternary_linear=a.ternary_linear),
+            "int_ternary": INT_TERNARY_W2.replace(weight_method=int_method),
+            "ibert": IBERT_W8A8.replace(weight_bits=a.ibert_weight_bits)}
 
 
 def _parse_caps(text: Optional[str]) -> Dict[str, int]:
@@ -365,26 +404,22 @@ def train_command(a, stage: str, save_dir: Path, restore: Optional[Path], n_wind
     # one interval checkpoint kept on disk
     cmd += ["--validate-interval-updates", str(interval), "--save-interval-updates", str(interval),
             "--keep-interval-updates", "1"]
+    quant = a.stage_quant[stage]
     if stage == "fp":
-        cmd += ["--quant-mode", "none", "--criterion", "squad_span"]
+        cmd += quant.to_flags(["quant_mode"]) + ["--criterion", "squad_span"]
     elif stage in ("ibert", "int_ternary"):
-        cmd += ["--quant-mode", "symmetric"]
-        if stage == "ibert":
-            cmd += ["--weight-bits", str(a.ibert_weight_bits)]
-        else:  # integer-only ternary: the ternary stage's weights, I-BERT's integer-only activations
-            method = a.weight_quant_method if a.weight_quant_method in ("twn", "lat") else "twn"
-            cmd += ["--weight-bits", "2", "--weight-quant-method", method]
+        # I-BERT: the weight bits (its quantizer is the default); integer-only ternary: the ternary stage's weights
+        # with I-BERT's integer-only activations
+        cmd += quant.to_flags(["quant_mode", "weight_bits"] + (["weight_method"] if stage == "int_ternary" else []))
         if a.ibert_distill == "none":
             cmd += ["--criterion", "squad_span"]
         else:
             cmd += _distill_flags(a, teacher, pred=True, intermediate=a.ibert_distill == "all")
     else:
-        method = a.weight_quant_method if a.weight_bits == 2 else "sym"
-        cmd += ["--quant-mode", "ternarybert", "--weight-bits", str(a.weight_bits), "--weight-quant-method", method,
-                "--input-bits", str(a.input_bits), "--clip-val", f"{a.clip_val:g}"]
+        cmd += quant.to_flags(["quant_mode", "weight_bits", "weight_method", "act_bits", "clip_val"])
         cmd += _distill_flags(a, teacher, pred=a.pred_distill, intermediate=a.intermediate_distill)
-        if a.ternary_linear != "tensor" and method in ("twn", "lat"):
-            cmd += ["--ternary-linear", a.ternary_linear]
+        if quant.linear_rowwise:
+            cmd += quant.to_flags(["ternary_linear"])
     if restore is not None:
         cmd += ["--finetune-from-model", str(restore)]
     if a.eval_device == "cpu":
@@ -543,9 +578,11 @@ def main(argv: Sequence[str]) -> dict:
     except ConfigError as e:
         raise RecipeError(str(e)) from None
     t_start = time.time()
-    tern_method = a.weight_quant_method if a.weight_quant_method in ("twn", "lat") else "twn"
-    dirs = {"fp": a.out / "fp", "ternary": a.out / f"ternary_w{a.weight_bits}a{a.input_bits}_{a.weight_quant_method}",
-            "int_ternary": a.out / f"int_ternary_w2_{tern_method}", "ibert": a.out / f"ibert_w{a.ibert_weight_bits}",
+    q = a.stage_quant  # the ternary folder names the method flag as given (ternary_w8a8_twn holds sym weights)
+    dirs = {"fp": a.out / "fp",
+            "ternary": a.out / f"ternary_w{q['ternary'].weight_bits}a{q['ternary'].act_bits}_{a.weight_quant_method}",
+            "int_ternary": a.out / f"int_ternary_w{q['int_ternary'].weight_bits}_{q['int_ternary'].weight_method}",
+            "ibert": a.out / f"ibert_w{q['ibert'].weight_bits}",
             "export": a.out / "export", "engine": a.out / "engine", "int_ternary_engine": a.out / "int_ternary_engine"}
     summary_path = a.out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
