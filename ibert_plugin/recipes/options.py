@@ -18,28 +18,31 @@ from ..quant.config import (
     QuantConfig,
 )
 
-__all__ = ["RunError", "build_parser", "parse_args", "validate", "TERNARY_ONLY_FLAGS"]
+__all__ = ["RunError", "ErrorParser", "build_parser", "parse_args", "validate", "TERNARY_ONLY_FLAGS"]
 
 #: Flags that only mean something for ``--quant-mode ternarybert``.
 TERNARY_ONLY_FLAGS = ("integer_only", "pred_distill", "intermediate_distill", "save_fp_model", "save_quantized_model")
 
 
 class RunError(Exception):
-    """A usage or environment error: ``cli`` prints ``error: <message>`` (one line) and exits with ``code``."""
+    """A usage or environment error of either driver (``run.py`` and the SQuAD recipe, whose ``RecipeError`` is this
+    class): ``cli`` / ``run_squad`` print ``error: <message>`` (one line) and exit with ``code``."""
 
     def __init__(self, message: str, code: int = 2):
         super().__init__(message)
         self.code = code
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one clear line instead of usage + message
+class ErrorParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors raise :class:`RunError` (one clear line instead of usage + message)."""
+
+    def error(self, message):
         raise RunError(message, 2)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``run.py`` argument parser (the I-BERT seed's flags plus the TernaryBERT and resume ones)."""
-    p = _Parser(prog="run.py", description="Fine-tune / quantize RoBERTa-style encoders on GLUE-style tasks "
+    p = ErrorParser(prog="run.py", description="Fine-tune / quantize RoBERTa-style encoders on GLUE-style tasks "
                 "with the ibert_plugin fairseq plugin. Extra fairseq-train flags may follow '--'.")
     p.add_argument("--arch", default="roberta_base", help=f"one of {', '.join(ARCHS)} (default roberta_base)")
     p.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)} (case-sensitive; SQuAD "

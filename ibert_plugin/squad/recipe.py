@@ -3,27 +3,27 @@
 Usage::
 
     python -m ibert_plugin.squad --task SQUAD1 [--arch minilm] [--stages fp,ternary,ibert,export,engine]
-        [--version_2_with_negative] [--weight_bits 2] [--input_bits 8] [--pred_distill] [--intermediate_distill]
-        [--save_fp_model] [--save_quantized_model] [--max_seq_length 384] [--doc_stride 128]
-        [--max_query_length 64] [--n_best_size 20] [--max_answer_length 30] [--null_score_diff_threshold 0.0] ...
+        [--version-2-with-negative] [--weight-bits 2] [--input-bits 8] [--pred-distill] [--intermediate-distill]
+        [--save-fp-model] [--save-quantized-model] [--max-seq-length 384] [--doc-stride 128]
+        [--max-query-length 64] [--n-best-size 20] [--max-answer-length 30] [--null-score-diff-threshold 0.0] ...
 
 Stages (each a ``fairseq-train --user-dir <abs ibert_plugin> --task squad`` sub-process, then an in-process
-evaluation of ``checkpoint_best.pt``, chosen on the selection file (``--dev_file``, default the task folder's
+evaluation of ``checkpoint_best.pt``, chosen on the selection file (``--dev-file``, default the task folder's
 ``dev.json``), which writes ``predictions.json`` (official format) and ``eval.json`` into the stage folder
 ``<output_dir>/<stage>/``; the report files (``REPORT_FILES``: the task folder's ``test_subset.json`` or, with
-``--full``, ``test.json`` for SQUAD1; ``test.json`` and ``test_disfluent.json`` for SQUAD2; ``--test_file`` replaces
+``--full``, ``test.json`` for SQUAD1; ``test.json`` and ``test_disfluent.json`` for SQUAD2; ``--test-file`` replaces
 ``test``) are scored once with that checkpoint, ``<report>_predictions.json``):
 
-* ``fp``: full-precision finetuning from the pretrained encoder (``--restore_file``, default ``data/minilm/model.pt``
+* ``fp``: full-precision finetuning from the pretrained encoder (``--restore-file``, default ``data/minilm/model.pt``
   for ``--arch minilm``, ``<model_dir>/roberta.base/model.pt`` for ``roberta_base``; ``tiny`` trains from scratch),
   ``--criterion squad_span``.
 * ``ternary``: TernaryBERT W``weight_bits``A``input_bits`` (``--quant-mode ternarybert``, TWN by default) distilled
-  from the FP model (``--criterion squad_span_distill`` with ``--pred_distill`` / ``--intermediate_distill``;
+  from the FP model (``--criterion squad_span_distill`` with ``--pred-distill`` / ``--intermediate-distill``;
   student initialised from the teacher).
-* ``ibert``: I-BERT integer-only QAT (``--quant-mode symmetric``, ``--ibert_weight_bits`` 8) from the FP model,
-  on the span CE (I-BERT) or, with ``--ibert_distill pred|all``, distilled from the FP model like the ternary stage.
+* ``ibert``: I-BERT integer-only QAT (``--quant-mode symmetric``, ``--ibert-weight-bits`` 8) from the FP model,
+  on the span CE (I-BERT) or, with ``--ibert-distill pred|all``, distilled from the FP model like the ternary stage.
 * ``export``: the packed file of the ternary model (``python -m ibert_plugin.export --omit-lm-head``), reloaded and
-  scored; with ``--save_quantized_model`` and without ``--save_fp_model`` the ternary stage's float checkpoints are
+  scored; with ``--save-quantized-model`` and without ``--save-fp-model`` the ternary stage's float checkpoints are
   deleted afterwards (TernaryBERT's save flags).
 * ``engine``: the integer engine on the I-BERT checkpoint (integer encoder + float span head), scored and compared
   question by question with the QAT model's predictions.
@@ -37,10 +37,10 @@ its ``checkpoint_last.pt`` (saved at every validation; :func:`_train_stage`).
 
 Validation inside fairseq-train scores the whole selection file (best checkpoint on F1). ``--fresh`` redoes a
 stage; ``--rescore`` scores its existing checkpoint again without training, e.g. with another
-``--null_score_diff_threshold``. v2.0: ``--null_score_diff_threshold select`` scores the selection file at its
+``--null-score-diff-threshold``. v2.0: ``--null-score-diff-threshold select`` scores the selection file at its
 F1-best threshold and applies that threshold to the report files (validation inside fairseq-train then uses 0).
 ``--task SQUAD1|SQUAD2`` picks ``<data_dir>/<TASK>/{train,dev}.json`` (``python -m ibert_plugin.assets build --only
-squad --squad-dir DIR``); SQUAD2 implies ``--version_2_with_negative``. A summary JSON
+squad --squad-dir DIR``); SQUAD2 implies ``--version-2-with-negative``. A summary JSON
 (``<output_dir>/summary.json``) gathers the stages' scores. Bad input prints one ``error:`` line, exit 2.
 
 In Python: :func:`run_squad` ``(argv) -> exit status`` (what ``run.py --task SQUAD1|SQUAD2`` calls) and
@@ -73,6 +73,7 @@ from ..quant.config import (
 )
 from ..recipes.allocator import allocator_env
 from ..recipes.allocator import describe as describe_allocator
+from ..recipes.options import ErrorParser, RunError
 from ..recipes.plan import fairseq_train_cmd
 from ..wiring.lifetime import LIFETIME_ENV, RunLock, RunLockedError, child_preexec
 from .data import SquadError
@@ -90,26 +91,25 @@ QUANT_MODE_STAGES = {"none": ("fp",), "symmetric": ("ibert", "engine"), "ternary
 REPORT_FILES = {name: dict(spec.report_files) for name, spec in SQUAD_TASKS.items()}
 #: FP counts as converged when its last half epoch adds less than this much selection F1 (points)
 CONVERGED_GAIN_F1 = 0.5
-IBERT_DISTILL = ("none", "pred", "all")  # --ibert_distill: the QAT stage's loss (see build_parser)
+IBERT_DISTILL = ("none", "pred", "all")  # --ibert-distill: the QAT stage's loss (see build_parser)
 
 
-class RecipeError(Exception):
-    """Usage or input error: printed as one ``error:`` line."""
+#: Usage or input error, printed as one ``error:`` line: the drivers' one error class (``run.py``'s), so that a
+#: caller of either catches one class.
+RecipeError = RunError
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise RecipeError(message)
-
-
-def _flag(p, name: str, **kw):
-    """``--name_with_underscores`` (TernaryBERT spelling) and ``--name-with-dashes`` (fairseq / run.py spelling)."""
-    names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-    p.add_argument(*names, dest=name, **kw)
+def _flag(p, name: str, *aliases: str, **kw):
+    """``--name-with-dashes`` (the fairseq / ``run.py`` spelling, in ``--help``) and, kept as a hidden alias,
+    ``--name_with_underscores`` (the spelling of TernaryBERT's scripts); ``aliases``: other spellings shown in help."""
+    p.add_argument(f"--{name.replace('_', '-')}", *aliases, dest=name, **kw)
+    if "_" in name:
+        p.add_argument(f"--{name}", dest=name, **{k: v for k, v in kw.items() if k not in ("required", "help")},
+                       help=argparse.SUPPRESS)
 
 
 def _threshold(text: str):
-    """``--null_score_diff_threshold``: a finite number, or ``select``."""
+    """``--null-score-diff-threshold``: a finite number, or ``select``."""
     if text == "select":
         return text
     try:
@@ -122,18 +122,20 @@ def _threshold(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m ibert_plugin.squad", description=__doc__.split("\n\n")[0])
+    p = ErrorParser(prog="python -m ibert_plugin.squad", description=__doc__.split("\n\n")[0],
+                    epilog="Flags are spelled with dashes, as in run.py and fairseq; the underscore spellings of "
+                           "TernaryBERT's scripts (--pred_distill, --weight_bits, ...) are accepted too.")
     _flag(p, "task", required=True, help="SQUAD1 (v1.1) or SQUAD2 (v2.0-style, Disfl-QA)")
     _flag(p, "stages", default=None,
           help=f"comma list of {','.join(STAGES)} (default {','.join(DEFAULT_STAGES)})")
     _flag(p, "quant_mode", default=None, choices=sorted(QUANT_MODE_STAGES),
           help="run.py spelling of the stage: none = fp, symmetric = ibert + engine, ternarybert = ternary "
-               "(+ export with --save_quantized_model); --restore_file is then the FP checkpoint for the last two")
+               "(+ export with --save-quantized-model); --restore-file is then the FP checkpoint for the last two")
     _flag(p, "arch", default="minilm", help=f"one of {', '.join(ARCHS)}")
     _flag(p, "data_dir", default=None, help="folder holding <TASK>/train.json, dev.json (default <data>/squad)")
     _flag(p, "train_file", default=None, help="training JSON (default <data_dir>/<TASK>/train.json)")
-    p.add_argument("--dev_file", "--dev-file", "--select-file", dest="dev_file", default=None,
-                   help="selection JSON: validation inside training and the checkpoint choice (default "
+    _flag(p, "dev_file", "--select-file", default=None,
+          help="selection JSON: validation inside training and the checkpoint choice (default "
                         "<data_dir>/<TASK>/dev.json, the task folder's selection split)")
     _flag(p, "test_file", default=None,
           help="report JSON scored once with each stage's selected checkpoint (test_predictions.json, eval.json "
@@ -146,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "tokenizer_dir", default=None, help="BPE folder with dict.txt (default per arch)")
     _flag(p, "model_dir", default="models", help="where roberta.base/ lives")
     _flag(p, "restore_file", default=None,
-          help="pretrained model.pt for the fp stage; with --quant_mode symmetric|ternarybert the FP checkpoint")
+          help="pretrained model.pt for the fp stage; with --quant-mode symmetric|ternarybert the FP checkpoint")
     _flag(p, "output_dir", default=None, help="default outputs/squad/<TASK>-<arch>")
     _flag(p, "version_2_with_negative", action="store_true", help="SQuAD v2.0 (implied by --task SQUAD2)")
     _flag(p, "max_seq_length", type=int, default=384)
@@ -156,9 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "max_answer_length", type=int, default=30)
     _flag(p, "null_score_diff_threshold", type=_threshold, default=0.0,
           help="v2.0: abstain when null - best_non_null exceeds this (0 = upstream), or 'select': the F1-best "
-               "threshold on the dev (selection) file, applied to --test_file")
-    p.add_argument("--per_gpu_batch_size", "--per-gpu-batch-size", "--bs", dest="per_gpu_batch_size", type=int,
-                   default=16, help="windows per update (TernaryBERT's batch size)")
+               "threshold on the dev (selection) file, applied to --test-file")
+    _flag(p, "per_gpu_batch_size", "--bs", type=int, default=16, help="windows per update (TernaryBERT's batch size)")
     _flag(p, "learning_rate", type=float, default=5e-5, help="fp stage learning rate")
     _flag(p, "num_train_epochs", type=float, default=2.0, help="fp stage epochs")
     _flag(p, "ternary_learning_rate", type=float, default=2e-5, help="TernaryBERT learning rate (upstream 2e-5)")
@@ -166,15 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "ibert_learning_rate", type=float, default=1e-6, help="I-BERT QAT learning rate (I-BERT: 1e-6)")
     _flag(p, "ibert_epochs", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=None, help="run.py spelling: learning rate of every stage run")
-    p.add_argument("--max-epochs", "--max_epochs", dest="max_epochs", type=float, default=None,
-                   help="run.py spelling: epochs of every stage run")
-    p.add_argument("--max_updates", "--max-updates", "--max-update", dest="max_updates", default=None,
+    _flag(p, "max_epochs", type=float, default=None,
+          help="run.py spelling: epochs of every stage run")
+    _flag(p, "max_updates", "--max-update", default=None,
           help="cap the updates per stage: one number, or fp=N,ternary=N,int_ternary=N,ibert=N (LR schedule "
                "follows the cap)")
     _flag(p, "eval_step", type=int, default=0,
           help="validate (and save checkpoint_last.pt) every N updates (0: every --validate-every-epochs)")
     p.add_argument("--validate-every-epochs", dest="validate_every_epochs", type=float, default=0.5,
-                   help="with --eval_step 0: validate on the selection file and save every this many epochs of the "
+                   help="with --eval-step 0: validate on the selection file and save every this many epochs of the "
                         "training windows (default 0.5: the selection-F1 curve, curve.json, has a point every half "
                         "epoch)")
     p.add_argument("--int-ternary-learning-rate", dest="int_ternary_learning_rate", type=float, default=2e-5,
@@ -184,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
           choices=[TERNARYBERT_W2A8.weight_bits, IBERT_W8A8.weight_bits], help="TernaryBERT weight bits")
     _flag(p, "input_bits", type=int, default=TERNARYBERT_W2A8.act_bits, help="TernaryBERT activation bits")
     _flag(p, "weight_quant_method", default=TERNARYBERT_W2A8.weight_method, choices=list(WEIGHT_METHODS),
-          help="TernaryBERT weight quantizer with --weight_bits 2 (8-bit weights use sym); the integer-only ternary "
+          help="TernaryBERT weight quantizer with --weight-bits 2 (8-bit weights use sym); the integer-only ternary "
                "stage uses it when it is a ternary method, else twn")
     _flag(p, "clip_val", type=float, default=TERNARYBERT_W2A8.clip_val, help="TernaryBERT activation clipping range")
     _flag(p, "ternary_linear", default=TERNARYBERT_W2A8.ternary_linear, choices=list(TERNARY_GRANULARITIES),
@@ -193,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
           help="I-BERT weight bits (8, or 7 for the fast engine routes)")
     _flag(p, "ibert_distill", default="none", choices=IBERT_DISTILL,
           help="I-BERT QAT loss: none = the span CE on the labels (I-BERT), pred = distil the FP model's start/end "
-               "logits (soft CE, times --pred_distill_weight), all = pred plus the hidden-state and attention MSEs")
+               "logits (soft CE, times --pred-distill-weight), all = pred plus the hidden-state and attention MSEs")
     _flag(p, "pred_distill", action="store_true")
     _flag(p, "intermediate_distill", action="store_true")
     _flag(p, "pred_distill_weight", type=float, default=1.0,
@@ -210,8 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="redo stages that already have eval.json (their checkpoints and logs are deleted first)")
     p.add_argument("--rescore", action="store_true",
                    help="score the stages' existing checkpoints again (new evaluation flags), without training")
-    p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
-                   help="print the fairseq-train commands and exit")
+    _flag(p, "dry_run", action="store_true",
+          help="print the fairseq-train commands and exit")
     return p
 
 
@@ -227,7 +228,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         raise RecipeError(f"unknown arch {a.arch!r}; choose {', '.join(ARCHS)}")
     a.version_2_with_negative = a.version_2_with_negative or SQUAD_TASKS[a.task].version_2_with_negative
     if a.quant_mode and a.stages:
-        raise RecipeError("give --stages or --quant_mode, not both")
+        raise RecipeError("give --stages or --quant-mode, not both")
     if a.quant_mode:
         a.stage_list = list(QUANT_MODE_STAGES[a.quant_mode])
         if a.quant_mode == "ternarybert" and a.save_quantized_model:
@@ -241,15 +242,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if not (a.validate_every_epochs > 0 and math.isfinite(a.validate_every_epochs)):
         raise RecipeError("--validate-every-epochs must be a finite number > 0")
     if "ternary" in a.stage_list and not (a.pred_distill or a.intermediate_distill):
-        raise RecipeError("the ternary stage needs --pred_distill and/or --intermediate_distill")
+        raise RecipeError("the ternary stage needs --pred-distill and/or --intermediate-distill")
     for name in ("per_gpu_batch_size", "max_seq_length", "doc_stride", "max_query_length", "n_best_size",
                  "max_answer_length", "eval_batch_size"):
         if getattr(a, name) < 1:
-            raise RecipeError(f"--{name} must be >= 1")
+            raise RecipeError(f"--{name.replace('_', '-')} must be >= 1")
     if not (a.pred_distill_weight >= 0 and math.isfinite(a.pred_distill_weight)):
-        raise RecipeError("--pred_distill_weight must be a finite number >= 0")
+        raise RecipeError("--pred-distill-weight must be a finite number >= 0")
     if not 2 <= a.input_bits <= 8 or not 2 <= a.ibert_weight_bits <= 8:
-        raise RecipeError("--input_bits and --ibert_weight_bits must be in 2..8")
+        raise RecipeError("--input-bits and --ibert-weight-bits must be in 2..8")
     a.caps = _parse_caps(a.max_updates)
     try:
         a.stage_quant = stage_configs(a)
@@ -278,7 +279,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     a.tok_dir = (Path(a.tokenizer_dir) if a.tokenizer_dir else ARCHS[a.arch].tokenizer_path()).resolve()
     if not (a.tok_dir / "dict.txt").is_file():
         raise RecipeError(f"{a.tok_dir}/dict.txt not found (build it with python -m ibert_plugin.assets build, or "
-                          "pass --tokenizer_dir)")
+                          "pass --tokenizer-dir)")
     a.out = Path(a.output_dir or REPO / "outputs" / "squad" / f"{a.task}-{a.arch}").resolve()
     a.eval_device = "cpu"
     if not a.cpu:
@@ -291,10 +292,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def stage_configs(a) -> Dict[str, QuantConfig]:
     """The quantization of each training stage: the presets of :mod:`ibert_plugin.quant.config` with the stage flags.
 
-    ``fp``: float. ``ternary``: :data:`TERNARYBERT_W2A8` with ``--weight_bits``, ``--weight_quant_method`` (k-bit
-    weights use I-BERT's symmetric quantizer), ``--input_bits``, ``--clip_val`` and ``--ternary_linear``.
+    ``fp``: float. ``ternary``: :data:`TERNARYBERT_W2A8` with ``--weight-bits``, ``--weight-quant-method`` (k-bit
+    weights use I-BERT's symmetric quantizer), ``--input-bits``, ``--clip-val`` and ``--ternary-linear``.
     ``int_ternary``: :data:`INT_TERNARY_W2` with the ternary stage's method when that is a ternary one. ``ibert``:
-    :data:`IBERT_W8A8` with ``--ibert_weight_bits``.
+    :data:`IBERT_W8A8` with ``--ibert-weight-bits``.
 
     Raises:
         ConfigError: a flag value the configuration rejects.
@@ -323,9 +324,9 @@ def _parse_caps(text: Optional[str]) -> Dict[str, int]:
                 raise ValueError
             caps[k.strip()] = int(v)
     except ValueError:
-        raise RecipeError(f"--max_updates {text!r}: expected N or fp=N,ternary=N,int_ternary=N,ibert=N") from None
+        raise RecipeError(f"--max-updates {text!r}: expected N or fp=N,ternary=N,int_ternary=N,ibert=N") from None
     if any(v < 1 for v in caps.values()):
-        raise RecipeError("--max_updates must be >= 1")
+        raise RecipeError("--max-updates must be >= 1")
     return caps
 
 
@@ -340,7 +341,7 @@ def _pretrained(a) -> Optional[Path]:
         if c.is_file():
             return c.resolve()
     if cands:
-        raise RecipeError(f"pretrained model not found: {cands[0]} (pass --restore_file)")
+        raise RecipeError(f"pretrained model not found: {cands[0]} (pass --restore-file)")
     return None
 
 
@@ -359,9 +360,9 @@ def _train_windows(a) -> int:
 
 
 def validate_interval(a, n_windows: int) -> int:
-    """Updates between validations (selection F1) and checkpoint saves: ``--eval_step``, else
+    """Updates between validations (selection F1) and checkpoint saves: ``--eval-step``, else
     ``--validate-every-epochs`` (default half an epoch) of ``n_windows`` training windows at
-    ``--per_gpu_batch_size``."""
+    ``--per-gpu-batch-size``."""
     if a.eval_step:
         return a.eval_step
     return max(1, round(n_windows / a.per_gpu_batch_size * a.validate_every_epochs))
@@ -428,7 +429,7 @@ def train_command(a, stage: str, save_dir: Path, restore: Optional[Path], n_wind
 
 
 def _distill_flags(a, teacher: Optional[Path], pred: bool, intermediate: bool) -> List[str]:
-    """``--criterion squad_span_distill`` from the FP ``teacher`` with the given terms (``--pred_distill_weight``
+    """``--criterion squad_span_distill`` from the FP ``teacher`` with the given terms (``--pred-distill-weight``
     scales the start/end soft CE)."""
     flags = ["--criterion", "squad_span_distill", "--teacher-path", str(teacher)]
     flags += ["--pred-distill"] * pred + ["--intermediate-distill"] * intermediate
@@ -532,7 +533,7 @@ def _fixed_threshold(a) -> float:
 def score_model(a, logits_fn, tok, out_dir: Path, extra: Optional[dict] = None) -> dict:
     """Scores on the selection (dev) file (``predictions.json``) and on every report file (``test``:
     ``test_predictions.json`` under ``"test"``; ``test_disfluent``: ``test_disfluent_predictions.json``); written
-    to ``eval.json``. v2.0 with ``--null_score_diff_threshold select``: the selection file's F1-best threshold,
+    to ``eval.json``. v2.0 with ``--null-score-diff-threshold select``: the selection file's F1-best threshold,
     applied to the report files."""
     from .evaluate import evaluate_file
 
@@ -640,7 +641,7 @@ def main(argv: Sequence[str]) -> dict:
         elif stage == "export":
             src = dirs["ternary"] / "checkpoint_best.pt"
             packed = d / "model_packed.pt"
-            reuse = a.rescore and packed.is_file()  # the ternary checkpoints may be gone (--save_quantized_model)
+            reuse = a.rescore and packed.is_file()  # the ternary checkpoints may be gone (--save-quantized-model)
             if not src.is_file() and not reuse:
                 raise RecipeError(f"export needs the ternary stage's {src}")
             d.mkdir(parents=True, exist_ok=True)
