@@ -295,6 +295,14 @@ def use_cpu(a: argparse.Namespace) -> bool:
         return True
 
 
+def optimizer_flags(opt: Dict[str, object], weight_decay: float, lr: float) -> List[str]:
+    """Adam with the settings ``opt`` (:data:`~.schedules.FP_OPTIMIZER` or :data:`~.schedules.TERNARY_OPTIMIZER`),
+    ``weight_decay`` and the polynomial-decay schedule peaking at ``lr`` (both recipes' fairseq-train flags)."""
+    return ["--optimizer", "adam", "--adam-betas", str(opt["adam_betas"]), "--adam-eps", f"{opt['adam_eps']:.0e}",
+            "--weight-decay", f"{weight_decay:g}", "--clip-norm", f"{opt['clip_norm']:.1f}",
+            "--lr-scheduler", "polynomial_decay", "--lr", f"{lr:g}"]
+
+
 def training_command(a: argparse.Namespace, spec: TaskSpec, hp: HyperParameters, bin_dir: Path,
                      save_dir: Path) -> List[str]:
     """fairseq-train with the data, task, architecture, batching, optimizer, schedule and checkpointing flags."""
@@ -305,9 +313,7 @@ def training_command(a: argparse.Namespace, spec: TaskSpec, hp: HyperParameters,
         "--init-token", "0", "--separator-token", "2", "--max-positions", str(spec.max_positions),
         "--valid-subset", spec.valid_subset,
         "--batch-size", str(hp.bs), "--max-tokens", str(spec.max_tokens), "--required-batch-size-multiple", "1",
-        "--optimizer", "adam", "--adam-betas", str(opt["adam_betas"]), "--adam-eps", f"{opt['adam_eps']:.0e}",
-        "--weight-decay", f"{hp.weight_decay:g}", "--clip-norm", f"{opt['clip_norm']:.1f}",
-        "--lr-scheduler", "polynomial_decay", "--lr", f"{hp.lr:g}",
+        *optimizer_flags(opt, hp.weight_decay, hp.lr),
         "--total-num-update", str(hp.total_updates), "--warmup-updates", str(hp.warmup), "--max-epoch", str(hp.epochs),
         "--dropout", f"{a.dropout:g}", "--attention-dropout", f"{a.attn_dropout:g}", "--seed", str(a.seed),
         "--save-dir", str(save_dir), "--no-epoch-checkpoints", "--find-unused-parameters",

@@ -74,7 +74,8 @@ from ..quant.config import (
 from ..recipes.allocator import allocator_env
 from ..recipes.allocator import describe as describe_allocator
 from ..recipes.options import ErrorParser, RunError
-from ..recipes.plan import fairseq_train_cmd
+from ..recipes.plan import fairseq_train_cmd, optimizer_flags
+from ..recipes.schedules import TERNARY, TERNARY_OPTIMIZER
 from ..wiring.lifetime import LIFETIME_ENV, RunLock, RunLockedError, child_preexec
 from .data import SquadError
 
@@ -389,9 +390,9 @@ def train_command(a, stage: str, save_dir: Path, restore: Optional[Path], n_wind
         "--arch", ARCHS[a.arch].fairseq_arch, "--max-positions", "512",
         "--batch-size", str(a.per_gpu_batch_size), "--max-tokens", str(a.per_gpu_batch_size * a.max_seq_length),
         "--required-batch-size-multiple", "1", "--batch-size-valid", str(a.eval_batch_size),
-        "--optimizer", "adam", "--adam-betas", "(0.9, 0.999)", "--adam-eps", "1e-06", "--weight-decay", "0.01",
-        "--clip-norm", "1.0", "--lr-scheduler", "polynomial_decay", "--lr", f"{lr:g}",
-        "--warmup-updates", str(int(0.1 * total) if stage in ("fp", "ternary") else 0),
+        # every stage trains with TernaryBERT's Adam (quant_task_squad.py); fp and ternary warm up like it
+        *optimizer_flags(TERNARY_OPTIMIZER, TERNARY_OPTIMIZER["weight_decay"], lr),
+        "--warmup-updates", str(int(TERNARY.warmup_fraction * total) if stage in ("fp", "ternary") else 0),
         "--total-num-update", str(total), "--max-update", str(total),
         "--dropout", "0.1", "--attention-dropout", "0.1", "--seed", str(a.seed),
         "--save-dir", str(save_dir), "--no-epoch-checkpoints", "--valid-subset", "valid",
