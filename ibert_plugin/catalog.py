@@ -23,7 +23,7 @@ the v2.0 flag, their report files and their metric.
     6 % warmup (354), passages truncated to 512 positions, max-tokens raised to 16 x 512 so long passages keep the
     batch size.
 
-  TernaryBERT stages use the recipes' TernaryBERT schedule (:data:`ibert_plugin.recipes.tasks.TERNARY`) with the
+  TernaryBERT stages use the recipes' TernaryBERT schedule (:data:`ibert_plugin.recipes.schedules.TERNARY`) with the
   per-task batch of ``quant_task_glue.py`` (:attr:`TaskSpec.ternary_bs`).
 * SQuAD: the report files of a task folder (``python -m ibert_plugin.assets build --only squad``), each scored once
   with a stage's selected checkpoint: name -> (file by default, file with ``--full``). SQUAD1 reports on the whole
