@@ -29,9 +29,12 @@ from typing import Dict, List
 import torch
 
 from harness import emit, summarize, timed
+from ibert_plugin.catalog import ARCHS as CATALOG_ARCHS  # (harness puts the repository on sys.path)
 
 HEAD = "sentence_classification_head"
-ARCHS = {"roberta_base": "ibert_roberta_base", "minilm": "ibert_roberta_minilm", "minilm_squad": "ibert_roberta_minilm"}
+#: shape -> fairseq architecture (the architecture table's ``--arch`` of that shape)
+ARCHS = {shape: CATALOG_ARCHS[arch].fairseq_arch
+         for shape, arch in (("roberta_base", "roberta_base"), ("minilm", "minilm"), ("minilm_squad", "minilm"))}
 VOCAB = {"roberta_base": 50265, "minilm": 30523, "minilm_squad": 30523}
 #: batch x sequence length per shape: roberta_base at GLUE's usual 128 tokens; MiniLM at the demo's RT-SENT batches
 #: (32 sentences, about 25 WordPiece tokens each, padded to the longest); MiniLM at the SQuAD recipe's batches (16

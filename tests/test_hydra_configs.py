@@ -1,4 +1,4 @@
-"""configs/*.yaml are generated from the one task table (ibert_plugin/recipes/tasks.py) and match it."""
+"""configs/*.yaml are generated from the one task table (ibert_plugin/catalog.py) and match it."""
 from __future__ import annotations
 
 import subprocess
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
+from ibert_plugin.catalog import GLUE_TASKS as TASKS
 from ibert_plugin.recipes.hydra_configs import CONFIG_DIR, config_name, generate
-from ibert_plugin.recipes.tasks import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
 

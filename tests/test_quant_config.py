@@ -122,3 +122,20 @@ def test_to_flags_parse_back_to_the_same_config_through_fairseq(name, changes):
     cfg = PRESETS[name].replace(**changes)
     args = mh.parse_model_args("ibert_roberta", mh.TINY_DIMS + cfg.to_flags())
     assert QuantConfig.from_namespace(args) == cfg
+
+
+def test_to_flags_spells_the_given_fields_in_their_order():
+    import dataclasses
+
+    from ibert_plugin.quant import config as C
+
+    cfg = C.TERNARYBERT_W2A8.replace(weight_method="lat", clip_val=10.0, act_bits=6, ternary_linear="row")
+    assert cfg.to_flags(["ternary_linear", "clip_val", "quant_mode"]) == [
+        "--ternary-linear", "row", "--clip-val", "10", "--quant-mode", "ternarybert"]
+    # a field at its default is spelled when asked for, and left out of the default spelling
+    assert C.IBERT_W8A8.to_flags(["force_dequant", "act_bits"]) == ["--force-dequant", "none", "--input-bits", "8"]
+    assert C.IBERT_W8A8.to_flags() == ["--quant-mode", "symmetric", "--weight-bits", "8",
+                                       "--weight-quant-method", "sym"]
+    assert set(C.MODEL_FLAGS) <= {f.name for f in dataclasses.fields(QuantConfig)}
+    with pytest.raises(KeyError):
+        cfg.to_flags(["lat_beta2"])  # an optimizer setting, not a model flag

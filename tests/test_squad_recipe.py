@@ -22,14 +22,15 @@ def test_stage_selection_and_errors():
     assert recipe.parse_args(["--task", "SQUAD1", "--pred_distill", *TOK]).stage_list == list(recipe.DEFAULT_STAGES)
     for argv, msg in ((["--task", "SQUAD3"], "unknown task 'SQUAD3'"),
                       (["--task", "SQUAD1", "--stages", "fp", "--quant-mode", "none"], "not both"),
-                      (["--task", "SQUAD1", "--stages", "ternary"], "needs --pred_distill and/or"),
+                      (["--task", "SQUAD1", "--stages", "ternary"], "needs --pred-distill and/or"),
                       (["--task", "SQUAD1", "--stages", "fp,bogus"], "unknown stage"),
                       (["--task", "SQUAD1", "--stages", "fp", "--max_updates", "fp=x"], "expected N or fp=N"),
                       (["--task", "SQUAD1", "--weight_bits", "3"], "invalid choice"),
                       (["--task", "SQUAD1", "--stages", "fp", "--lr", "0"], "must be > 0"),
-                      (["--task", "SQUAD1", "--pred_distill", "--pred_distill_weight", "-1"], "pred_distill_weight"),
+                      (["--task", "SQUAD1", "--pred_distill", "--pred_distill_weight", "-1"], "pred-distill-weight"),
                       (["--task", "SQUAD2", "--null_score_diff_threshold", "abc"], "a number or 'select'"),
-                      (["--task", "SQUAD2", "--null_score_diff_threshold", "inf"], "a number or 'select'")):
+                      (["--task", "SQUAD2", "--null_score_diff_threshold", "inf"], "a number or 'select'"),
+                      (["--task", "SQUAD1", "--stages", "fp", "--clip_val", "0"], "clip_val must be a positive")):
         with pytest.raises(recipe.RecipeError, match=msg):
             recipe.parse_args(argv + TOK)
 
@@ -91,3 +92,39 @@ def test_rescore_without_a_checkpoint_is_one_error(tmp_path, capsys):
                            "--stages", "fp", "--rescore", "--max_seq_length", "64", "--doc_stride", "32", *TOK])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: --rescore: stage fp has no ")
+
+
+def test_stage_quantization_comes_from_the_presets():
+    from ibert_plugin.quant.config import IBERT_W7A8, INT_TERNARY_W2, TERNARYBERT_W2A8
+
+    q = recipe.parse_args(["--task", "SQUAD1", "--stages", "fp", "--ibert_weight_bits", "7", *TOK]).stage_quant
+    assert q["ternary"] == TERNARYBERT_W2A8 and q["int_ternary"] == INT_TERNARY_W2 and q["ibert"] == IBERT_W7A8
+    assert q["fp"].quant_mode == "none"
+    q = recipe.parse_args(["--task", "SQUAD1", "--stages", "fp", "--weight_bits", "8", "--weight_quant_method", "lat",
+                           "--clip_val", "10", *TOK]).stage_quant
+    # 8-bit TernaryBERT weights are symmetric; the integer-only ternary stage keeps the ternary method
+    assert (q["ternary"].weight_bits, q["ternary"].weight_method, q["ternary"].clip_val) == (8, "sym", 10.0)
+    assert q["int_ternary"].weight_method == "lat"
+
+
+def test_flags_are_dashed_with_the_underscore_spellings_as_hidden_aliases():
+    help_text = recipe.build_parser().format_help()
+    assert "--pred-distill-weight" in help_text and "--weight-quant-method" in help_text
+    options = help_text.split("options:")[1].split("Flags are spelled")[0]
+    assert "--pred_distill" not in options and "--weight_quant_method" not in options and "--dev_file" not in options
+    assert "--select-file" in options and "--bs" in options  # the run.py spellings stay listed
+    base = ["--task", "SQUAD1", "--stages", "fp", *TOK]
+    dashed = recipe.parse_args(base + ["--pred-distill", "--weight-bits", "8", "--max-updates", "5", "--dev-file",
+                                       "x.json", "--per-gpu-batch-size", "4", "--dry-run"])
+    underscored = recipe.parse_args(base + ["--pred_distill", "--weight_bits", "8", "--max_updates", "5", "--dev_file",
+                                            "x.json", "--per_gpu_batch_size", "4", "--dry_run"])
+    assert vars(dashed) == vars(underscored)
+    assert (dashed.pred_distill, dashed.weight_bits, dashed.caps["fp"], dashed.per_gpu_batch_size) == (True, 8, 5, 4)
+
+
+def test_one_error_class_for_both_drivers():
+    from ibert_plugin.recipes import RunError
+
+    assert recipe.RecipeError is RunError
+    with pytest.raises(RunError, match="unknown task"):
+        recipe.parse_args(["--task", "SQUAD3", *TOK])

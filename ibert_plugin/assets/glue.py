@@ -7,10 +7,10 @@ Usage::
                                        [--data-dir D] [--workers 1]
 
 For each task it reads ``GLUE_DIR/<TASK>/{train,dev,test}.tsv`` (MNLI: ``dev_matched``, ``dev_mismatched``,
-``test_matched``, ``test_mismatched``), cuts the input/label columns exactly as fairseq's script does (table in
-:data:`TASKS`), BPE-encodes the inputs with LOCAL files and runs fairseq's preprocessing
-(``fairseq_cli.preprocess.main``, i.e. ``fairseq-preprocess`` of the running venv, called in-process so the
-three calls share one import) into ``<out>/<TASK>-bin/{input0,input1,label}``:
+``test_matched``, ``test_mismatched``), cuts the input/label columns exactly as fairseq's script does (layouts in
+the task table, :data:`ibert_plugin.catalog.TASKS`), BPE-encodes the inputs with LOCAL files and runs fairseq's
+preprocessing (``fairseq_cli.preprocess.main``, i.e. ``fairseq-preprocess`` of the running venv, called in-process so
+the three calls share one import) into ``<out>/<TASK>-bin/{input0,input1,label}``:
 
 * ``--bpe gpt2`` (default, as fairseq's script): GPT-2 BPE from ``--bpe-dir`` (default ``<data>/gpt2_bpe``:
   ``encoder.json``, ``vocab.bpe``, ``dict.txt`` from ``python -m ibert_plugin.assets build --only bpe``).
@@ -36,49 +36,15 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
+from ..catalog import GLUE_TASKS, TaskSpec
 from .common import AssetError, data_dir, decode_utf8, log
 
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """Column layout of one GLUE-format task (1-based columns, as in fairseq's script)."""
-
-    inputs: Tuple[int, ...]          # train/dev input columns
-    test_inputs: Tuple[int, ...]     # test input columns
-    label: Optional[int]             # train label column
-    nfields: int                     # train field count
-    test_nfields: int                # test field count
-    labels: Optional[frozenset]      # allowed labels (None: regression)
-    dev_label: Optional[int] = None  # dev label column when it differs (MNLI)
-    dev_nfields: Optional[int] = None
-    header: bool = True              # train/dev have a header row (CoLA: no)
-    drop_bad_rows: bool = False      # QQP: drop rows whose field count is wrong (fairseq: awk NF==6)
-    dev_splits: Tuple[str, ...] = ("dev",)
-    test_splits: Tuple[str, ...] = ("test",)
-
-
-_BIN = frozenset({"0", "1"})
-_NLI2 = frozenset({"entailment", "not_entailment"})
-TASKS: Dict[str, TaskSpec] = {
-    "QQP": TaskSpec((4, 5), (2, 3), 6, 6, 3, _BIN, drop_bad_rows=True),
-    "MNLI": TaskSpec((9, 10), (9, 10), 12, 12, 10, frozenset({"entailment", "neutral", "contradiction"}),
-                     dev_label=16, dev_nfields=16, dev_splits=("dev_matched", "dev_mismatched"),
-                     test_splits=("test_matched", "test_mismatched")),
-    "QNLI": TaskSpec((2, 3), (2, 3), 4, 4, 3, _NLI2),
-    "MRPC": TaskSpec((4, 5), (4, 5), 1, 5, 5, _BIN),
-    "RTE": TaskSpec((2, 3), (2, 3), 4, 4, 3, _NLI2),
-    "STS-B": TaskSpec((8, 9), (8, 9), 10, 10, 9, None),
-    "SST-2": TaskSpec((1,), (2,), 2, 2, 2, _BIN),
-    "CoLA": TaskSpec((4,), (2,), 2, 4, 2, _BIN, header=False),
-    # Offline tasks built by `python -m ibert_plugin.assets build` (ibert_plugin/assets/datasets.py).
-    "RT-SENT": TaskSpec((1,), (2,), 2, 2, 2, _BIN),
-    "BOOLQ": TaskSpec((2, 3), (2, 3), 4, 4, 3, frozenset({"True", "False"})),
-}
-#: Order used by ``ALL`` (fairseq's eight GLUE tasks, then the offline ones).
+#: The GLUE-format tasks of the one task table (:data:`ibert_plugin.catalog.TASKS`), with their column layouts.
+TASKS: Dict[str, TaskSpec] = GLUE_TASKS
+#: Order used by ``ALL`` (fairseq's eight GLUE tasks, then the offline ones): every task of :data:`TASKS`.
 ALL_ORDER = ("QQP", "MNLI", "QNLI", "MRPC", "RTE", "STS-B", "SST-2", "CoLA", "RT-SENT", "BOOLQ")
 
 

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Sequence
 
-__all__ = ["ConfigError", "QuantConfig", "QUANT_MODES", "FORCE_DEQUANT", "WEIGHT_METHODS", "ACT_RANGES",
-           "EMBEDDING_GRANULARITIES", "TERNARY_GRANULARITIES", "IBERT_W8A8", "IBERT_W7A8", "TERNARYBERT_W2A8",
-           "INT_TERNARY_W2", "PRESETS"]
+__all__ = ["ConfigError", "QuantConfig", "QUANT_MODES", "FORCE_DEQUANT", "WEIGHT_METHODS", "TERNARY_METHODS",
+           "ACT_RANGES", "EMBEDDING_GRANULARITIES", "TERNARY_GRANULARITIES", "MODEL_FLAGS", "IBERT_W8A8", "IBERT_W7A8",
+           "TERNARYBERT_W2A8", "INT_TERNARY_W2", "PRESETS"]
 
 QUANT_MODES = ("none", "symmetric", "ternarybert")
 FORCE_DEQUANT = ("none", "gelu", "softmax", "layernorm", "nonlinear")
 WEIGHT_METHODS = ("sym", "twn", "lat")
+#: The ternary weight methods (``weight_bits=2`` only).
+TERNARY_METHODS = ("twn", "lat")
 ACT_RANGES = ("symmetric", "minmax")
 EMBEDDING_GRANULARITIES = ("row", "tensor")
 #: Ternary (``twn`` / ``lat``) Linear-weight granularity: one ``alpha`` per matrix (TernaryBERT) or per output row.
@@ -37,6 +39,14 @@ NONLINEAR_CONSTANT_SETS = ("paper", "refit")
 LN_VAR_BITS_DEFAULT = 52
 #: Widest symmetric-mode activation whose integer products stay exact in float32 GEMMs (n(13)^2 < 2^24).
 SYMMETRIC_MAX_ACT_BITS = 13
+#: Field -> the model flag (``run.py`` and ``fairseq-train`` spell them alike) that :meth:`QuantConfig.from_namespace`
+#: reads back into it (:meth:`QuantConfig.to_flags`).
+MODEL_FLAGS: Dict[str, str] = {
+    "quant_mode": "--quant-mode", "force_dequant": "--force-dequant", "weight_bits": "--weight-bits",
+    "weight_method": "--weight-quant-method", "act_bits": "--input-bits", "clip_val": "--clip-val",
+    "act_range": "--act-range", "ternary_linear": "--ternary-linear", "nonlinear_constants": "--nonlinear-constants",
+    "ln_var_bits": "--ln-var-bits",
+}
 
 
 class ConfigError(ValueError):
@@ -130,7 +140,7 @@ class QuantConfig:
         _check_choice("force_dequant", self.force_dequant, FORCE_DEQUANT)
         _check_bits("weight_bits", self.weight_bits, 2, 8)
         _check_choice("weight_method", self.weight_method, WEIGHT_METHODS)
-        if self.weight_method in ("twn", "lat") and self.weight_bits != 2:
+        if self.weight_method in TERNARY_METHODS and self.weight_bits != 2:
             raise ConfigError(
                 f"weight_method {self.weight_method!r} is a ternary method and needs weight_bits=2, "
                 f"got {self.weight_bits}"
@@ -197,7 +207,7 @@ class QuantConfig:
     @property
     def linear_rowwise(self) -> bool:
         """Linear weights use a ternary method with one ``alpha`` per output row (``ternary_linear="row"``)."""
-        return self.weight_method in ("twn", "lat") and self.ternary_linear == "row"
+        return self.weight_method in TERNARY_METHODS and self.ternary_linear == "row"
 
     def replace(self, **changes: Any) -> "QuantConfig":
         """A validated copy with ``changes`` applied (``dataclasses.replace``)."""
@@ -250,21 +260,29 @@ class QuantConfig:
         )
 
 
-    def to_flags(self) -> List[str]:
-        """The model flags (``run.py`` and ``fairseq-train`` spell them alike) that :meth:`from_namespace` reads back
-        into this configuration: mode, weight bits and quantizer always, the other fields it reads when they differ
-        from their defaults. LAT's ``lat_beta2`` / ``lat_eps`` are the optimizer's (``--adam-betas`` /
-        ``--adam-eps``) and are not model flags."""
-        flags = ["--quant-mode", self.quant_mode, "--weight-bits", str(self.weight_bits),
-                 "--weight-quant-method", self.weight_method]
-        defaults = QuantConfig()
-        for name, flag in (("force_dequant", "--force-dequant"), ("act_bits", "--input-bits"),
-                           ("clip_val", "--clip-val"), ("act_range", "--act-range"),
-                           ("ternary_linear", "--ternary-linear"), ("nonlinear_constants", "--nonlinear-constants"),
-                           ("ln_var_bits", "--ln-var-bits")):
+    def to_flags(self, fields: Optional[Sequence[str]] = None) -> List[str]:
+        """The model flags (``run.py`` and ``fairseq-train`` spell them alike, :data:`MODEL_FLAGS`) that
+        :meth:`from_namespace` reads back into this configuration: every quantization flag list of the recipes is
+        built here.
+
+        Args:
+            fields: the fields to spell, in this order (a recipe passes exactly the settings it fixes). ``None``: mode,
+                weight bits and quantizer always, the other fields of :data:`MODEL_FLAGS` when they differ from their
+                defaults. LAT's ``lat_beta2`` / ``lat_eps`` are the optimizer's (``--adam-betas`` / ``--adam-eps``)
+                and are not model flags.
+
+        Returns:
+            ``["--quant-mode", "symmetric", "--weight-bits", "8", ...]``; floats as ``f"{value:g}"``.
+        """
+        if fields is None:
+            defaults = QuantConfig()
+            always = ("quant_mode", "weight_bits", "weight_method")
+            fields = [*always, *(n for n in MODEL_FLAGS
+                                 if n not in always and getattr(self, n) != getattr(defaults, n))]
+        flags: List[str] = []
+        for name in fields:
             value = getattr(self, name)
-            if value != getattr(defaults, name):
-                flags += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+            flags += [MODEL_FLAGS[name], f"{value:g}" if isinstance(value, float) else str(value)]
         return flags
 
 

@@ -37,13 +37,16 @@ Deviations from I-BERT's ``run.py`` (which validated within the epoch, typed ``-
 counted in updates (fairseq semantics), ``--no-epoch-checkpoints`` (only best/last are kept), no separate
 ``--log-file`` (the driver tees the whole output, tracebacks included).
 
-Modules: :mod:`.tasks` (the task table), :mod:`.options` (flags and up-front checks), :mod:`.plan` (the commands),
+Modules: :mod:`.schedules` (TernaryBERT and optimizer settings; the task and architecture tables are
+:mod:`ibert_plugin.catalog`), :mod:`.options` (flags and up-front checks), :mod:`.plan` (the commands),
 :mod:`.execute` (running them), :mod:`.hydra_configs` (``configs/*.yaml`` from the table). Layer: imports
-``quant.config`` and the fairseq-free ``wiring.checkpoint_file``; fairseq runs only in the launched processes.
+``catalog``, ``quant.config`` and the fairseq-free ``wiring.checkpoint_file``; fairseq runs only in the launched
+processes.
 """
+from ..catalog import ARCHS
+from ..catalog import GLUE_TASKS as TASKS
 from .execute import RunResult, cli, main, parse_best
 from .options import RunError
 from .plan import fmt_num, user_dir
-from .tasks import ARCHS, TASKS
 
 __all__ = ["main", "cli", "RunResult", "RunError", "parse_best", "fmt_num", "user_dir", "TASKS", "ARCHS"]

@@ -21,13 +21,13 @@ import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ..catalog import SQUAD_TASKS
 from ..quant.config import ConfigError
 from ..wiring.lifetime import LIFETIME_ENV, RunLock, RunLockedError, child_preexec
 from .allocator import allocator_env
 from .allocator import describe as describe_allocator
 from .options import RunError, parse_args
 from .plan import REPO, Plan, make_plan
-from .tasks import SQUAD_TASKS
 
 __all__ = ["RunResult", "main", "cli", "parse_best"]
 

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import Dict
 
-from .tasks import FP_OPTIMIZER, TASKS, TaskSpec
+from ..catalog import ARCHS, GLUE_TASKS, TaskSpec
+from .schedules import FP_OPTIMIZER
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -37,7 +38,7 @@ def render(task: str, spec: TaskSpec) -> str:
     interval = spec.validate_interval_updates(spec.bs)
     dataset_extra = f"  validate_interval_updates: {interval}\n" if interval else ""
     return f"""\
-# {task}: I-BERT / fairseq GLUE recipe, generated from ibert_plugin/recipes/tasks.py (FP stage by default).
+# {task}: I-BERT / fairseq GLUE recipe, generated from ibert_plugin/catalog.py (FP stage by default).
 # Run from the repository root with the plugin-aware wrapper (plain fairseq-hydra-train cannot see plugin fields):
 #   python scripts/hydra_train.py --config-name {name} task.data=data/glue-bin/{task}-bin \\
 #       checkpoint.finetune_from_model=models/roberta.base/model.pt
@@ -101,7 +102,7 @@ optimization:
   max_epoch: {spec.max_epoch}
 
 model:
-  _name: ibert_roberta_base
+  _name: {ARCHS['roberta_base'].fairseq_arch}
   dropout: 0.1
   attention_dropout: 0.1
   quant_mode: none
@@ -111,7 +112,7 @@ model:
 
 def generate() -> Dict[str, str]:
     """``{file name: YAML text}`` for every task."""
-    return {f"{config_name(t)}.yaml": render(t, s) for t, s in TASKS.items()}
+    return {f"{config_name(t)}.yaml": render(t, s) for t, s in GLUE_TASKS.items()}
 
 
 def main(argv=None) -> int:

@@ -5,34 +5,47 @@ import argparse
 import sys
 from typing import List, Optional, Sequence
 
-from ..quant.config import ACT_RANGES, FORCE_DEQUANT, QUANT_MODES, TERNARY_GRANULARITIES, WEIGHT_METHODS, QuantConfig
-from .tasks import ARCHS, SQUAD_TASKS, TASKS
+from ..catalog import ARCHS, GLUE_TASKS, TASKS
+from ..quant.config import (
+    ACT_RANGES,
+    FORCE_DEQUANT,
+    IBERT_W8A8,
+    QUANT_MODES,
+    TERNARY_GRANULARITIES,
+    TERNARY_METHODS,
+    TERNARYBERT_W2A8,
+    WEIGHT_METHODS,
+    QuantConfig,
+)
 
-__all__ = ["RunError", "build_parser", "parse_args", "validate", "TERNARY_ONLY_FLAGS"]
+__all__ = ["RunError", "ErrorParser", "build_parser", "parse_args", "validate", "TERNARY_ONLY_FLAGS"]
 
 #: Flags that only mean something for ``--quant-mode ternarybert``.
 TERNARY_ONLY_FLAGS = ("integer_only", "pred_distill", "intermediate_distill", "save_fp_model", "save_quantized_model")
 
 
 class RunError(Exception):
-    """A usage or environment error: ``cli`` prints ``error: <message>`` (one line) and exits with ``code``."""
+    """A usage or environment error of either driver (``run.py`` and the SQuAD recipe, whose ``RecipeError`` is this
+    class): ``cli`` / ``run_squad`` print ``error: <message>`` (one line) and exit with ``code``."""
 
     def __init__(self, message: str, code: int = 2):
         super().__init__(message)
         self.code = code
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one clear line instead of usage + message
+class ErrorParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors raise :class:`RunError` (one clear line instead of usage + message)."""
+
+    def error(self, message):
         raise RunError(message, 2)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``run.py`` argument parser (the I-BERT seed's flags plus the TernaryBERT and resume ones)."""
-    p = _Parser(prog="run.py", description="Fine-tune / quantize RoBERTa-style encoders on GLUE-style tasks "
+    p = ErrorParser(prog="run.py", description="Fine-tune / quantize RoBERTa-style encoders on GLUE-style tasks "
                 "with the ibert_plugin fairseq plugin. Extra fairseq-train flags may follow '--'.")
     p.add_argument("--arch", default="roberta_base", help=f"one of {', '.join(ARCHS)} (default roberta_base)")
-    p.add_argument("--task", required=True, help=f"one of {', '.join((*TASKS, *SQUAD_TASKS))} (case-sensitive; SQuAD "
+    p.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)} (case-sensitive; SQuAD "
                    "tasks take python -m ibert_plugin.squad's flags)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: task table; 2e-5 for ternarybert)")
     p.add_argument("--bs", type=int, default=None, help="batch size in sentences (default: task table)")
@@ -104,8 +117,8 @@ def validate(a: argparse.Namespace) -> None:
     Raises:
         RunError: one sentence naming the flag(s).
     """
-    if a.task not in TASKS:
-        valid = ", ".join((*TASKS, *SQUAD_TASKS))
+    if a.task not in GLUE_TASKS:
+        valid = ", ".join(TASKS)
         raise RunError(f"unknown task {a.task!r}; valid tasks (case-sensitive): {valid}")
     if a.arch not in ARCHS:
         raise RunError(f"unknown arch {a.arch!r}; valid archs: {', '.join(ARCHS)}")
@@ -155,11 +168,11 @@ def _validate_quantization(a: argparse.Namespace) -> None:
         raise RunError(f"--input-bits {a.input_bits} out of range: use 2..8")
     if a.clip_val is not None and not a.clip_val > 0:
         raise RunError(f"--clip-val must be > 0 (got {a.clip_val:g})")
-    wbits = a.weight_bits or (2 if ternary else 8)
-    if a.weight_quant_method in ("twn", "lat") and wbits != 2:
+    wbits = a.weight_bits or (TERNARYBERT_W2A8 if ternary else IBERT_W8A8).weight_bits
+    if a.weight_quant_method in TERNARY_METHODS and wbits != 2:
         raise RunError(f"--weight-quant-method {a.weight_quant_method} ternarizes weights: it needs --weight-bits 2 "
                        f"(got {wbits})")
-    if a.ternary_linear is not None and not (wbits == 2 and a.weight_quant_method in (None, "twn", "lat")
+    if a.ternary_linear is not None and not (wbits == 2 and a.weight_quant_method in (None, *TERNARY_METHODS)
                                              and a.quant_mode != "none"):
         raise RunError("--ternary-linear sets the granularity of ternary weights: it needs --weight-bits 2 with "
                        "--weight-quant-method twn or lat")

@@ -20,10 +20,11 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from ..quant.config import IBERT_W8A8, TERNARYBERT_W2A8
+from ..catalog import ARCHS, GLUE_TASKS, TaskSpec
+from ..quant.config import IBERT_W8A8, TERNARYBERT_W2A8, ConfigError, QuantConfig
 from ..wiring.checkpoint_file import CheckpointError, check_fairseq_checkpoint
 from .options import RunError
-from .tasks import ARCHS, FP_OPTIMIZER, TASKS, TERNARY, TERNARY_OPTIMIZER, TaskSpec
+from .schedules import FP_OPTIMIZER, TERNARY, TERNARY_OPTIMIZER
 
 PLUGIN_DIR = Path(__file__).resolve().parents[1]
 REPO = PLUGIN_DIR.parent
@@ -120,7 +121,6 @@ def data_dir(a: argparse.Namespace) -> Path:
 def resolve_restore(a: argparse.Namespace) -> Optional[Path]:
     """The checkpoint the stage starts from (``None``: the tiny arch from scratch), checked to be a readable fairseq
     or plugin checkpoint so that a corrupt or foreign file fails here, not inside fairseq-train."""
-    fairseq_arch, _, pretrained = ARCHS[a.arch]
     if a.restore_file:
         restore = Path(a.restore_file).resolve()
         if not restore.is_file():
@@ -132,7 +132,7 @@ def resolve_restore(a: argparse.Namespace) -> Optional[Path]:
         raise RunError("--quant-mode ternarybert needs --restore-file <FP fine-tuned checkpoint_best.pt> "
                        "(teacher and student initialisation)")
     else:
-        cands = [REPO / c[1:] if c.startswith("@") else Path(a.model_dir) / c for c in pretrained]
+        cands = ARCHS[a.arch].pretrained_paths(Path(a.model_dir))
         found = [c for c in cands if c.is_file()]
         if not found:
             if cands:
@@ -149,7 +149,7 @@ def resolve_restore(a: argparse.Namespace) -> Optional[Path]:
 def hyper_parameters(a: argparse.Namespace, spec: TaskSpec, bin_dir: Path) -> HyperParameters:
     """Batch, lr, epochs, weight decay, schedule length/warmup and weight quantization of the stage.
 
-    FP: the task table. I-BERT QAT: the same with 0 warmup. TernaryBERT: :data:`~.tasks.TERNARY` with the schedule
+    FP: the task table. I-BERT QAT: the same with 0 warmup. TernaryBERT: :data:`~.schedules.TERNARY` with the schedule
     counted from the training set (``ceil(n / (bs * world)) * epochs`` updates, 10 % warmup).
     """
     if a.quant_mode == "ternarybert":
@@ -171,28 +171,29 @@ def hyper_parameters(a: argparse.Namespace, spec: TaskSpec, bin_dir: Path) -> Hy
 
 
 def quantization_flags(a: argparse.Namespace, hp: HyperParameters) -> List[str]:
-    """The ``ibert_roberta`` model flags (``--quant-mode`` ... ``--act-range``)."""
-    if a.quant_mode == "ternarybert":
-        flags = ["--quant-mode", "symmetric" if a.integer_only else "ternarybert", "--weight-bits",
-                 str(hp.weight_bits), "--weight-quant-method", hp.method, "--input-bits",
-                 str(a.input_bits or TERNARYBERT_W2A8.act_bits)]
-        if a.integer_only or a.force_dequant != "none":
-            flags += ["--force-dequant", a.force_dequant]
+    """The ``ibert_roberta`` model flags (``--quant-mode`` ... ``--ternary-linear``): the settings the stage fixes
+    (TernaryBERT: mode, weight bits and method, activation bits from :data:`TERNARYBERT_W2A8`; the others: what was
+    given), spelled by :meth:`QuantConfig.to_flags` from the configuration fairseq will build
+    (:meth:`QuantConfig.from_namespace`, so that a bad combination fails here).
+    """
+    ternary = a.quant_mode == "ternarybert"
+    given = {"quant_mode": "symmetric" if ternary and a.integer_only else a.quant_mode,
+             "force_dequant": a.force_dequant, "weight_bits": hp.weight_bits, "weight_quant_method": hp.method,
+             "input_bits": (a.input_bits or TERNARYBERT_W2A8.act_bits) if ternary else a.input_bits,
+             "clip_val": a.clip_val, "act_range": a.act_range, "ternary_linear": getattr(a, "ternary_linear", None)}
+    try:
+        cfg = QuantConfig.from_namespace(argparse.Namespace(**given))
+    except ConfigError as e:
+        raise RunError(str(e)) from None
+    if ternary:
+        fields = ["quant_mode", "weight_bits", "weight_method", "act_bits"]
+        fields += ["force_dequant"] if a.integer_only or a.force_dequant != "none" else []
     else:
-        flags = ["--quant-mode", a.quant_mode, "--force-dequant", a.force_dequant]
-        if hp.weight_bits is not None:
-            flags += ["--weight-bits", str(hp.weight_bits)]
-        if hp.method is not None:
-            flags += ["--weight-quant-method", hp.method]
-        if a.input_bits is not None:
-            flags += ["--input-bits", str(a.input_bits)]
-    if a.clip_val is not None:
-        flags += ["--clip-val", f"{a.clip_val:g}"]
-    if a.act_range is not None:
-        flags += ["--act-range", a.act_range]
-    if getattr(a, "ternary_linear", None) is not None:
-        flags += ["--ternary-linear", a.ternary_linear]
-    return flags
+        fields = ["quant_mode", "force_dequant"] + [field for field, flag in (
+            ("weight_bits", "weight_bits"), ("weight_method", "weight_quant_method"), ("act_bits", "input_bits"))
+            if given[flag] is not None]
+    fields += [f for f in ("clip_val", "act_range", "ternary_linear") if given[f] is not None]
+    return cfg.to_flags(fields)
 
 
 def criterion_flags(a: argparse.Namespace, spec: TaskSpec, restore: Optional[Path]) -> List[str]:
@@ -237,7 +238,7 @@ def distributed_commands(argv: List[str], world: int, cpu: bool,
 
 def output_layout(a: argparse.Namespace, hp: HyperParameters) -> Path:
     """``<output-dir>/<mode>/<TASK>-<size>/wd<wd>_ad<ad>_d<d>_lr<lr>`` (the seed's naming)."""
-    size = ARCHS[a.arch][1]
+    size = ARCHS[a.arch].size
     return Path(a.output_dir).resolve() / hp.mode / f"{a.task}-{size}" / \
         f"wd{fmt_num(hp.weight_decay)}_ad{fmt_num(a.attn_dropout)}_d{fmt_num(a.dropout)}_lr{fmt_num(hp.lr)}"
 
@@ -294,19 +295,25 @@ def use_cpu(a: argparse.Namespace) -> bool:
         return True
 
 
+def optimizer_flags(opt: Dict[str, object], weight_decay: float, lr: float) -> List[str]:
+    """Adam with the settings ``opt`` (:data:`~.schedules.FP_OPTIMIZER` or :data:`~.schedules.TERNARY_OPTIMIZER`),
+    ``weight_decay`` and the polynomial-decay schedule peaking at ``lr`` (both recipes' fairseq-train flags)."""
+    return ["--optimizer", "adam", "--adam-betas", str(opt["adam_betas"]), "--adam-eps", f"{opt['adam_eps']:.0e}",
+            "--weight-decay", f"{weight_decay:g}", "--clip-norm", f"{opt['clip_norm']:.1f}",
+            "--lr-scheduler", "polynomial_decay", "--lr", f"{lr:g}"]
+
+
 def training_command(a: argparse.Namespace, spec: TaskSpec, hp: HyperParameters, bin_dir: Path,
                      save_dir: Path) -> List[str]:
     """fairseq-train with the data, task, architecture, batching, optimizer, schedule and checkpointing flags."""
     opt = hp.optimizer
     argv = fairseq_train_cmd() + [
         str(bin_dir), "--user-dir", str(user_dir()),
-        "--task", "sentence_prediction", "--arch", ARCHS[a.arch][0], "--num-classes", str(spec.num_classes),
+        "--task", spec.fairseq_task, "--arch", ARCHS[a.arch].fairseq_arch, "--num-classes", str(spec.num_classes),
         "--init-token", "0", "--separator-token", "2", "--max-positions", str(spec.max_positions),
         "--valid-subset", spec.valid_subset,
         "--batch-size", str(hp.bs), "--max-tokens", str(spec.max_tokens), "--required-batch-size-multiple", "1",
-        "--optimizer", "adam", "--adam-betas", str(opt["adam_betas"]), "--adam-eps", f"{opt['adam_eps']:.0e}",
-        "--weight-decay", f"{hp.weight_decay:g}", "--clip-norm", f"{opt['clip_norm']:.1f}",
-        "--lr-scheduler", "polynomial_decay", "--lr", f"{hp.lr:g}",
+        *optimizer_flags(opt, hp.weight_decay, hp.lr),
         "--total-num-update", str(hp.total_updates), "--warmup-updates", str(hp.warmup), "--max-epoch", str(hp.epochs),
         "--dropout", f"{a.dropout:g}", "--attention-dropout", f"{a.attn_dropout:g}", "--seed", str(a.seed),
         "--save-dir", str(save_dir), "--no-epoch-checkpoints", "--find-unused-parameters",
@@ -321,7 +328,7 @@ def training_command(a: argparse.Namespace, spec: TaskSpec, hp: HyperParameters,
 
 def make_plan(a: argparse.Namespace) -> Plan:
     """The full plan of a validated ``run.py`` invocation (raises :class:`RunError` on missing inputs)."""
-    spec = TASKS[a.task]
+    spec = GLUE_TASKS[a.task]
     bin_dir = data_dir(a)
     restore = resolve_restore(a)
     hp = hyper_parameters(a, spec, bin_dir)

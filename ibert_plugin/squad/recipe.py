@@ -3,27 +3,27 @@
 Usage::
 
     python -m ibert_plugin.squad --task SQUAD1 [--arch minilm] [--stages fp,ternary,ibert,export,engine]
-        [--version_2_with_negative] [--weight_bits 2] [--input_bits 8] [--pred_distill] [--intermediate_distill]
-        [--save_fp_model] [--save_quantized_model] [--max_seq_length 384] [--doc_stride 128]
-        [--max_query_length 64] [--n_best_size 20] [--max_answer_length 30] [--null_score_diff_threshold 0.0] ...
+        [--version-2-with-negative] [--weight-bits 2] [--input-bits 8] [--pred-distill] [--intermediate-distill]
+        [--save-fp-model] [--save-quantized-model] [--max-seq-length 384] [--doc-stride 128]
+        [--max-query-length 64] [--n-best-size 20] [--max-answer-length 30] [--null-score-diff-threshold 0.0] ...
 
 Stages (each a ``fairseq-train --user-dir <abs ibert_plugin> --task squad`` sub-process, then an in-process
-evaluation of ``checkpoint_best.pt``, chosen on the selection file (``--dev_file``, default the task folder's
+evaluation of ``checkpoint_best.pt``, chosen on the selection file (``--dev-file``, default the task folder's
 ``dev.json``), which writes ``predictions.json`` (official format) and ``eval.json`` into the stage folder
 ``<output_dir>/<stage>/``; the report files (``REPORT_FILES``: the task folder's ``test_subset.json`` or, with
-``--full``, ``test.json`` for SQUAD1; ``test.json`` and ``test_disfluent.json`` for SQUAD2; ``--test_file`` replaces
+``--full``, ``test.json`` for SQUAD1; ``test.json`` and ``test_disfluent.json`` for SQUAD2; ``--test-file`` replaces
 ``test``) are scored once with that checkpoint, ``<report>_predictions.json``):
 
-* ``fp``: full-precision finetuning from the pretrained encoder (``--restore_file``, default ``data/minilm/model.pt``
+* ``fp``: full-precision finetuning from the pretrained encoder (``--restore-file``, default ``data/minilm/model.pt``
   for ``--arch minilm``, ``<model_dir>/roberta.base/model.pt`` for ``roberta_base``; ``tiny`` trains from scratch),
   ``--criterion squad_span``.
 * ``ternary``: TernaryBERT W``weight_bits``A``input_bits`` (``--quant-mode ternarybert``, TWN by default) distilled
-  from the FP model (``--criterion squad_span_distill`` with ``--pred_distill`` / ``--intermediate_distill``;
+  from the FP model (``--criterion squad_span_distill`` with ``--pred-distill`` / ``--intermediate-distill``;
   student initialised from the teacher).
-* ``ibert``: I-BERT integer-only QAT (``--quant-mode symmetric``, ``--ibert_weight_bits`` 8) from the FP model,
-  on the span CE (I-BERT) or, with ``--ibert_distill pred|all``, distilled from the FP model like the ternary stage.
+* ``ibert``: I-BERT integer-only QAT (``--quant-mode symmetric``, ``--ibert-weight-bits`` 8) from the FP model,
+  on the span CE (I-BERT) or, with ``--ibert-distill pred|all``, distilled from the FP model like the ternary stage.
 * ``export``: the packed file of the ternary model (``python -m ibert_plugin.export --omit-lm-head``), reloaded and
-  scored; with ``--save_quantized_model`` and without ``--save_fp_model`` the ternary stage's float checkpoints are
+  scored; with ``--save-quantized-model`` and without ``--save-fp-model`` the ternary stage's float checkpoints are
   deleted afterwards (TernaryBERT's save flags).
 * ``engine``: the integer engine on the I-BERT checkpoint (integer encoder + float span head), scored and compared
   question by question with the QAT model's predictions.
@@ -37,10 +37,10 @@ its ``checkpoint_last.pt`` (saved at every validation; :func:`_train_stage`).
 
 Validation inside fairseq-train scores the whole selection file (best checkpoint on F1). ``--fresh`` redoes a
 stage; ``--rescore`` scores its existing checkpoint again without training, e.g. with another
-``--null_score_diff_threshold``. v2.0: ``--null_score_diff_threshold select`` scores the selection file at its
+``--null-score-diff-threshold``. v2.0: ``--null-score-diff-threshold select`` scores the selection file at its
 F1-best threshold and applies that threshold to the report files (validation inside fairseq-train then uses 0).
 ``--task SQUAD1|SQUAD2`` picks ``<data_dir>/<TASK>/{train,dev}.json`` (``python -m ibert_plugin.assets build --only
-squad --squad-dir DIR``); SQUAD2 implies ``--version_2_with_negative``. A summary JSON
+squad --squad-dir DIR``); SQUAD2 implies ``--version-2-with-negative``. A summary JSON
 (``<output_dir>/summary.json``) gathers the stages' scores. Bad input prints one ``error:`` line, exit 2.
 
 In Python: :func:`run_squad` ``(argv) -> exit status`` (what ``run.py --task SQUAD1|SQUAD2`` calls) and
@@ -60,10 +60,22 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from ..quant.config import ConfigError
+from ..catalog import ARCHS, SQUAD_TASKS
+from ..quant.config import (
+    IBERT_W8A8,
+    INT_TERNARY_W2,
+    TERNARY_GRANULARITIES,
+    TERNARY_METHODS,
+    TERNARYBERT_W2A8,
+    WEIGHT_METHODS,
+    ConfigError,
+    QuantConfig,
+)
 from ..recipes.allocator import allocator_env
 from ..recipes.allocator import describe as describe_allocator
-from ..recipes.plan import fairseq_train_cmd
+from ..recipes.options import ErrorParser, RunError
+from ..recipes.plan import fairseq_train_cmd, optimizer_flags
+from ..recipes.schedules import TERNARY, TERNARY_OPTIMIZER
 from ..wiring.lifetime import LIFETIME_ENV, RunLock, RunLockedError, child_preexec
 from .data import SquadError
 
@@ -76,42 +88,29 @@ TRAIN_STAGES = ("fp", "ternary", "int_ternary", "ibert")
 #: engine stage -> the integer-only (symmetric-mode) stage whose checkpoint it runs
 ENGINE_SOURCES = {"engine": "ibert", "int_ternary_engine": "int_ternary"}
 QUANT_MODE_STAGES = {"none": ("fp",), "symmetric": ("ibert", "engine"), "ternarybert": ("ternary",)}
-TASKS = {"SQUAD1": False, "SQUAD2": True}  # task -> version_2_with_negative
-#: the report files of a task folder (``python -m ibert_plugin.assets build --only squad``), each scored once with
-#: a stage's selected checkpoint: name -> (file by default, file with ``--full``). SQUAD1 reports on the whole
-#: official v1.1 dev set with ``--full`` and on its fixed >= 2,500-question subset (whole articles) otherwise.
-REPORT_FILES = {"SQUAD1": {"test": ("test_subset.json", "test.json")},
-                "SQUAD2": {"test": ("test.json", "test.json"), "test_disfluent": ("test_disfluent.json",
-                                                                                  "test_disfluent.json")}}
+#: each task's report files (name -> (file by default, file with ``--full``)): a view of the task table
+REPORT_FILES = {name: dict(spec.report_files) for name, spec in SQUAD_TASKS.items()}
 #: FP counts as converged when its last half epoch adds less than this much selection F1 (points)
 CONVERGED_GAIN_F1 = 0.5
-IBERT_DISTILL = ("none", "pred", "all")  # --ibert_distill: the QAT stage's loss (see build_parser)
-#: --arch -> (fairseq arch, default tokenizer dir, default pretrained checkpoints)
-ARCHS = {
-    "minilm": ("ibert_roberta_minilm", "@data/minilm", ("@data/minilm/model.pt", "minilm/model.pt")),
-    "roberta_base": ("ibert_roberta_base", "@data/gpt2_bpe", ("roberta.base/model.pt",)),
-    "roberta_large": ("ibert_roberta_large", "@data/gpt2_bpe", ("roberta.large/model.pt",)),
-    "tiny": ("ibert_roberta_tiny", "@data/minilm", ()),
-}
+IBERT_DISTILL = ("none", "pred", "all")  # --ibert-distill: the QAT stage's loss (see build_parser)
 
 
-class RecipeError(Exception):
-    """Usage or input error: printed as one ``error:`` line."""
+#: Usage or input error, printed as one ``error:`` line: the drivers' one error class (``run.py``'s), so that a
+#: caller of either catches one class.
+RecipeError = RunError
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise RecipeError(message)
-
-
-def _flag(p, name: str, **kw):
-    """``--name_with_underscores`` (TernaryBERT spelling) and ``--name-with-dashes`` (fairseq / run.py spelling)."""
-    names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-    p.add_argument(*names, dest=name, **kw)
+def _flag(p, name: str, *aliases: str, **kw):
+    """``--name-with-dashes`` (the fairseq / ``run.py`` spelling, in ``--help``) and, kept as a hidden alias,
+    ``--name_with_underscores`` (the spelling of TernaryBERT's scripts); ``aliases``: other spellings shown in help."""
+    p.add_argument(f"--{name.replace('_', '-')}", *aliases, dest=name, **kw)
+    if "_" in name:
+        p.add_argument(f"--{name}", dest=name, **{k: v for k, v in kw.items() if k not in ("required", "help")},
+                       help=argparse.SUPPRESS)
 
 
 def _threshold(text: str):
-    """``--null_score_diff_threshold``: a finite number, or ``select``."""
+    """``--null-score-diff-threshold``: a finite number, or ``select``."""
     if text == "select":
         return text
     try:
@@ -124,18 +123,20 @@ def _threshold(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m ibert_plugin.squad", description=__doc__.split("\n\n")[0])
+    p = ErrorParser(prog="python -m ibert_plugin.squad", description=__doc__.split("\n\n")[0],
+                    epilog="Flags are spelled with dashes, as in run.py and fairseq; the underscore spellings of "
+                           "TernaryBERT's scripts (--pred_distill, --weight_bits, ...) are accepted too.")
     _flag(p, "task", required=True, help="SQUAD1 (v1.1) or SQUAD2 (v2.0-style, Disfl-QA)")
     _flag(p, "stages", default=None,
           help=f"comma list of {','.join(STAGES)} (default {','.join(DEFAULT_STAGES)})")
     _flag(p, "quant_mode", default=None, choices=sorted(QUANT_MODE_STAGES),
           help="run.py spelling of the stage: none = fp, symmetric = ibert + engine, ternarybert = ternary "
-               "(+ export with --save_quantized_model); --restore_file is then the FP checkpoint for the last two")
+               "(+ export with --save-quantized-model); --restore-file is then the FP checkpoint for the last two")
     _flag(p, "arch", default="minilm", help=f"one of {', '.join(ARCHS)}")
     _flag(p, "data_dir", default=None, help="folder holding <TASK>/train.json, dev.json (default <data>/squad)")
     _flag(p, "train_file", default=None, help="training JSON (default <data_dir>/<TASK>/train.json)")
-    p.add_argument("--dev_file", "--dev-file", "--select-file", dest="dev_file", default=None,
-                   help="selection JSON: validation inside training and the checkpoint choice (default "
+    _flag(p, "dev_file", "--select-file", default=None,
+          help="selection JSON: validation inside training and the checkpoint choice (default "
                         "<data_dir>/<TASK>/dev.json, the task folder's selection split)")
     _flag(p, "test_file", default=None,
           help="report JSON scored once with each stage's selected checkpoint (test_predictions.json, eval.json "
@@ -148,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "tokenizer_dir", default=None, help="BPE folder with dict.txt (default per arch)")
     _flag(p, "model_dir", default="models", help="where roberta.base/ lives")
     _flag(p, "restore_file", default=None,
-          help="pretrained model.pt for the fp stage; with --quant_mode symmetric|ternarybert the FP checkpoint")
+          help="pretrained model.pt for the fp stage; with --quant-mode symmetric|ternarybert the FP checkpoint")
     _flag(p, "output_dir", default=None, help="default outputs/squad/<TASK>-<arch>")
     _flag(p, "version_2_with_negative", action="store_true", help="SQuAD v2.0 (implied by --task SQUAD2)")
     _flag(p, "max_seq_length", type=int, default=384)
@@ -158,9 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "max_answer_length", type=int, default=30)
     _flag(p, "null_score_diff_threshold", type=_threshold, default=0.0,
           help="v2.0: abstain when null - best_non_null exceeds this (0 = upstream), or 'select': the F1-best "
-               "threshold on the dev (selection) file, applied to --test_file")
-    p.add_argument("--per_gpu_batch_size", "--per-gpu-batch-size", "--bs", dest="per_gpu_batch_size", type=int,
-                   default=16, help="windows per update (TernaryBERT's batch size)")
+               "threshold on the dev (selection) file, applied to --test-file")
+    _flag(p, "per_gpu_batch_size", "--bs", type=int, default=16, help="windows per update (TernaryBERT's batch size)")
     _flag(p, "learning_rate", type=float, default=5e-5, help="fp stage learning rate")
     _flag(p, "num_train_epochs", type=float, default=2.0, help="fp stage epochs")
     _flag(p, "ternary_learning_rate", type=float, default=2e-5, help="TernaryBERT learning rate (upstream 2e-5)")
@@ -168,30 +168,34 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "ibert_learning_rate", type=float, default=1e-6, help="I-BERT QAT learning rate (I-BERT: 1e-6)")
     _flag(p, "ibert_epochs", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=None, help="run.py spelling: learning rate of every stage run")
-    p.add_argument("--max-epochs", "--max_epochs", dest="max_epochs", type=float, default=None,
-                   help="run.py spelling: epochs of every stage run")
-    p.add_argument("--max_updates", "--max-updates", "--max-update", dest="max_updates", default=None,
+    _flag(p, "max_epochs", type=float, default=None,
+          help="run.py spelling: epochs of every stage run")
+    _flag(p, "max_updates", "--max-update", default=None,
           help="cap the updates per stage: one number, or fp=N,ternary=N,int_ternary=N,ibert=N (LR schedule "
                "follows the cap)")
     _flag(p, "eval_step", type=int, default=0,
           help="validate (and save checkpoint_last.pt) every N updates (0: every --validate-every-epochs)")
     p.add_argument("--validate-every-epochs", dest="validate_every_epochs", type=float, default=0.5,
-                   help="with --eval_step 0: validate on the selection file and save every this many epochs of the "
+                   help="with --eval-step 0: validate on the selection file and save every this many epochs of the "
                         "training windows (default 0.5: the selection-F1 curve, curve.json, has a point every half "
                         "epoch)")
     p.add_argument("--int-ternary-learning-rate", dest="int_ternary_learning_rate", type=float, default=2e-5,
                    help="integer-only ternary stage (symmetric mode, 2-bit weights, from the ternary checkpoint)")
     p.add_argument("--int-ternary-epochs", dest="int_ternary_epochs", type=float, default=1.0)
-    _flag(p, "weight_bits", type=int, default=2, choices=[2, 8], help="TernaryBERT weight bits")
-    _flag(p, "input_bits", type=int, default=8, help="TernaryBERT activation bits")
-    _flag(p, "weight_quant_method", default="twn", choices=["twn", "lat", "sym"])
-    _flag(p, "clip_val", type=float, default=2.5)
-    _flag(p, "ternary_linear", default="tensor", choices=["tensor", "row"],
+    _flag(p, "weight_bits", type=int, default=TERNARYBERT_W2A8.weight_bits,
+          choices=[TERNARYBERT_W2A8.weight_bits, IBERT_W8A8.weight_bits], help="TernaryBERT weight bits")
+    _flag(p, "input_bits", type=int, default=TERNARYBERT_W2A8.act_bits, help="TernaryBERT activation bits")
+    _flag(p, "weight_quant_method", default=TERNARYBERT_W2A8.weight_method, choices=list(WEIGHT_METHODS),
+          help="TernaryBERT weight quantizer with --weight-bits 2 (8-bit weights use sym); the integer-only ternary "
+               "stage uses it when it is a ternary method, else twn")
+    _flag(p, "clip_val", type=float, default=TERNARYBERT_W2A8.clip_val, help="TernaryBERT activation clipping range")
+    _flag(p, "ternary_linear", default=TERNARYBERT_W2A8.ternary_linear, choices=list(TERNARY_GRANULARITIES),
           help="ternary Linear weights: one alpha per matrix (tensor, TernaryBERT) or per output row (row)")
-    _flag(p, "ibert_weight_bits", type=int, default=8, help="I-BERT weight bits (8, or 7 for the fast engine routes)")
+    _flag(p, "ibert_weight_bits", type=int, default=IBERT_W8A8.weight_bits,
+          help="I-BERT weight bits (8, or 7 for the fast engine routes)")
     _flag(p, "ibert_distill", default="none", choices=IBERT_DISTILL,
           help="I-BERT QAT loss: none = the span CE on the labels (I-BERT), pred = distil the FP model's start/end "
-               "logits (soft CE, times --pred_distill_weight), all = pred plus the hidden-state and attention MSEs")
+               "logits (soft CE, times --pred-distill-weight), all = pred plus the hidden-state and attention MSEs")
     _flag(p, "pred_distill", action="store_true")
     _flag(p, "intermediate_distill", action="store_true")
     _flag(p, "pred_distill_weight", type=float, default=1.0,
@@ -208,13 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="redo stages that already have eval.json (their checkpoints and logs are deleted first)")
     p.add_argument("--rescore", action="store_true",
                    help="score the stages' existing checkpoints again (new evaluation flags), without training")
-    p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
-                   help="print the fairseq-train commands and exit")
+    _flag(p, "dry_run", action="store_true",
+          help="print the fairseq-train commands and exit")
     return p
-
-
-def _resolve(spec: str, base: Path) -> Path:
-    return REPO / spec[1:] if spec.startswith("@") else base / spec
 
 
 def _data_root() -> Path:
@@ -223,13 +223,13 @@ def _data_root() -> Path:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     a = build_parser().parse_args(list(argv))
-    if a.task not in TASKS:
-        raise RecipeError(f"unknown task {a.task!r}; choose SQUAD1 or SQUAD2")
+    if a.task not in SQUAD_TASKS:
+        raise RecipeError(f"unknown task {a.task!r}; choose {' or '.join(SQUAD_TASKS)}")
     if a.arch not in ARCHS:
         raise RecipeError(f"unknown arch {a.arch!r}; choose {', '.join(ARCHS)}")
-    a.version_2_with_negative = a.version_2_with_negative or TASKS[a.task]
+    a.version_2_with_negative = a.version_2_with_negative or SQUAD_TASKS[a.task].version_2_with_negative
     if a.quant_mode and a.stages:
-        raise RecipeError("give --stages or --quant_mode, not both")
+        raise RecipeError("give --stages or --quant-mode, not both")
     if a.quant_mode:
         a.stage_list = list(QUANT_MODE_STAGES[a.quant_mode])
         if a.quant_mode == "ternarybert" and a.save_quantized_model:
@@ -243,16 +243,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if not (a.validate_every_epochs > 0 and math.isfinite(a.validate_every_epochs)):
         raise RecipeError("--validate-every-epochs must be a finite number > 0")
     if "ternary" in a.stage_list and not (a.pred_distill or a.intermediate_distill):
-        raise RecipeError("the ternary stage needs --pred_distill and/or --intermediate_distill")
+        raise RecipeError("the ternary stage needs --pred-distill and/or --intermediate-distill")
     for name in ("per_gpu_batch_size", "max_seq_length", "doc_stride", "max_query_length", "n_best_size",
                  "max_answer_length", "eval_batch_size"):
         if getattr(a, name) < 1:
-            raise RecipeError(f"--{name} must be >= 1")
+            raise RecipeError(f"--{name.replace('_', '-')} must be >= 1")
     if not (a.pred_distill_weight >= 0 and math.isfinite(a.pred_distill_weight)):
-        raise RecipeError("--pred_distill_weight must be a finite number >= 0")
+        raise RecipeError("--pred-distill-weight must be a finite number >= 0")
     if not 2 <= a.input_bits <= 8 or not 2 <= a.ibert_weight_bits <= 8:
-        raise RecipeError("--input_bits and --ibert_weight_bits must be in 2..8")
+        raise RecipeError("--input-bits and --ibert-weight-bits must be in 2..8")
     a.caps = _parse_caps(a.max_updates)
+    try:
+        a.stage_quant = stage_configs(a)
+    except ConfigError as e:
+        raise RecipeError(str(e)) from None
     if a.lr is not None:
         a.learning_rate = a.ternary_learning_rate = a.ibert_learning_rate = a.int_ternary_learning_rate = a.lr
     if a.max_epochs is not None:
@@ -265,7 +269,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     a.dev_path = Path(a.dev_file or data_dir / a.task / "dev.json").resolve()
     a.reports = {}  # report name -> file, scored once with each stage's selected checkpoint
     if not a.no_test:
-        for name, (cpu_file, full_file) in REPORT_FILES[a.task].items():
+        for name, (cpu_file, full_file) in SQUAD_TASKS[a.task].report_files.items():
             path = data_dir / a.task / (full_file if a.full else cpu_file)
             if name == "test" and a.test_file:
                 path = Path(a.test_file)
@@ -273,10 +277,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                 continue  # a task folder of an older layout (train.json + dev.json only)
             a.reports[name] = path.resolve()
     a.test_path = a.reports.get("test")
-    a.tok_dir = (Path(a.tokenizer_dir) if a.tokenizer_dir else _resolve(ARCHS[a.arch][1], Path("."))).resolve()
+    a.tok_dir = (Path(a.tokenizer_dir) if a.tokenizer_dir else ARCHS[a.arch].tokenizer_path()).resolve()
     if not (a.tok_dir / "dict.txt").is_file():
         raise RecipeError(f"{a.tok_dir}/dict.txt not found (build it with python -m ibert_plugin.assets build, or "
-                          "pass --tokenizer_dir)")
+                          "pass --tokenizer-dir)")
     a.out = Path(a.output_dir or REPO / "outputs" / "squad" / f"{a.task}-{a.arch}").resolve()
     a.eval_device = "cpu"
     if not a.cpu:
@@ -284,6 +288,28 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
         a.eval_device = "cuda" if torch.cuda.is_available() else "cpu"
     return a
+
+
+def stage_configs(a) -> Dict[str, QuantConfig]:
+    """The quantization of each training stage: the presets of :mod:`ibert_plugin.quant.config` with the stage flags.
+
+    ``fp``: float. ``ternary``: :data:`TERNARYBERT_W2A8` with ``--weight-bits``, ``--weight-quant-method`` (k-bit
+    weights use I-BERT's symmetric quantizer), ``--input-bits``, ``--clip-val`` and ``--ternary-linear``.
+    ``int_ternary``: :data:`INT_TERNARY_W2` with the ternary stage's method when that is a ternary one. ``ibert``:
+    :data:`IBERT_W8A8` with ``--ibert-weight-bits``.
+
+    Raises:
+        ConfigError: a flag value the configuration rejects.
+    """
+    ternary_method = a.weight_quant_method if a.weight_bits == TERNARYBERT_W2A8.weight_bits else \
+        IBERT_W8A8.weight_method
+    int_method = a.weight_quant_method if a.weight_quant_method in TERNARY_METHODS else INT_TERNARY_W2.weight_method
+    return {"fp": QuantConfig(),
+            "ternary": TERNARYBERT_W2A8.replace(weight_bits=a.weight_bits, weight_method=ternary_method,
+                                                act_bits=a.input_bits, clip_val=a.clip_val,
+                                                ternary_linear=a.ternary_linear),
+            "int_ternary": INT_TERNARY_W2.replace(weight_method=int_method),
+            "ibert": IBERT_W8A8.replace(weight_bits=a.ibert_weight_bits)}
 
 
 def _parse_caps(text: Optional[str]) -> Dict[str, int]:
@@ -299,9 +325,9 @@ def _parse_caps(text: Optional[str]) -> Dict[str, int]:
                 raise ValueError
             caps[k.strip()] = int(v)
     except ValueError:
-        raise RecipeError(f"--max_updates {text!r}: expected N or fp=N,ternary=N,int_ternary=N,ibert=N") from None
+        raise RecipeError(f"--max-updates {text!r}: expected N or fp=N,ternary=N,int_ternary=N,ibert=N") from None
     if any(v < 1 for v in caps.values()):
-        raise RecipeError("--max_updates must be >= 1")
+        raise RecipeError("--max-updates must be >= 1")
     return caps
 
 
@@ -311,12 +337,12 @@ def _pretrained(a) -> Optional[Path]:
         if not p.is_file():
             raise RecipeError(f"restore file not found: {a.restore_file}")
         return p
-    cands = [_resolve(c, Path(a.model_dir)) for c in ARCHS[a.arch][2]]
+    cands = ARCHS[a.arch].pretrained_paths(Path(a.model_dir))
     for c in cands:
         if c.is_file():
             return c.resolve()
     if cands:
-        raise RecipeError(f"pretrained model not found: {cands[0]} (pass --restore_file)")
+        raise RecipeError(f"pretrained model not found: {cands[0]} (pass --restore-file)")
     return None
 
 
@@ -335,9 +361,9 @@ def _train_windows(a) -> int:
 
 
 def validate_interval(a, n_windows: int) -> int:
-    """Updates between validations (selection F1) and checkpoint saves: ``--eval_step``, else
+    """Updates between validations (selection F1) and checkpoint saves: ``--eval-step``, else
     ``--validate-every-epochs`` (default half an epoch) of ``n_windows`` training windows at
-    ``--per_gpu_batch_size``."""
+    ``--per-gpu-batch-size``."""
     if a.eval_step:
         return a.eval_step
     return max(1, round(n_windows / a.per_gpu_batch_size * a.validate_every_epochs))
@@ -361,16 +387,16 @@ def train_command(a, stage: str, save_dir: Path, restore: Optional[Path], n_wind
         "--max-query-length", str(a.max_query_length), "--n-best-size", str(a.n_best_size),
         "--max-answer-length", str(a.max_answer_length),
         "--null-score-diff-threshold", f"{_fixed_threshold(a):g}",
-        "--arch", ARCHS[a.arch][0], "--max-positions", "512",
+        "--arch", ARCHS[a.arch].fairseq_arch, "--max-positions", "512",
         "--batch-size", str(a.per_gpu_batch_size), "--max-tokens", str(a.per_gpu_batch_size * a.max_seq_length),
         "--required-batch-size-multiple", "1", "--batch-size-valid", str(a.eval_batch_size),
-        "--optimizer", "adam", "--adam-betas", "(0.9, 0.999)", "--adam-eps", "1e-06", "--weight-decay", "0.01",
-        "--clip-norm", "1.0", "--lr-scheduler", "polynomial_decay", "--lr", f"{lr:g}",
-        "--warmup-updates", str(int(0.1 * total) if stage in ("fp", "ternary") else 0),
+        # every stage trains with TernaryBERT's Adam (quant_task_squad.py); fp and ternary warm up like it
+        *optimizer_flags(TERNARY_OPTIMIZER, TERNARY_OPTIMIZER["weight_decay"], lr),
+        "--warmup-updates", str(int(TERNARY.warmup_fraction * total) if stage in ("fp", "ternary") else 0),
         "--total-num-update", str(total), "--max-update", str(total),
         "--dropout", "0.1", "--attention-dropout", "0.1", "--seed", str(a.seed),
         "--save-dir", str(save_dir), "--no-epoch-checkpoints", "--valid-subset", "valid",
-        "--best-checkpoint-metric", "f1", "--maximize-best-checkpoint-metric",
+        "--best-checkpoint-metric", SQUAD_TASKS[a.task].metric, "--maximize-best-checkpoint-metric",
         "--log-format", "simple", "--log-interval", "10", "--num-workers", "0",
         "--distributed-world-size", "1",
     ]
@@ -380,26 +406,22 @@ def train_command(a, stage: str, save_dir: Path, restore: Optional[Path], n_wind
     # one interval checkpoint kept on disk
     cmd += ["--validate-interval-updates", str(interval), "--save-interval-updates", str(interval),
             "--keep-interval-updates", "1"]
+    quant = a.stage_quant[stage]
     if stage == "fp":
-        cmd += ["--quant-mode", "none", "--criterion", "squad_span"]
+        cmd += quant.to_flags(["quant_mode"]) + ["--criterion", "squad_span"]
     elif stage in ("ibert", "int_ternary"):
-        cmd += ["--quant-mode", "symmetric"]
-        if stage == "ibert":
-            cmd += ["--weight-bits", str(a.ibert_weight_bits)]
-        else:  # integer-only ternary: the ternary stage's weights, I-BERT's integer-only activations
-            method = a.weight_quant_method if a.weight_quant_method in ("twn", "lat") else "twn"
-            cmd += ["--weight-bits", "2", "--weight-quant-method", method]
+        # I-BERT: the weight bits (its quantizer is the default); integer-only ternary: the ternary stage's weights
+        # with I-BERT's integer-only activations
+        cmd += quant.to_flags(["quant_mode", "weight_bits"] + (["weight_method"] if stage == "int_ternary" else []))
         if a.ibert_distill == "none":
             cmd += ["--criterion", "squad_span"]
         else:
             cmd += _distill_flags(a, teacher, pred=True, intermediate=a.ibert_distill == "all")
     else:
-        method = a.weight_quant_method if a.weight_bits == 2 else "sym"
-        cmd += ["--quant-mode", "ternarybert", "--weight-bits", str(a.weight_bits), "--weight-quant-method", method,
-                "--input-bits", str(a.input_bits), "--clip-val", f"{a.clip_val:g}"]
+        cmd += quant.to_flags(["quant_mode", "weight_bits", "weight_method", "act_bits", "clip_val"])
         cmd += _distill_flags(a, teacher, pred=a.pred_distill, intermediate=a.intermediate_distill)
-        if a.ternary_linear != "tensor" and method in ("twn", "lat"):
-            cmd += ["--ternary-linear", a.ternary_linear]
+        if quant.linear_rowwise:
+            cmd += quant.to_flags(["ternary_linear"])
     if restore is not None:
         cmd += ["--finetune-from-model", str(restore)]
     if a.eval_device == "cpu":
@@ -408,7 +430,7 @@ def train_command(a, stage: str, save_dir: Path, restore: Optional[Path], n_wind
 
 
 def _distill_flags(a, teacher: Optional[Path], pred: bool, intermediate: bool) -> List[str]:
-    """``--criterion squad_span_distill`` from the FP ``teacher`` with the given terms (``--pred_distill_weight``
+    """``--criterion squad_span_distill`` from the FP ``teacher`` with the given terms (``--pred-distill-weight``
     scales the start/end soft CE)."""
     flags = ["--criterion", "squad_span_distill", "--teacher-path", str(teacher)]
     flags += ["--pred-distill"] * pred + ["--intermediate-distill"] * intermediate
@@ -512,7 +534,7 @@ def _fixed_threshold(a) -> float:
 def score_model(a, logits_fn, tok, out_dir: Path, extra: Optional[dict] = None) -> dict:
     """Scores on the selection (dev) file (``predictions.json``) and on every report file (``test``:
     ``test_predictions.json`` under ``"test"``; ``test_disfluent``: ``test_disfluent_predictions.json``); written
-    to ``eval.json``. v2.0 with ``--null_score_diff_threshold select``: the selection file's F1-best threshold,
+    to ``eval.json``. v2.0 with ``--null-score-diff-threshold select``: the selection file's F1-best threshold,
     applied to the report files."""
     from .evaluate import evaluate_file
 
@@ -558,9 +580,11 @@ def main(argv: Sequence[str]) -> dict:
     except ConfigError as e:
         raise RecipeError(str(e)) from None
     t_start = time.time()
-    tern_method = a.weight_quant_method if a.weight_quant_method in ("twn", "lat") else "twn"
-    dirs = {"fp": a.out / "fp", "ternary": a.out / f"ternary_w{a.weight_bits}a{a.input_bits}_{a.weight_quant_method}",
-            "int_ternary": a.out / f"int_ternary_w2_{tern_method}", "ibert": a.out / f"ibert_w{a.ibert_weight_bits}",
+    q = a.stage_quant  # the ternary folder names the method flag as given (ternary_w8a8_twn holds sym weights)
+    dirs = {"fp": a.out / "fp",
+            "ternary": a.out / f"ternary_w{q['ternary'].weight_bits}a{q['ternary'].act_bits}_{a.weight_quant_method}",
+            "int_ternary": a.out / f"int_ternary_w{q['int_ternary'].weight_bits}_{q['int_ternary'].weight_method}",
+            "ibert": a.out / f"ibert_w{q['ibert'].weight_bits}",
             "export": a.out / "export", "engine": a.out / "engine", "int_ternary_engine": a.out / "int_ternary_engine"}
     summary_path = a.out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
@@ -618,7 +642,7 @@ def main(argv: Sequence[str]) -> dict:
         elif stage == "export":
             src = dirs["ternary"] / "checkpoint_best.pt"
             packed = d / "model_packed.pt"
-            reuse = a.rescore and packed.is_file()  # the ternary checkpoints may be gone (--save_quantized_model)
+            reuse = a.rescore and packed.is_file()  # the ternary checkpoints may be gone (--save-quantized-model)
             if not src.is_file() and not reuse:
                 raise RecipeError(f"export needs the ternary stage's {src}")
             d.mkdir(parents=True, exist_ok=True)
