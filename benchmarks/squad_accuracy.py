@@ -302,6 +302,39 @@ def _row(rec: dict, report: str) -> dict:
     return row
 
 
+ROW_LABELS = {"fp32": "FP32", "ort_int8_dynamic": "ONNX Runtime dynamic int8 (post-training)",
+              "torch_int8_dynamic": "torch dynamic int8 (post-training)", "ov_int8": "OpenVINO int8 (post-training)",
+              "w8a8_ptq": "this plugin's W8A8, no QAT (post-training)", "int8_qat": "I-BERT INT8 QAT",
+              "int8_qat_engine": "I-BERT INT8, integer engine", "w2a8_twn": "TernaryBERT W2A8 (TWN, distilled)",
+              "int_ternary": "integer-only ternary", "int_ternary_engine": "integer-only ternary, integer engine"}
+
+
+def markdown_table(result: dict) -> str:
+    """The result JSON as the markdown table of ``docs/results.md`` / the README: one line per row (EM, F1, the F1 gap
+    to FP with its paired bootstrap interval; SQUAD2 also HasAns / NoAns F1 and the disfluent report), then the rows
+    not measured (pending stages, unavailable peers)."""
+    v2 = result.get("version") == "2.0"
+    head = ["row", "EM", "F1", "F1 gap to FP [95% CI]"] + (["HasAns F1", "NoAns F1", "disfluent F1"] if v2 else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row, r in result["rows"].items():
+        gap = (f"{r['gap_f1']:+.2f} [{r['gap_f1_ci95'][0]:+.2f}, {r['gap_f1_ci95'][1]:+.2f}]"
+               + (" (noise)" if r.get("gap_f1_is_noise") else "")) if "gap_f1" in r else ""
+        if "same_predictions_as_qat" in r:
+            gap += f"; same predictions as its QAT model: {r['same_predictions_as_qat']} of {r['questions']}"
+        cells = [ROW_LABELS.get(row, row), f"{r['exact']:.2f}", f"{r['f1']:.2f}", gap]
+        if v2:
+            dis = r.get("test_disfluent", {})
+            cells += [f"{r.get('HasAns_f1', float('nan')):.2f}", f"{r.get('NoAns_f1', float('nan')):.2f}",
+                      f"{dis['f1']:.2f}" if "f1" in dis else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    for row in result.get("pending", []):
+        lines.append("| " + " | ".join([ROW_LABELS.get(row, row), "pending", "", ""] + [""] * (3 if v2 else 0)) + " |")
+    for row, err in result.get("unavailable", {}).items():
+        lines.append("| " + " | ".join([ROW_LABELS.get(row, row), "unavailable", "", str(err).replace("|", "/")]
+                                        + [""] * (3 if v2 else 0)) + " |")
+    return "\n".join(lines)
+
+
 def write_result(*, args, argv, a, out: Path, results: Path, data: Path, caps, v2: bool, name: str, argv_recipe,
                  peer_recs: dict, t0: float) -> dict:
     """Build ``result.json`` from the recipe's ``summary.json`` and the peers' records, copy each row's predictions
@@ -399,6 +432,8 @@ def main(argv=None) -> int:
     g.add_argument("--quick", action="store_true", help="smoke schedule: checks the pipeline, not the accuracy")
     g.add_argument("--full", action="store_true", help="GPU schedule on the whole report set")
     ap.add_argument("--task", choices=("SQUAD1", "SQUAD2"), default="SQUAD1")
+    ap.add_argument("--table", metavar="RESULT_JSON", default=None,
+                    help="print the markdown table of a result.json (docs/results.md, README) and exit")
     ap.add_argument("--data-dir", default=str(REPO / "data" / "squad"), help="folder holding the task folders")
     ap.add_argument("--arch", default="minilm", help="recipe --arch (tests: tiny)")
     ap.add_argument("--output-dir", default=None, help="stage folders (default outputs/bench_squad_<task>_<schedule>)")
@@ -419,6 +454,14 @@ def main(argv=None) -> int:
     ap.add_argument("--recipe-arg", action="append", default=[],
                     help="extra recipe flag (repeatable, e.g. --recipe-arg=--tokenizer_dir=DIR)")
     args = ap.parse_args(argv)
+    if args.table:
+        try:
+            print(markdown_table(json.loads(Path(args.table).read_text())))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"error: --table {args.table}: not a readable squad_accuracy result ({type(e).__name__}: {e})",
+                  file=sys.stderr)
+            return 2
+        return 0
     name = "quick" if args.quick else "full" if args.full else "cpu"
     sched = SCHEDULES[name]
     v2 = args.task == "SQUAD2"

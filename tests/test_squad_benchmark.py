@@ -104,6 +104,20 @@ def test_every_row_on_the_same_questions_with_gaps_and_files(tiny_run):
     assert res["complete"] is True and res["pending"] == []
 
 
+def test_table_renders_every_row_of_the_result_json(tiny_run, tmp_path, capsys):
+    root, res = tiny_run
+    assert bench.main(["--table", str(root / "results" / "result.json")]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("| row | EM | F1 |") and len(out) == 2 + len(res["rows"]) + len(res["unavailable"])
+    fp = next(ln for ln in out if ln.startswith("| FP32 |"))
+    assert f"| {res['rows']['fp32']['f1']:.2f} |" in fp
+    eng = next(ln for ln in out if ln.startswith("| I-BERT INT8, integer engine |"))
+    assert f"same predictions as its QAT model: {res['rows']['int8_qat_engine']['questions']} of" in eng
+    (tmp_path / "bad.json").write_text("{}")
+    assert bench.main(["--table", str(tmp_path / "bad.json")]) == 2
+    assert capsys.readouterr().err.startswith("error: --table")
+
+
 def test_fp_and_peer_rows_are_written_before_the_quantized_stages_and_marked_partial(tiny_run, tmp_path,
                                                                                     monkeypatch, capsys):
     """A run stopped after FP and the peers (the first ~2 hours of a CPU run) leaves a result.json that holds those
