@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 namespace {
@@ -89,6 +90,23 @@ bool check_optional(const at::Tensor& t, at::ScalarType dt, i64 n, const char* w
 void check_shifts(const at::Tensor& e, const char* what) {
   const i64* p = e.data_ptr<i64>();
   for (i64 j = 0; j < e.numel(); ++j) TORCH_CHECK(p[j] >= 1, what, ": requant shifts must be >= 1, got ", p[j]);
+}
+
+// The IntLayerNorm arguments shared by resid_ln and embed_ln: its constants, the optional next requant (checked when
+// out_u8 is wanted) and the int64 outputs (out_q, and the pre-LN sum `pre`).
+void check_ln_args(const std::string& k, i64 M, i64 C, const at::Tensor& ln_bint, int64_t shift,
+                   const at::Tensor& next_m, const at::Tensor& next_e, int64_t next_qmax, const at::Tensor& out_u8,
+                   const at::Tensor& out_q, const at::Tensor& out_pre, const char* pre) {
+  check_tensor(ln_bint, at::kLong, C, (k + " ln_bint").c_str());
+  TORCH_CHECK(shift >= 0 && shift <= 62, k, ": shift in [0, 62], got ", shift);
+  if (check_optional(out_u8, at::kByte, M * C, (k + " out_u8").c_str())) {
+    check_tensor(next_m, at::kLong, C, (k + " next_m").c_str());
+    check_tensor(next_e, at::kLong, C, (k + " next_e").c_str());
+    check_shifts(next_e, (k + " next_e").c_str());
+    TORCH_CHECK(next_qmax >= 1 && next_qmax <= 127, k, ": next_qmax in [1, 127], got ", next_qmax);
+  }
+  check_optional(out_q, at::kLong, M * C, (k + " out_q").c_str());
+  check_optional(out_pre, at::kLong, M * C, (k + " " + pre).c_str());
 }
 
 // Values of an index tensor must lie in [0, n).
@@ -509,18 +527,9 @@ void resid_ln(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& m
   check_tensor(e_a, at::kLong, C, "resid_ln e_a");
   check_shifts(e_a, "resid_ln e_a");
   check_tensor(resid_u8, at::kByte, M * C, "resid_ln resid_u8");
-  check_tensor(ln_bint, at::kLong, C, "resid_ln ln_bint");
   check(e_r >= 1, "resid_ln: e_r must be >= 1");
   check(qmax22 >= 1 && qmax22 < (i64(1) << 31), "resid_ln: qmax22 in [1, 2^31)");
-  check(shift >= 0 && shift <= 62, "resid_ln: shift in [0, 62]");
-  if (check_optional(out_u8, at::kByte, M * C, "resid_ln out_u8")) {
-    check_tensor(next_m, at::kLong, C, "resid_ln next_m");
-    check_tensor(next_e, at::kLong, C, "resid_ln next_e");
-    check_shifts(next_e, "resid_ln next_e");
-    check(next_qmax >= 1 && next_qmax <= 127, "resid_ln: next_qmax in [1, 127]");
-  }
-  check_optional(out_q, at::kLong, M * C, "resid_ln out_q");
-  check_optional(out_q22, at::kLong, M * C, "resid_ln out_q22");
+  check_ln_args("resid_ln", M, C, ln_bint, shift, next_m, next_e, next_qmax, out_u8, out_q, out_q22, "out_q22");
   const i32* A = acc.data_ptr<i32>();
   const i64* Bi = bias.data_ptr<i64>();
   const i64* Ma = m_a.data_ptr<i64>();
@@ -576,18 +585,9 @@ void embed_ln(const at::Tensor& tokens, const at::Tensor& positions, const at::T
   check_tensor(pad_rows, at::kByte, M, "embed_ln pad_rows");
   check_index(tokens, tok_w.size(0), "embed_ln tokens");
   check_index(positions, pos_w.size(0), "embed_ln positions");
-  check_tensor(ln_bint, at::kLong, C, "embed_ln ln_bint");
   check(e_t >= 1 && e_p >= 1, "embed_ln: e_t and e_p must be >= 1");
   check(qmax16 >= 1 && qmax16 < (i64(1) << 31), "embed_ln: qmax16 in [1, 2^31)");
-  check(shift >= 0 && shift <= 62, "embed_ln: shift in [0, 62]");
-  if (check_optional(out_u8, at::kByte, M * C, "embed_ln out_u8")) {
-    check_tensor(next_m, at::kLong, C, "embed_ln next_m");
-    check_tensor(next_e, at::kLong, C, "embed_ln next_e");
-    check_shifts(next_e, "embed_ln next_e");
-    check(next_qmax >= 1 && next_qmax <= 127, "embed_ln: next_qmax in [1, 127]");
-  }
-  check_optional(out_q, at::kLong, M * C, "embed_ln out_q");
-  check_optional(out_q16, at::kLong, M * C, "embed_ln out_q16");
+  check_ln_args("embed_ln", M, C, ln_bint, shift, next_m, next_e, next_qmax, out_u8, out_q, out_q16, "out_q16");
   const i64* TK = tokens.data_ptr<i64>();
   const i64* PS = positions.data_ptr<i64>();
   const u8* PR = pad_rows.data_ptr<u8>();
