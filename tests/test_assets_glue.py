@@ -32,6 +32,7 @@ def test_script_is_lf_and_strict():
     assert wrapper.resolve() == SCRIPT.resolve() or "preprocess_GLUE_tasks.sh" in wrapper.read_text()
 
 
+@pytest.mark.slow
 def test_script_all_tasks_wordpiece(tmp_path):
     from fairseq.data import Dictionary, data_utils
 
@@ -72,6 +73,7 @@ def test_script_error_exit(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_script_binary_tsv_is_one_error_line(tmp_path):
     g = _copy(tmp_path)
     (g / "RTE" / "dev.tsv").write_bytes(b"\x1f\x8b\x08\x00" + bytes(range(128, 256)) * 4)  # a gzip, say

@@ -54,6 +54,7 @@ def test_batches_are_real_padded_text():
     assert max(c.shape[1] for c in calib[:2]) < 128  # real sentence lengths, not only joined rows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wb", ["8", "7", "2"])
 def test_minilm_every_module_bit_exact(wb):
     n_outs, bad, _, _, routes = _compare(wb)

@@ -19,6 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import model_helpers as mh  # noqa: E402
 from ibert_plugin.engine import EngineError, convert, qat_compare  # noqa: E402
 
+pytestmark = pytest.mark.slow  # whole pipelines / subprocesses: `make test-fast` leaves them out
+
 SEEDS = range(50)
 #: sweep name -> (model flags, seeds)
 SWEEPS = {"8": (["--weight-bits", "8"], SEEDS), "7": (["--weight-bits", "7"], SEEDS),

@@ -7,6 +7,8 @@ import pytest
 
 from ibert_plugin import demo
 
+pytestmark = pytest.mark.slow  # whole pipelines / subprocesses: `make test-fast` leaves them out
+
 
 def _args(*argv):
     a = demo._parser().parse_args(list(argv))

@@ -13,6 +13,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import model_helpers as mh  # noqa: E402
 
+pytestmark = pytest.mark.slow  # whole pipelines / subprocesses: `make test-fast` leaves them out
+
 REPO = Path(__file__).resolve().parents[1]
 
 

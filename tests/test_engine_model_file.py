@@ -124,6 +124,7 @@ def _fairseq_text(kind):
     return text, d, glue.BpeEncoder(kind, bpe_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["gpt2", "wordpiece"])
 def test_token_ids_equal_fairseq_preprocessing_on_rt_sent(kind):
     text, d, bpe = _fairseq_text(kind)
@@ -143,6 +144,7 @@ def test_token_ids_equal_fairseq_preprocessing_on_rt_sent(kind):
     assert got == [want[i] + [d.eos()] + want[200 + i][1:] for i in range(200)]
 
 
+@pytest.mark.slow
 def test_minilm_rt_sent_from_file_matches_qat(tmp_path):
     """The shipped shape: MiniLM (6 x 384) in 8-bit I-BERT mode, RT-SENT dev sentences tokenized from the file."""
     from fairseq import checkpoint_utils

@@ -16,6 +16,8 @@ import torch
 import model_helpers as mh
 from ibert_plugin.engine import qat_compare
 
+pytestmark = pytest.mark.slow  # whole pipelines / subprocesses: `make test-fast` leaves them out
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu_check.py"
 

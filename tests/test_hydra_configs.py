@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from ibert_plugin.catalog import GLUE_TASKS as TASKS
@@ -34,6 +35,7 @@ def test_generated_configs_carry_the_table():
         assert cfg["dataset"].get("validate_interval_updates") == spec.validate_interval_updates(spec.bs)
 
 
+@pytest.mark.slow
 def test_check_mode_reports_a_stale_file(tmp_path):
     cmd = [sys.executable, "-m", "ibert_plugin.recipes.hydra_configs", "--out", str(tmp_path)]
     assert subprocess.run(cmd, cwd=REPO, capture_output=True).returncode == 0

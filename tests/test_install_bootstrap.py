@@ -6,6 +6,10 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # whole pipelines / subprocesses: `make test-fast` leaves them out
+
 REPO = Path(__file__).resolve().parents[1]
 
 

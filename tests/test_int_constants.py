@@ -172,6 +172,7 @@ def templates():
                                                                           "--weight-bits", wb]) for wb in WIDTHS}
 
 
+@pytest.mark.slow
 def test_compiled_constants_equal_the_qat_forward_over_50_seeds(templates, monkeypatch):
     d, tmpl = templates
     failures, logit_checks = {}, 0

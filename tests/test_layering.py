@@ -229,6 +229,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_every_module_imports_alone_and_low_rooms_without_fairseq():
     names = [m for m in MODULES if not m.endswith("__main__")]
     p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(names)], capture_output=True, text=True,
@@ -267,6 +268,7 @@ REGISTRY_CHECK = textwrap.dedent("""
     "import ibert_plugin.quant",  # the plugin first (fairseq's import_user_module then skips it)
     "import ibert_plugin.criterions.distill",  # a fairseq-side plugin module that imports fairseq itself
 ])
+@pytest.mark.slow
 def test_fairseq_sees_every_registration(first):
     code = first + "\n" + REGISTRY_CHECK
     p = subprocess.run([sys.executable, "-c", code, str(PKG)], capture_output=True, text=True, cwd=REPO,

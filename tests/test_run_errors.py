@@ -55,6 +55,7 @@ def test_bad_allocator_choice_is_one_error(tiny_glue, tmp_path):
     assert_one_error_line(p, 2, "IBERT_CPU_ALLOCATOR='tcmalloc': choose one of auto, jemalloc, system")
 
 
+@pytest.mark.slow
 def test_missing_data_and_restore(tiny_glue, tmp_path):
     base = ["--arch", "tiny", "--output-dir", str(tmp_path), "--dry-run"]
     p = run_py("--task", "RTE", "--data-dir", str(tmp_path / "nowhere"), "--quant-mode", "none", *base)
@@ -68,6 +69,7 @@ def test_missing_data_and_restore(tiny_glue, tmp_path):
     assert_one_error_line(p, 2, "pretrained model not found")
 
 
+@pytest.mark.slow
 def test_bits_and_stage_flags(tiny_glue, tmp_path):
     ck = tmp_path / "ck.pt"
     ck.write_bytes(b"x")
@@ -175,6 +177,7 @@ def test_squad_tasks_go_to_their_recipe(tmp_path, capsys):
     assert_one_error_line(Captured(rc, capsys.readouterr().err), 2, f"{tmp_path / 'nowhere'}/SQUAD1/train.json")
 
 
+@pytest.mark.slow
 def test_fairseq_failure_points_at_log(tiny_glue, tmp_path, run_env):
     p = run_py("--task", "RTE", "--arch", "tiny", "--quant-mode", "none", "--data-dir", str(tiny_glue),
                "--output-dir", str(tmp_path), "--cpu", "--", "--no-such-fairseq-flag", env=run_env)
@@ -198,6 +201,7 @@ def _fairseq_train_argv(tiny_glue, tmp_path, capsys, *run_args):
     (["--criterion", "ternary_distill", "--teacher-path", "x.pt", "--pred-distill", "--pred-distill-weight", "-1"],
      ["--pred-distill-weight must be a finite number >= 0, got -1"]),
 ])
+@pytest.mark.slow
 def test_bad_plugin_flags_given_straight_to_fairseq_train(tiny_glue, tmp_path, capsys, bad, needles):
     """fairseq-train itself (not run.py) reports a bad plugin flag, found when it builds the model or the criterion,
     as one error line."""
@@ -209,6 +213,7 @@ def test_bad_plugin_flags_given_straight_to_fairseq_train(tiny_glue, tmp_path, c
     assert not list(tmp_path.glob("**/checkpoint*.pt"))
 
 
+@pytest.mark.slow
 def test_other_fairseq_train_failures_keep_their_traceback(tiny_glue, tmp_path, capsys):
     argv = _fairseq_train_argv(tiny_glue, tmp_path, capsys, "--quant-mode", "none")
     p = subprocess.run(argv + ["--restore-file", str(tmp_path / "missing.pt"), "--finetune-from-model", "x"],

@@ -14,6 +14,8 @@ import pytest
 
 from ibert_plugin.wiring.lifetime import LIFETIME_ENV, RunLock, RunLockedError
 
+pytestmark = pytest.mark.slow  # whole pipelines / subprocesses: `make test-fast` leaves them out
+
 REPO = Path(__file__).resolve().parents[1]
 
 

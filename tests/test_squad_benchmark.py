@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # whole pipelines / subprocesses: `make test-fast` leaves them out
+
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("squad_accuracy", REPO / "benchmarks" / "squad_accuracy.py")
 bench = importlib.util.module_from_spec(_spec)

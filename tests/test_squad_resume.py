@@ -15,6 +15,8 @@ import pytest
 from ibert_plugin.squad import recipe
 from squad_data import synthetic_squad
 
+pytestmark = pytest.mark.slow  # whole pipelines / subprocesses: `make test-fast` leaves them out
+
 REPO = Path(__file__).resolve().parents[1]
 TOK = ["--tokenizer_dir", str(REPO / "data" / "minilm")]
 TINY = ["--arch", "tiny", *TOK, "--eval_step", "2", "--max_seq_length", "48", "--doc_stride", "16",
