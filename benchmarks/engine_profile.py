@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 
 import integer_engine as IE  # noqa: E402  (benchmarks/integer_engine.py: models, calibration, FP32 twin)
 from ibert_plugin.engine import EngineError, gemm  # noqa: E402
+from ibert_plugin.engine.intmodel import LINEARS  # noqa: E402
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
@@ -106,10 +107,10 @@ def instrument(eng, timer):
     saved = [(eng, "K", eng.K)]
     eng.K = _KernelProxy(eng.K, timer)
     for lay in eng.layers:
-        for k in ("qkv", "o", "fc1", "fc2"):
+        for k in LINEARS:
             g = getattr(lay, k)
             saved.append((lay, k, g))
-            setattr(lay, k, timer.wrap(f"gemm_{'out' if k == 'o' else k} [{g.route}]", g,
+            setattr(lay, k, timer.wrap(f"gemm_{'out' if k == 'out_proj' else k} [{g.route}]", g,
                                        lambda a, *_, g=g: a.numel() * g.N))
 
     def undo():

@@ -173,7 +173,7 @@ def model_int(trained, tmp_path_factory):
     p = _run("convert", "--checkpoint", str(ckpt), "--output", str(out), "--bpe", "wordpiece", "--bpe-dir",
              str(_wordpiece_dir(root)), "--task", "RT-SENT")
     assert p.returncode == 0, p.stderr[-2000:]
-    assert p.stdout.startswith(f"wrote {out} (IBERT-INT v2")
+    assert p.stdout.startswith(f"wrote {out} (IBERT-INT v3")
     return out
 
 

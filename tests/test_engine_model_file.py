@@ -79,8 +79,9 @@ def test_round_trip_is_lossless_and_engine_is_bit_exact(tiny_models, tmp_path, w
             assert type(v) is type(b[k]) and v == b[k], k
     assert mf.labels == ["neg", "pos"] and mf.header["task"] == "RT-SENT" and mf.text is None
     D = int(mh.TINY_DIMS[3])
-    assert header["arch"] == {"layers": 2, "embed_dim": D, "vocab_size": len(d), "position_rows": im.pos_w.shape[0],
-                              "padding_idx": d.pad(), "heads": 4, "ffn_dim": 128, "num_classes": 2}
+    assert header["arch"] == {"layers": 2, "embed_dim": D, "vocab_size": len(d),
+                              "position_rows": im.position_table.shape[0], "padding_idx": d.pad(), "heads": 4,
+                              "ffn_dim": 128, "num_classes": 2}
     assert header["bits"]["weight"] == int(wb) and header["bits"]["ternary"] == (wb == "2")
     assert set(header["route_hints"].values()) == ({"fbgemm16"} if wb == "2" else {"u8u8"})
     toks = mh.random_batch(d, bsz=3, tgt_len=14, seed=7)
@@ -232,7 +233,7 @@ def _bad_file(kind, saved, tmp):
 
         save_file({"w": torch.ones(2)}, str(p), metadata={"format": "pt"})
     elif kind == "newer":
-        _rewrite(saved, p, lambda m, h: m.update(version="3"))
+        _rewrite(saved, p, lambda m, h: m.update(version="4"))
     elif kind == "v1":  # a version-1 file: payload checksum in the header, no whole-file checksum
         def v1(m, h):
             del m["file_sha256"]
@@ -241,7 +242,7 @@ def _bad_file(kind, saved, tmp):
         _rewrite(saved, p, v1)
     elif kind == "header_digit":  # the issue's edit: one digit of a requantization constant changed in place
         b = bytearray(data)
-        at = data.index(b'"emb_tok_m\\":') + len(b'"emb_tok_m\\":')
+        at = data.index(b'"multiplier\\":') + len(b'"multiplier\\":')  # token_requant's, a plain int
         b[at] = ord("1") if b[at] != ord("1") else ord("2")
         p.write_bytes(bytes(b))
     elif kind == "labels_swapped":  # same length, so the safetensors offsets stay valid
@@ -262,7 +263,7 @@ BAD = {
     "random": "not an IBERT-INT model file",
     "torch": "not an IBERT-INT model file",
     "foreign_safetensors": "not an IBERT-INT model file (a safetensors file without the IBERT-INT header)",
-    "newer": "IBERT-INT version 3, newer than this engine reads (up to 2)",
+    "newer": "IBERT-INT version 4, newer than this engine reads (up to 3)",
     "fields": "IntLayer fields differ from this engine's (missing ['heads']",
     "shapes": "corrupt IBERT-INT file",
 }
@@ -319,3 +320,64 @@ def test_good_file_loads_and_save_refuses_mismatched_vocabulary(saved, tmp_path)
     with pytest.raises(model_file.EngineError, match="dictionary has 30522 entries, the model's token table 65"):
         model_file.save(str(tmp_path / "x.int"), mf.model, text=text)
     assert not (tmp_path / "x.int").exists()
+
+
+FIXTURE_V2 = Path(__file__).resolve().parent / "fixtures" / "engine_v2"
+
+
+@pytest.fixture(scope="module")
+def v2_file(tmp_path_factory):
+    """The version-2 file written by the engine before the field renames (tests/fixtures/README.md)."""
+    import lzma
+
+    p = tmp_path_factory.mktemp("v2") / "tiny_w8_v2.int"
+    p.write_bytes(lzma.decompress((FIXTURE_V2 / "tiny_w8_v2.int.xz").read_bytes()))
+    return p
+
+
+def test_version_2_file_runs_bit_exact_with_what_it_gave_when_written(v2_file):
+    expected = json.loads((FIXTURE_V2 / "tiny_w8_v2.expected.json").read_text())
+    raw_version = json.loads(v2_file.read_bytes()[8: 8 + int.from_bytes(v2_file.read_bytes()[:8], "little")]
+                             .decode())["__metadata__"]["version"]
+    assert raw_version == "2"
+    mf = model_file.load(str(v2_file))
+    assert mf.header["version"] == model_file.FORMAT_VERSION and mf.header["upgraded_from"] == 2
+    assert set(mf.header["route_hints"]) == {f"layers.{i}.{k}" for i in range(2) for k in
+                                             ("qkv", "out_proj", "fc1", "fc2")}
+    im = mf.model
+    assert isinstance(im.token_requant.multiplier, int) and im.layers[0].input_requant.multiplier.shape == (64,)
+    eng = IntegerEngine(im, threads=1)
+    toks = torch.tensor(expected["tokens"])
+    q, s, _ = eng.encode(toks)
+    assert torch.equal(q, torch.tensor(expected["q_out"], dtype=torch.int64))
+    assert torch.equal(s, torch.tensor(expected["s_out"], dtype=s.dtype))
+    assert torch.equal(eng.classify(toks), torch.tensor(expected["logits"], dtype=torch.float32))
+
+
+def test_version_2_file_resaved_is_version_3_with_the_same_constants(v2_file, tmp_path):
+    old = model_file.load(str(v2_file))
+    out = tmp_path / "v3.int"
+    model_file.save(str(out), old.model, labels=old.labels, source=old.header["source"], task=old.header["task"])
+    new = model_file.load(str(out))
+    assert "upgraded_from" not in new.header and new.header["route_hints"] == old.header["route_hints"]
+    a, b = dict(_leaves(old.model)), dict(_leaves(new.model))
+    assert a.keys() == b.keys() and any(k.endswith("input_requant.multiplier") for k in a)
+    for k, v in a.items():
+        assert (torch.equal(v, b[k]) and v.dtype == b[k].dtype) if isinstance(v, torch.Tensor) else v == b[k], k
+
+
+def test_version_2_file_with_a_changed_byte_is_refused(v2_file, tmp_path):
+    b = bytearray(v2_file.read_bytes())
+    b[-50] ^= 0x04
+    p = tmp_path / "flipped_v2.int"
+    p.write_bytes(bytes(b))
+    with pytest.raises(model_file.ModelFileError, match="checksum mismatch"):
+        model_file.load(str(p))
+
+
+def test_version_2_tree_missing_a_field_names_it_in_version_3_terms():
+    tree = {"type": "IntLN", "fields": {"shift": 3, "b_int": {"tensor": "x"}}}
+    up = model_file.upgrade_v2_header({"model": tree})["model"]
+    assert up["fields"] == {"shift": 3, "bias": {"tensor": "x"}}
+    with pytest.raises(model_file.ModelFileError, match=r"IntLN fields differ .*missing \['out_scale'\]"):
+        model_file._decode(up, "model", {"x": torch.zeros(2, dtype=torch.int64)}, model_file._dataclass_types())

@@ -105,63 +105,68 @@ def _differences(im, rec, model):
     enc = model.encoder.sentence_encoder
     ids = torch.arange(enc.embed_tokens.num_embeddings)
     tok_rows, s_tok = QM.QuantEmbedding.forward(enc.embed_tokens, ids)
-    check("tok_w", im.tok_w, tok_rows)
+    check("token_table", im.token_table, tok_rows)
     check("s_tok", im.info["s_tok"], s_tok)
     ea = rec["embed_act"]
-    check("emb_tok_m/e", (im.emb_tok_m, im.emb_tok_e), torch.cat([ea["m"], ea["e"]]))
-    check("emb_pos_m/e", (im.emb_pos_m, im.emb_pos_e), torch.cat([ea["m_id"], ea["e_id"]]))
+
+    def ratio(got):
+        return (got.multiplier, got.shift)
+
+    check("token_requant", ratio(im.token_requant), torch.cat([ea["m"], ea["e"]]))
+    check("position_requant", ratio(im.position_requant), torch.cat([ea["m_id"], ea["e_id"]]))
 
     def ln(prefix, got, r):
         check(prefix + ".shift", got.shift, r["shift"])
-        check(prefix + ".b_int", got.b_int, r["b_int"])
-        check(prefix + ".s_out", got.s_out, r["out_scale"])
+        check(prefix + ".bias", got.bias, r["b_int"])
+        check(prefix + ".out_scale", got.out_scale, r["out_scale"])
+
+    def per_channel(name, got, r, n):
+        check(name + ".multiplier", got.multiplier, r["m"].expand(n))
+        check(name + ".shift", got.shift, r["e"].expand(n))
 
     ln("layernorm_embedding", im.emb_ln, rec["layernorm_embedding"])
-    D = im.tok_w.shape[1]
+    D = im.token_table.shape[1]
     for i, L in enumerate(im.layers):
         p = f"layers.{i}."
         R = {k[len(p):]: v for k, v in rec.items() if k.startswith(p)}
-        check(p + "in_m", L.in_m, R["input_act"]["m"].expand(D))
-        check(p + "in_e", L.in_e, R["input_act"]["e"].expand(D))
-        check(p + "s_x", L.s_x, R["input_act"]["out_scale"])
+        per_channel(p + "input_requant", L.input_requant, R["input_act"], D)
+        check(p + "input_scale", L.input_scale, R["input_act"]["out_scale"])
         for j, n in enumerate(("q", "k", "v")):
             lin, act = R[f"self_attn.{n}_proj"], R[f"self_attn.{n}_act"]
             rows = slice(j * D, (j + 1) * D)
-            check(p + n + "_proj.w_int", L.qkv.w_int[rows], lin["w_int"])
-            check(p + n + "_proj.b_int", L.qkv.b_int[rows], lin["b_int"])
-            check(p + n + "_proj.s_acc", L.qkv.s_acc[rows], lin["out_scale"].expand(D))
-            check(p + n + "_act.m", L.qkv_m[rows], act["m"].expand(D))
-            check(p + n + "_act.e", L.qkv_e[rows], act["e"].expand(D))
-            check(p + n + "_act.s_out", L.s_qkv[j], act["out_scale"])
+            check(p + n + "_proj.weight", L.qkv.weight[rows], lin["w_int"])
+            check(p + n + "_proj.bias", L.qkv.bias[rows], lin["b_int"])
+            check(p + n + "_proj.acc_scale", L.qkv.acc_scale[rows], lin["out_scale"].expand(D))
+            check(p + n + "_act.multiplier", L.qkv_requant.multiplier[rows], act["m"].expand(D))
+            check(p + n + "_act.shift", L.qkv_requant.shift[rows], act["e"].expand(D))
+            check(p + n + "_act.out_scale", L.qkv_scales[j], act["out_scale"])
         sm = R["self_attn.softmax"]
-        check(p + "s_scores", L.s_scores, sm["in_scale"])
+        check(p + "score_scale", L.score_scale, sm["in_scale"])
         size = int(30 * -float(sm["exp"].x0)) + 1
         table = NL._int_exp(-torch.arange(size, dtype=torch.float64), sm["exp"])
-        check(p + "lut", L.lut[torch.arange(size).clamp(max=L.lut.numel() - 1)], table)
+        check(p + "exp_table", L.exp_table[torch.arange(size).clamp(max=L.exp_table.numel() - 1)], table)
         aa = R["self_attn.attn_act"]
-        check(p + "ctx_m/e", (L.ctx_m, L.ctx_e), torch.cat([aa["m"], aa["e"]]))
-        check(p + "s_ctx", L.s_ctx, aa["out_scale"])
-        for field, name in (("o", "self_attn.out_proj"), ("fc1", "fc1"), ("fc2", "fc2")):
+        check(p + "context_requant", ratio(L.context_requant), torch.cat([aa["m"], aa["e"]]))
+        check(p + "context_scale", L.context_scale, aa["out_scale"])
+        for field, name in (("out_proj", "self_attn.out_proj"), ("fc1", "fc1"), ("fc2", "fc2")):
             lin, got = R[name], getattr(L, field)
-            check(p + name + ".w_int", got.w_int, lin["w_int"])
-            check(p + name + ".b_int", got.b_int, lin["b_int"])
-            check(p + name + ".s_acc", got.s_acc, lin["out_scale"].expand(got.s_acc.numel()))
-        for pre, name in (("ar", "attn_residual_act"), ("fr", "ffn_residual_act")):
+            check(p + name + ".weight", got.weight, lin["w_int"])
+            check(p + name + ".bias", got.bias, lin["b_int"])
+            check(p + name + ".acc_scale", got.acc_scale, lin["out_scale"].expand(got.acc_scale.numel()))
+        for pre, name in (("attn", "attn_residual_act"), ("ffn", "ffn_residual_act")):
             r = R[name]
-            check(p + name + ".m", getattr(L, pre + "_m"), r["m"].expand(D))
-            check(p + name + ".e", getattr(L, pre + "_e"), r["e"].expand(D))
-            check(p + name + ".id", (getattr(L, pre + "_id_m"), getattr(L, pre + "_id_e")),
-                  torch.cat([r["m_id"], r["e_id"]]))
+            per_channel(p + name, getattr(L, pre + "_residual_requant"), r, D)
+            check(p + name + ".id", ratio(getattr(L, pre + "_identity_requant")), torch.cat([r["m_id"], r["e_id"]]))
         ln(p + "self_attn_layer_norm", L.attn_ln, R["self_attn_layer_norm"])
         ln(p + "final_layer_norm", L.ffn_ln, R["final_layer_norm"])
-        check(p + "fc1_act", (L.h_m, L.h_e), torch.cat([R["fc1_act"]["m"], R["fc1_act"]["e"]]))
-        check(p + "s_h", L.s_h, R["fc1_act"]["out_scale"])
-        for field, got in (("shift", L.gelu_k), ("b_int", L.gelu_b), ("c_int", L.gelu_c), ("one", L.gelu_one)):
+        check(p + "fc1_act", ratio(L.fc1_input_requant), torch.cat([R["fc1_act"]["m"], R["fc1_act"]["e"]]))
+        check(p + "fc1_input_scale", L.fc1_input_scale, R["fc1_act"]["out_scale"])
+        for field, got in (("shift", L.gelu_shift), ("b_int", L.gelu_b), ("c_int", L.gelu_c), ("one", L.gelu_one)):
             check(p + "gelu." + field, got, R["gelu"][field])
-        check(p + "fc2_act", (L.g_m, L.g_e), torch.cat([R["fc2_act"]["m"], R["fc2_act"]["e"]]))
-        check(p + "s_g", L.s_g, R["fc2_act"]["out_scale"])
+        check(p + "fc2_act", ratio(L.fc2_input_requant), torch.cat([R["fc2_act"]["m"], R["fc2_act"]["e"]]))
+        check(p + "fc2_input_scale", L.fc2_input_scale, R["fc2_act"]["out_scale"])
     last = f"layers.{len(im.layers) - 1}.final_layer_norm"
-    check("s_out", im.s_out, rec[last]["out_scale"])
+    check("out_scale", im.out_scale, rec[last]["out_scale"])
     return bad
 
 
@@ -216,7 +221,7 @@ def test_the_comparison_sees_a_converter_side_change(templates, monkeypatch, pat
         if patch == "context_scale":
             orig = wiring.context_scale
             mp.setattr(wiring, "context_scale", lambda sp, sv: orig(sp, sv) * (1.0 + 2.0**-16))
-            want = "ctx_m/e"
+            want = "context_requant"
         else:
             orig = QM.gelu_constants
             mp.setattr(QM, "gelu_constants", lambda sc, c: orig(sc, "refit"))
@@ -238,10 +243,10 @@ def test_refit_constants_flow_from_the_command_line_into_the_engine(templates):
     im_r = convert.compile_model(mh.calibrate(model, batches))
     im_p = convert.compile_model(mh.calibrate(paper, batches))
     L_r, L_p = im_r.layers[0], im_p.layers[0]
-    s = L_r.fc1.s_acc
+    s = L_r.fc1.acc_scale
     assert torch.equal(L_r.gelu_b, NL.gelu_constants(s, "refit").b_int.to(torch.int64))
     assert not torch.equal(L_r.gelu_b, NL.gelu_constants(s, "paper").b_int.to(torch.int64))
     assert im_r.info["nonlinear_constants"] == "refit" and im_p.info["nonlinear_constants"] == "paper"
-    assert torch.equal(L_r.lut, NL.exp_lut(L_r.s_scores, "refit"))
-    assert torch.equal(L_p.lut, NL.exp_lut(L_p.s_scores, "paper"))
-    assert not torch.equal(L_r.lut, NL.exp_lut(L_r.s_scores, "paper"))
+    assert torch.equal(L_r.exp_table, NL.exp_lut(L_r.score_scale, "refit"))
+    assert torch.equal(L_p.exp_table, NL.exp_lut(L_p.score_scale, "paper"))
+    assert not torch.equal(L_r.exp_table, NL.exp_lut(L_r.score_scale, "paper"))

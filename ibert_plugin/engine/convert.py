@@ -9,29 +9,33 @@ the engine's kernels (clear :class:`EngineError` otherwise) and lays them out as
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 
 from . import EngineError
 from .engine import IntegerEngine
-from .intmodel import IntLayer, IntLinear, IntLN, IntModel
+from .intmodel import Dyadic, IntLayer, IntLinear, IntLN, IntModel
 
 f32, f64, i64 = torch.float32, torch.float64, torch.int64
 
 # ------------------------------------------------------------------------------------------------------------------
 # checks and layout of the modules' integer forms
 # ------------------------------------------------------------------------------------------------------------------
-def _me(m: torch.Tensor, e: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Dyadic constants as int64 ``(C,)`` (any shift: the kernels cap where it cannot matter, kernels.cpp)."""
-    return m.reshape(-1).to(i64).contiguous(), e.reshape(-1).to(i64).contiguous()
-
-
-def _scalar_me(m: torch.Tensor, e: torch.Tensor, what: str) -> Tuple[int, int]:
-    mm, ee = _me(m, e)
-    if mm.numel() != 1:
-        raise EngineError(f"{what}: expected a per-tensor requant ratio")
-    return int(mm[0]), int(ee[0])
+def _dyadic(act, what: str, per_channel: Optional[int] = None, identity: bool = False) -> Dyadic:
+    """The requantization ratio of a QAT activation quantizer's integer form (``act.m`` / ``act.e``, or the identity
+    branch's ``act.m_id`` / ``act.e_id``): int64 ``[per_channel]`` tensors (a per-tensor ratio is broadcast), or
+    Python ints when ``per_channel`` is None (the ratio must then be per tensor). Any shift is kept: the kernels cap
+    where it cannot matter (kernels.cpp)."""
+    m, e = (act.m_id, act.e_id) if identity else (act.m, act.e)
+    m, e = m.reshape(-1).to(i64).contiguous(), e.reshape(-1).to(i64).contiguous()
+    if per_channel is None:
+        if m.numel() != 1 or e.numel() != 1:
+            raise EngineError(f"{what}: expected a per-tensor requant ratio")
+        return Dyadic(int(m[0]), int(e[0]))
+    if m.numel() == 1 and per_channel != 1:
+        m, e = m.expand(per_channel).contiguous(), e.expand(per_channel).contiguous()
+    return Dyadic(m, e)
 
 
 def _linear(form, what: str) -> IntLinear:
@@ -46,31 +50,32 @@ def _ln(form) -> IntLN:
 
 def _layer(f: dict, heads: int, D: int, name: str) -> IntLayer:
     att = f["self_attn"]
-    in_m, in_e = _me(f["input_act"].m, f["input_act"].e)
     qkv_parts = [_linear(att[n], name + n) for n in ("q_proj", "k_proj", "v_proj")]
-    qkv = IntLinear(torch.cat([p.w_int for p in qkv_parts]), torch.cat([p.s_acc for p in qkv_parts]),
-                    torch.cat([p.b_int for p in qkv_parts]))
-    mes = [_me(att[n].m, att[n].e) for n in ("q_act", "k_act", "v_act")]
-    ctx_m, ctx_e = _scalar_me(att["attn_act"].m, att["attn_act"].e, name + "attn_act")
-    ra, fa = f["attn_residual_act"], f["ffn_residual_act"]
-    ar_m, ar_e = _me(ra.m, ra.e)
-    ar_id_m, ar_id_e = _scalar_me(ra.m_id, ra.e_id, name + "attn_residual_act")
-    fr_m, fr_e = _me(fa.m, fa.e)
-    fr_id_m, fr_id_e = _scalar_me(fa.m_id, fa.e_id, name + "ffn_residual_act")
-    h_m, h_e = _me(f["fc1_act"].m, f["fc1_act"].e)
-    g = f["gelu"]
-    g_m, g_e = _me(f["fc2_act"].m, f["fc2_act"].e)  # exact saturating split in gelu_u8
+    qkv = IntLinear(torch.cat([p.weight for p in qkv_parts]), torch.cat([p.acc_scale for p in qkv_parts]),
+                    torch.cat([p.bias for p in qkv_parts]))
+    qkv_req = [_dyadic(att[n], name + n, per_channel=D) for n in ("q_act", "k_act", "v_act")]
+    ra, fa, g = f["attn_residual_act"], f["ffn_residual_act"], f["gelu"]
+    fc1 = _linear(f["fc1"], name + "fc1")
     return IntLayer(
-        qkv=qkv, o=_linear(att["out_proj"], name + "out_proj"), fc1=_linear(f["fc1"], name + "fc1"),
-        fc2=_linear(f["fc2"], name + "fc2"), heads=heads, in_m=in_m.expand(D).contiguous(),
-        in_e=in_e.expand(D).contiguous(), s_x=f["input_act"].s_out, qkv_m=torch.cat([m for m, _ in mes]),
-        qkv_e=torch.cat([e for _, e in mes]), s_qkv=tuple(att[n].s_out for n in ("q_act", "k_act", "v_act")),
-        lut=att["softmax"].lut, s_scores=att["s_scores"], ctx_m=ctx_m, ctx_e=ctx_e,
-        s_ctx=att["attn_act"].s_out, ar_m=ar_m, ar_e=ar_e, ar_id_m=ar_id_m, ar_id_e=ar_id_e,
-        attn_ln=_ln(f["self_attn_layer_norm"]), h_m=h_m, h_e=h_e, s_h=f["fc1_act"].s_out,
-        gelu_k=g.shift.to(i64).contiguous(), gelu_b=g.b_int.to(i64).contiguous(), gelu_c=g.c_int.to(i64).contiguous(),
-        gelu_one=g.one.to(i64).contiguous(), g_m=g_m, g_e=g_e, s_g=f["fc2_act"].s_out, fr_m=fr_m, fr_e=fr_e,
-        fr_id_m=fr_id_m, fr_id_e=fr_id_e, ffn_ln=_ln(f["final_layer_norm"]))
+        qkv=qkv, out_proj=_linear(att["out_proj"], name + "out_proj"), fc1=fc1, fc2=_linear(f["fc2"], name + "fc2"),
+        heads=heads,
+        input_requant=_dyadic(f["input_act"], name + "input_act", per_channel=D), input_scale=f["input_act"].s_out,
+        qkv_requant=Dyadic(torch.cat([r.multiplier for r in qkv_req]), torch.cat([r.shift for r in qkv_req])),
+        qkv_scales=tuple(att[n].s_out for n in ("q_act", "k_act", "v_act")),
+        exp_table=att["softmax"].lut, score_scale=att["s_scores"],
+        context_requant=_dyadic(att["attn_act"], name + "attn_act"), context_scale=att["attn_act"].s_out,
+        attn_residual_requant=_dyadic(ra, name + "attn_residual_act", per_channel=D),
+        attn_identity_requant=_dyadic(ra, name + "attn_residual_act", identity=True),
+        attn_ln=_ln(f["self_attn_layer_norm"]),
+        fc1_input_requant=_dyadic(f["fc1_act"], name + "fc1_act", per_channel=D), fc1_input_scale=f["fc1_act"].s_out,
+        gelu_shift=g.shift.to(i64).contiguous(), gelu_b=g.b_int.to(i64).contiguous(),
+        gelu_c=g.c_int.to(i64).contiguous(), gelu_one=g.one.to(i64).contiguous(),
+        # exact saturating split in gelu_u8
+        fc2_input_requant=_dyadic(f["fc2_act"], name + "fc2_act", per_channel=fc1.weight.shape[0]),
+        fc2_input_scale=f["fc2_act"].s_out,
+        ffn_residual_requant=_dyadic(fa, name + "ffn_residual_act", per_channel=D),
+        ffn_identity_requant=_dyadic(fa, name + "ffn_residual_act", identity=True),
+        ffn_ln=_ln(f["final_layer_norm"]))
 
 
 def _cfg_of(model):
@@ -118,14 +123,13 @@ def compile_model(model, head_name: str = "sentence_classification_head") -> Int
     tok_w, s_tok = f["embed_tokens"]
     pos_w, s_pos = f["embed_positions"]
     ea = f["embed_act"]
-    tm, te = _scalar_me(ea.m, ea.e, "embed_act")
-    pm, pe = _scalar_me(ea.m_id, ea.e_id, "embed_act")
     D = tok_w.shape[1]
     layers = [_layer(lf, lay.self_attn.num_heads, D, f"layers.{i}.") for i, (lf, lay) in
               enumerate(zip(f["layers"], se.layers))]
     wb = int(cfg.weight_bits)
-    return IntModel(tok_w=tok_w, pos_w=pos_w, padding_idx=int(se.padding_idx), emb_tok_m=tm, emb_tok_e=te,
-                    emb_pos_m=pm, emb_pos_e=pe, emb_ln=_ln(f["layernorm_embedding"]), layers=layers,
+    return IntModel(token_table=tok_w, position_table=pos_w, padding_idx=int(se.padding_idx),
+                    token_requant=_dyadic(ea, "embed_act"), position_requant=_dyadic(ea, "embed_act", identity=True),
+                    emb_ln=_ln(f["layernorm_embedding"]), layers=layers,
                     act_bits=int(cfg.act_bits), residual_bits=int(cfg.residual_bits),
                     embed_act_bits=int(cfg.embed_act_bits), head=head_from_model(model, head_name), weight_bits=wb,
                     ternary=wb == 2, info={"s_tok": s_tok, "s_pos": s_pos, "s_emb": ea.s_out,

@@ -19,7 +19,7 @@ import torch
 
 from ..quant.primitives import dequantize
 from . import EngineError, gemm, kernels, selftest
-from .intmodel import IntModel
+from .intmodel import LINEARS, IntModel
 
 I64 = torch.int64
 
@@ -37,14 +37,14 @@ class _Layer:
         self.L = L
         self.routes = {}
         self.bias = {}
-        for k in ("qkv", "o", "fc1", "fc2"):
+        for k in LINEARS:
             lin = getattr(L, k)
-            g = gemm.make_linear(lin.w_int, gemm.route_for(lin.w_int, allowed=allowed), threads)
+            g = gemm.make_linear(lin.weight, gemm.route_for(lin.weight, allowed=allowed), threads)
             setattr(self, k, g)
             self.routes[k] = g.route
-            self.bias[k] = (lin.b_int.to(I64) + g.zp_correction).contiguous()
+            self.bias[k] = (lin.bias.to(I64) + g.zp_correction).contiguous()
         # |FC1 accumulator| bound for gelu_u8's int32 path: K products of |u8 or s8| <= 255 by |w| <= 128
-        self.fc1_acc_bound = 255 * 128 * L.fc1.w_int.shape[1]
+        self.fc1_acc_bound = 255 * 128 * L.fc1.weight.shape[1]
 
 
 class IntegerEngine:
@@ -77,7 +77,7 @@ class IntegerEngine:
         with self._threads():
             self.layers = [_Layer(L, allowed, self.threads) for L in im.layers]
         gemm.malloc_trim()
-        self.D = im.tok_w.shape[1]
+        self.D = im.token_table.shape[1]
         self._store: Dict[str, torch.Tensor] = {}
         self.timings: Dict[str, float] = {}
         self.profile = False
@@ -95,15 +95,15 @@ class IntegerEngine:
             return t.numel() * t.element_size()
 
         im = self.im
-        n = nb(im.tok_w) + nb(im.pos_w) + nb(im.emb_ln.b_int)
+        n = nb(im.token_table) + nb(im.position_table) + nb(im.emb_ln.bias)
         for lay in self.layers:
             L = lay.L
-            for k in ("qkv", "o", "fc1", "fc2"):
+            for k in LINEARS:
                 n += getattr(lay, k).weight_bytes + nb(lay.bias[k])
-            n += nb(L.lut) + sum(nb(t) for t in (L.in_m, L.in_e, L.qkv_m, L.qkv_e, L.ar_m, L.ar_e, L.h_m, L.h_e,
-                                                 L.gelu_k, L.gelu_b, L.gelu_c, L.gelu_one, L.g_m, L.g_e, L.fr_m,
-                                                 L.fr_e,
-                                                 L.attn_ln.b_int, L.ffn_ln.b_int))
+            ratios = (L.input_requant, L.qkv_requant, L.attn_residual_requant, L.fc1_input_requant,
+                      L.fc2_input_requant, L.ffn_residual_requant)
+            n += nb(L.exp_table) + sum(nb(r.multiplier) + nb(r.shift) for r in ratios)
+            n += sum(nb(t) for t in (L.gelu_shift, L.gelu_b, L.gelu_c, L.gelu_one, L.attn_ln.bias, L.ffn_ln.bias))
         if im.head and include_head:
             n += sum(nb(t) for t in im.head.values())
         return n
@@ -125,7 +125,7 @@ class IntegerEngine:
         varying length reuse the same (already faulted-in) memory. Only internal state: nothing returned aliases
         them."""
         D = self.D
-        F = self.im.layers[0].fc1.w_int.shape[0] if self.im.layers else D
+        F = self.im.layers[0].fc1.weight.shape[0] if self.im.layers else D
         M = B * T
         u8, i32 = torch.uint8, torch.int32
         shapes = dict(x=((M, D), u8), h=((M, D), u8), c=((M, D), u8), g=((M, F), u8),
@@ -158,7 +158,7 @@ class IntegerEngine:
         if tokens.dim() != 2:
             raise EngineError("tokens must be [batch, time]")
         tokens = tokens.to(I64).contiguous()
-        V = self.im.tok_w.shape[0]
+        V = self.im.token_table.shape[0]
         lo, hi = torch.aminmax(tokens) if tokens.numel() else (torch.zeros(()), torch.zeros(()))
         if int(hi) >= V or int(lo) < 0:
             raise EngineError(f"token id out of range for a dictionary of {V} entries")
@@ -167,8 +167,8 @@ class IntegerEngine:
 
     def _encode(self, tokens: torch.Tensor, collect: bool):
         B, T = tokens.shape
-        if T + self.im.padding_idx + 1 > self.im.pos_w.shape[0]:
-            positions = self.im.pos_w.shape[0] - self.im.padding_idx - 1
+        if T + self.im.padding_idx + 1 > self.im.position_table.shape[0]:
+            positions = self.im.position_table.shape[0] - self.im.padding_idx - 1
             raise EngineError(f"sequence length {T} exceeds the model's {positions} positions")
         K, im, D = self.K, self.im, self.D
         buf = self._buf(B, T)
@@ -184,17 +184,17 @@ class IntegerEngine:
         t0 = time.perf_counter()
         if im.layers:
             L0 = im.layers[0]
-            nm, ne, xo = L0.in_m, L0.in_e, x
+            nm, ne, xo = L0.input_requant.multiplier, L0.input_requant.shift, x
         else:
             nm, ne, xo = e, e, eu
         last_q = out_q if not im.layers else e
         q16 = torch.empty(M, D, dtype=I64) if collect else e
         qln = torch.empty(M, D, dtype=I64) if collect else last_q
         K.embed_ln(tokens=tokens.reshape(-1), positions=positions.reshape(-1), pad_rows=pad_u8.reshape(-1),
-                   tok_w=im.tok_w, pos_w=im.pos_w, m_t=im.emb_tok_m, e_t=im.emb_tok_e, m_p=im.emb_pos_m,
-                   e_p=im.emb_pos_e, qmax16=2 ** (im.embed_act_bits - 1) - 1, shift=im.emb_ln.shift,
-                   ln_bint=im.emb_ln.b_int, next_m=nm, next_e=ne, next_qmax=2 ** (im.act_bits - 1) - 1, out_u8=xo,
-                   out_q=qln, out_q16=q16)
+                   tok_w=im.token_table, pos_w=im.position_table, m_t=im.token_requant.multiplier,
+                   e_t=im.token_requant.shift, m_p=im.position_requant.multiplier, e_p=im.position_requant.shift,
+                   qmax16=2 ** (im.embed_act_bits - 1) - 1, shift=im.emb_ln.shift, ln_bint=im.emb_ln.bias,
+                   next_m=nm, next_e=ne, next_qmax=2 ** (im.act_bits - 1) - 1, out_u8=xo, out_q=qln, out_q16=q16)
         if collect:
             acts["embed_act"] = q16.view(B, T, D).clone()
             acts["layernorm_embedding"] = qln.view(B, T, D).clone()
@@ -217,8 +217,9 @@ class IntegerEngine:
                 probs = torch.empty(B, H, T, T, dtype=torch.uint8)
             else:
                 qkv, probs = [eu, eu, eu], eu
-            K.attention_u8(acc=buf["acc_qkv"], bias=lay.bias["qkv"], m=L.qkv_m, e=L.qkv_e, qmax=qmax8, batch=B,
-                           seq_len=T, heads=H, key_pad=pad_u8, lut=L.lut, ctx_m=L.ctx_m, ctx_e=L.ctx_e, out=c,
+            K.attention_u8(acc=buf["acc_qkv"], bias=lay.bias["qkv"], m=L.qkv_requant.multiplier,
+                           e=L.qkv_requant.shift, qmax=qmax8, batch=B, seq_len=T, heads=H, key_pad=pad_u8,
+                           lut=L.exp_table, ctx_m=L.context_requant.multiplier, ctx_e=L.context_requant.shift, out=c,
                            q_out=qkv[0], k_out=qkv[1], v_out=qkv[2], p_out=probs)
             t0 = self._t("attention", t0)
             if collect:
@@ -226,13 +227,14 @@ class IntegerEngine:
                     acts[pre + "self_attn." + name] = t.permute(0, 2, 1, 3).reshape(B, T, D).to(I64) - 128
                 acts[pre + "self_attn.softmax"] = probs.to(I64)
                 acts[pre + "self_attn.attn_act"] = c.view(B, T, D).to(I64) - 128
-            lay.o(c, buf["acc_d"])
+            lay.out_proj(c, buf["acc_d"])
             t0 = self._t("gemm_out", t0)
             q22 = torch.empty(M, D, dtype=I64) if collect else e
             qa = torch.empty(M, D, dtype=I64) if collect else e
-            K.resid_ln(acc=buf["acc_d"], bias=lay.bias["o"], m_a=L.ar_m, e_a=L.ar_e, resid_u8=x, m_r=L.ar_id_m,
-                       e_r=L.ar_id_e, qmax22=qmax22, shift=L.attn_ln.shift, ln_bint=L.attn_ln.b_int, next_m=L.h_m,
-                       next_e=L.h_e, next_qmax=qmax8, out_u8=h, out_q=qa, out_q22=q22)
+            ar, ai, nx = L.attn_residual_requant, L.attn_identity_requant, L.fc1_input_requant
+            K.resid_ln(acc=buf["acc_d"], bias=lay.bias["out_proj"], m_a=ar.multiplier, e_a=ar.shift, resid_u8=x,
+                       m_r=ai.multiplier, e_r=ai.shift, qmax22=qmax22, shift=L.attn_ln.shift, ln_bint=L.attn_ln.bias,
+                       next_m=nx.multiplier, next_e=nx.shift, next_qmax=qmax8, out_u8=h, out_q=qa, out_q22=q22)
             t0 = self._t("resid_ln", t0)
             if collect:
                 acts[pre + "attn_residual_act"] = q22.view(B, T, D)
@@ -240,10 +242,11 @@ class IntegerEngine:
                 acts[pre + "fc1_act"] = h.view(B, T, D).to(I64) - 128
             lay.fc1(h, buf["acc_f"])
             t0 = self._t("gemm_fc1", t0)
-            F = L.fc1.w_int.shape[0]
+            F = L.fc1.weight.shape[0]
             gq = torch.empty(M, F, dtype=I64) if collect else e
-            K.gelu_u8(acc=buf["acc_f"], bias=lay.bias["fc1"], k_sh=L.gelu_k, b_int=L.gelu_b, c_int=L.gelu_c,
-                      one=L.gelu_one, m=L.g_m, e=L.g_e, qmax=qmax8, acc_bound=lay.fc1_acc_bound, out=g, out_g=gq)
+            K.gelu_u8(acc=buf["acc_f"], bias=lay.bias["fc1"], k_sh=L.gelu_shift, b_int=L.gelu_b, c_int=L.gelu_c,
+                      one=L.gelu_one, m=L.fc2_input_requant.multiplier, e=L.fc2_input_requant.shift, qmax=qmax8,
+                      acc_bound=lay.fc1_acc_bound, out=g, out_g=gq)
             t0 = self._t("gelu", t0)
             if collect:
                 acts[pre + "gelu"] = gq.view(B, T, F)
@@ -254,18 +257,19 @@ class IntegerEngine:
             if last:
                 nm, ne, xo, oq = e, e, eu, out_q
             else:
-                Ln = self.layers[i + 1].L
-                nm, ne, xo, oq = Ln.in_m, Ln.in_e, x, (torch.empty(M, D, dtype=I64) if collect else e)
+                nxt = self.layers[i + 1].L.input_requant
+                nm, ne, xo, oq = nxt.multiplier, nxt.shift, x, (torch.empty(M, D, dtype=I64) if collect else e)
             q22 = torch.empty(M, D, dtype=I64) if collect else e
             # the residual here is h, so x is free for the next layer's input
-            K.resid_ln(acc=buf["acc_d"], bias=lay.bias["fc2"], m_a=L.fr_m, e_a=L.fr_e, resid_u8=h, m_r=L.fr_id_m,
-                       e_r=L.fr_id_e, qmax22=qmax22, shift=L.ffn_ln.shift, ln_bint=L.ffn_ln.b_int, next_m=nm,
-                       next_e=ne, next_qmax=qmax8, out_u8=xo, out_q=oq, out_q22=q22)
+            fr, fi = L.ffn_residual_requant, L.ffn_identity_requant
+            K.resid_ln(acc=buf["acc_d"], bias=lay.bias["fc2"], m_a=fr.multiplier, e_a=fr.shift, resid_u8=h,
+                       m_r=fi.multiplier, e_r=fi.shift, qmax22=qmax22, shift=L.ffn_ln.shift, ln_bint=L.ffn_ln.bias,
+                       next_m=nm, next_e=ne, next_qmax=qmax8, out_u8=xo, out_q=oq, out_q22=q22)
             t0 = self._t("resid_ln", t0)
             if collect:
                 acts[pre + "ffn_residual_act"] = q22.view(B, T, D)
                 acts[pre + "final_layer_norm"] = oq.view(B, T, D).clone()
-        return out_q.view(B, T, D), im.s_out, acts
+        return out_q.view(B, T, D), im.out_scale, acts
 
     @torch.no_grad()
     def classify(self, tokens: torch.Tensor) -> torch.Tensor:

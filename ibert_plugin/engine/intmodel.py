@@ -2,79 +2,136 @@
 
 This is what :mod:`.convert` produces from a QAT model, what :mod:`.model_file` stores in an IBERT-INT file and what
 :class:`.engine.IntegerEngine` runs. It depends on nothing but torch, so the runtime (engine, model file) never
-imports the converter. Field meanings follow ``docs/integer_spec.md``.
+imports the converter. The arithmetic each field takes part in is in ``docs/integer_spec.md``; names follow the QAT
+modules they come from (``fc1_input`` is the QAT model's ``fc1_act``, the 8-bit input of FC1).
+
+Every requantization step is a :class:`Dyadic` ratio (I-BERT Eq. 6: ``q_out = (q_in * multiplier) >> shift``,
+rounded); a ``*_scale`` field is the float scale of the integers a step produces (real value = integer x scale),
+kept for dequantizing outputs and for checks, never used by the integer arithmetic.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
+
+#: The four GEMMs of a layer, as :class:`IntLayer` names them (``route_hints`` and the engine's ``routes`` too).
+LINEARS = ("qkv", "out_proj", "fc1", "fc2")
+
+
+@dataclass
+class Dyadic:
+    """A dyadic number ``multiplier / 2**shift`` (I-BERT Eq. 6): the integer form of a requantization ratio.
+
+    Attributes:
+        multiplier: int64 ``[C]`` (per output channel) or a Python int (per tensor), below ``2**31``.
+        shift: int64 ``[C]`` or a Python int, the right shift (rounding) applied after the multiply.
+    """
+
+    multiplier: Union[torch.Tensor, int]
+    shift: Union[torch.Tensor, int]
 
 
 @dataclass
 class IntLinear:
-    w_int: torch.Tensor  # int8 [N, K]
-    s_acc: torch.Tensor  # float32 [N]
-    b_int: torch.Tensor  # int64 [N]
+    """A linear layer's integer form: ``acc = x_int8 @ weight.T + bias`` in int32.
+
+    Attributes:
+        weight: int8 ``[N, K]``, symmetric (``weight_bits`` of the model; ternary models: {-1, 0, 1}).
+        acc_scale: float32 ``[N]``: scale of the accumulator, input scale x per-channel weight scale.
+        bias: int64 ``[N]``: the 32-bit bias, quantized with ``acc_scale``.
+    """
+
+    weight: torch.Tensor
+    acc_scale: torch.Tensor
+    bias: torch.Tensor
 
 
 @dataclass
 class IntLN:
+    """I-BERT integer LayerNorm (Alg. 4, integer square root) of a 22-bit residual sum.
+
+    Attributes:
+        shift: right shift of the centred input before squaring (keeps the variance sum below ``2**52``).
+        bias: int64 ``[C]``: beta / (gamma-folded output scale), added to the normalised integer.
+        out_scale: float32 ``[C]``: scale of the integer output (``S_n x gamma``, per channel).
+    """
+
     shift: int
-    b_int: torch.Tensor  # int64 [C]
-    s_out: torch.Tensor  # float32 [C]
+    bias: torch.Tensor
+    out_scale: torch.Tensor
 
 
 @dataclass
 class IntLayer:
+    """One transformer layer (post-LN RoBERTa), in the order the engine runs it (``engine.py``'s module docstring).
+
+    Requantization ratios (:class:`Dyadic`) and the scales of what they produce:
+
+    * ``input_requant`` ``[D]``: the previous LayerNorm's output -> the 8-bit layer input (``input_scale`` ``[1]``);
+    * ``qkv_requant`` ``[3D]``: QKV accumulators -> 8-bit q, k, v (``qkv_scales``: three ``[1]``);
+    * ``context_requant`` (per tensor): softmax x v accumulator -> the 8-bit context (``context_scale``);
+    * ``attn_residual_requant`` ``[D]``: out-projection accumulator -> 22-bit residual branch;
+      ``attn_identity_requant`` (per tensor): the 8-bit layer input -> the 22-bit identity branch;
+    * ``fc1_input_requant`` ``[D]``: attention LayerNorm output -> 8-bit FC1 input (``fc1_input_scale``);
+    * ``fc2_input_requant`` ``[F]``: i-GELU output -> 8-bit FC2 input (``fc2_input_scale``);
+    * ``ffn_residual_requant`` ``[D]`` / ``ffn_identity_requant``: FC2 accumulator / FC1 input -> 22-bit.
+
+    i-softmax: ``exp_table`` int32, the i-exp values of ``-0, -1, -2, ...`` score steps (``score_scale``: scale of
+    the q.k accumulator). i-GELU (Eq. 8-9) per FC1 channel: ``gelu_shift`` (pre-shift of the accumulator into the
+    erf polynomial's range: ``<< k`` or ``>> -k``), ``gelu_b`` / ``gelu_c`` (the polynomial's integer constants) and
+    ``gelu_one`` (the integer 1 of the erf output).
+    """
+
     qkv: IntLinear
-    o: IntLinear
+    out_proj: IntLinear
     fc1: IntLinear
     fc2: IntLinear
     heads: int
-    in_m: torch.Tensor  # input_act requant from the previous LN (per channel)
-    in_e: torch.Tensor
-    s_x: torch.Tensor  # input_act scale (1,)
-    qkv_m: torch.Tensor
-    qkv_e: torch.Tensor
-    s_qkv: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-    lut: torch.Tensor  # int32 i-exp table
-    s_scores: torch.Tensor
-    ctx_m: int
-    ctx_e: int
-    s_ctx: torch.Tensor
-    ar_m: torch.Tensor  # attn_residual_act: out_proj accumulator -> 22 bit (per channel)
-    ar_e: torch.Tensor
-    ar_id_m: int  # identity (input_act output) -> 22 bit
-    ar_id_e: int
+    input_requant: Dyadic
+    input_scale: torch.Tensor
+    qkv_requant: Dyadic
+    qkv_scales: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    exp_table: torch.Tensor
+    score_scale: torch.Tensor
+    context_requant: Dyadic
+    context_scale: torch.Tensor
+    attn_residual_requant: Dyadic
+    attn_identity_requant: Dyadic
     attn_ln: IntLN
-    h_m: torch.Tensor  # fc1_act from attn LN (per channel)
-    h_e: torch.Tensor
-    s_h: torch.Tensor
-    gelu_k: torch.Tensor  # i-GELU erf pre-shift per channel (|q| << k, or >> -k)
+    fc1_input_requant: Dyadic
+    fc1_input_scale: torch.Tensor
+    gelu_shift: torch.Tensor
     gelu_b: torch.Tensor
     gelu_c: torch.Tensor
     gelu_one: torch.Tensor
-    g_m: torch.Tensor  # fc2_act from the GELU scale (per channel)
-    g_e: torch.Tensor
-    s_g: torch.Tensor
-    fr_m: torch.Tensor  # ffn_residual_act: fc2 accumulator -> 22 bit
-    fr_e: torch.Tensor
-    fr_id_m: int
-    fr_id_e: int
+    fc2_input_requant: Dyadic
+    fc2_input_scale: torch.Tensor
+    ffn_residual_requant: Dyadic
+    ffn_identity_requant: Dyadic
     ffn_ln: IntLN
 
 
 @dataclass
 class IntModel:
-    tok_w: torch.Tensor  # int8 [V, D]
-    pos_w: torch.Tensor  # int8 [P, D]
+    """The whole integer encoder (plus the float classification head, when the model has one).
+
+    Attributes:
+        token_table: int8 ``[V, D]``; ``position_table``: int8 ``[P, D]`` (fairseq learned positions).
+        token_requant / position_requant: per-tensor :class:`Dyadic` ratios of the two tables to the
+            ``embed_act_bits`` embedding sum; ``emb_ln``: the embedding LayerNorm.
+        act_bits / residual_bits / embed_act_bits / weight_bits: bit-widths (8 / 22 / 16 / 8, 7 or 2);
+            ``ternary``: weights are {-1, 0, 1} per channel.
+        head: float32 ``dense.*`` / ``out_proj.*`` of the classification head, or None.
+        info: provenance kept for reports (embedding scales, the nonlinear constants' preset).
+    """
+
+    token_table: torch.Tensor
+    position_table: torch.Tensor
     padding_idx: int
-    emb_tok_m: int
-    emb_tok_e: int
-    emb_pos_m: int
-    emb_pos_e: int
+    token_requant: Dyadic
+    position_requant: Dyadic
     emb_ln: IntLN
     layers: List[IntLayer]
     act_bits: int
@@ -86,5 +143,6 @@ class IntModel:
     info: Dict[str, Any] = field(default_factory=dict)
 
     @property
-    def s_out(self) -> torch.Tensor:
-        return self.layers[-1].ffn_ln.s_out if self.layers else self.emb_ln.s_out
+    def out_scale(self) -> torch.Tensor:
+        """Scale of the encoder's integer output: the last LayerNorm's ``out_scale``."""
+        return self.layers[-1].ffn_ln.out_scale if self.layers else self.emb_ln.out_scale

@@ -1,9 +1,9 @@
-"""IBERT-INT: the integer engine's model file (format version 2, ``docs/integer_model_format.md``).
+"""IBERT-INT: the integer engine's model file (format version 3, ``docs/integer_model_format.md``).
 
 One safetensors file. Its tensors are every tensor of the compiled :class:`intmodel.IntModel` (int8 weights, int64
 biases and dyadic multipliers/shifts, float32 scales, the i-exp tables, the float classification head) under their
-dotted field paths (``model.layers.3.qkv.w_int``), plus the tokenizer as UTF-8 byte tensors (``vocab.tokenizer``,
-``vocab.dictionary``). Its ``__metadata__`` holds ``format = "IBERT-INT"``, ``version = "2"``, ``header``: one JSON
+dotted field paths (``model.layers.3.qkv.weight``), plus the tokenizer as UTF-8 byte tensors (``vocab.tokenizer``,
+``vocab.dictionary``). Its ``__metadata__`` holds ``format = "IBERT-INT"``, ``version = "3"``, ``header``: one JSON
 document with the arch shape, bit-widths, route hints, label names, tokenization settings, the source checkpoint's
 sha256 and ``model``: the IntModel tree, in which every dataclass is ``{"type": name, "fields": {...}}``, every
 tensor ``{"tensor": key}`` and every int/float/bool/str/None itself; and ``file_sha256``: the sha256 of the whole
@@ -12,7 +12,9 @@ requantization constant or a label name in the JSON header as much as a weight) 
 
 The tree is written and read by walking ``dataclasses.fields``, so fields added to the compiled model are stored
 without touching this module; a file whose field set differs from the running engine's is refused (re-convert).
-Reading never imports fairseq or builds the QAT model.
+Version 2 files (same checksum, the compiled model's older field names: ``tok_w``, ``in_m`` / ``in_e`` ...) are
+read through :data:`V2_FIELDS`, a rename table applied to the JSON tree before decoding; the tensors and their
+bytes are the same. Reading never imports fairseq or builds the QAT model.
 """
 from __future__ import annotations
 
@@ -29,11 +31,13 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 import torch
 
 from . import EngineError
-from .intmodel import IntModel
+from .intmodel import LINEARS, IntModel
 from .tokenizer import TextEncoder
 
 FORMAT_NAME = "IBERT-INT"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+#: Oldest version read: 2 (whole-file checksum; version 1 checksummed only the tensor payload).
+OLDEST_READ_VERSION = 2
 #: ``__metadata__`` key of the whole-file checksum (version 2; version 1 checksummed only the tensor payload).
 CHECKSUM_KEY = "file_sha256"
 _DIGEST_HEX = 64
@@ -120,14 +124,66 @@ def _decode(node: Any, key: str, tensors: Dict[str, torch.Tensor], types: Dict[s
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# version 2 -> 3: the compiled model's field names
+# ------------------------------------------------------------------------------------------------------------------
+#: Per record type, version 3 field -> its version 2 name, or the (multiplier, shift) pair of version 2 fields that
+#: became one :class:`intmodel.Dyadic`. Fields not listed kept their names.
+V2_FIELDS: Dict[str, Dict[str, Any]] = {
+    "IntModel": {"token_table": "tok_w", "position_table": "pos_w", "token_requant": ("emb_tok_m", "emb_tok_e"),
+                 "position_requant": ("emb_pos_m", "emb_pos_e")},
+    "IntLayer": {"out_proj": "o", "input_requant": ("in_m", "in_e"), "input_scale": "s_x",
+                 "qkv_requant": ("qkv_m", "qkv_e"), "qkv_scales": "s_qkv", "exp_table": "lut",
+                 "score_scale": "s_scores", "context_requant": ("ctx_m", "ctx_e"), "context_scale": "s_ctx",
+                 "attn_residual_requant": ("ar_m", "ar_e"), "attn_identity_requant": ("ar_id_m", "ar_id_e"),
+                 "fc1_input_requant": ("h_m", "h_e"), "fc1_input_scale": "s_h", "gelu_shift": "gelu_k",
+                 "fc2_input_requant": ("g_m", "g_e"), "fc2_input_scale": "s_g",
+                 "ffn_residual_requant": ("fr_m", "fr_e"), "ffn_identity_requant": ("fr_id_m", "fr_id_e")},
+    "IntLinear": {"weight": "w_int", "acc_scale": "s_acc", "bias": "b_int"},
+    "IntLN": {"bias": "b_int", "out_scale": "s_out"},
+}
+
+
+def _upgrade_v2(node: Any) -> Any:
+    if isinstance(node, dict) and "type" in node and isinstance(node.get("fields"), dict):
+        old = {k: _upgrade_v2(v) for k, v in node["fields"].items()}
+        renames = V2_FIELDS.get(node["type"], {})
+        used = set()
+        fields = {}
+        for new, src in renames.items():
+            names = src if isinstance(src, tuple) else (src,)
+            if not all(n in old for n in names):
+                continue  # left out: the field-set check of _decode names what is missing
+            used.update(names)
+            fields[new] = (old[src] if not isinstance(src, tuple) else
+                           {"type": "Dyadic", "fields": {"multiplier": old[src[0]], "shift": old[src[1]]}})
+        fields.update({k: v for k, v in old.items() if k not in used})
+        return {**node, "fields": fields}
+    if isinstance(node, dict):
+        return {k: _upgrade_v2(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_upgrade_v2(v) for v in node]
+    return node
+
+
+def upgrade_v2_header(header: Dict[str, Any]) -> Dict[str, Any]:
+    """A version 2 header with the version 3 names: the model tree through :data:`V2_FIELDS`, and the route hints'
+    ``layers.{i}.o`` keys as ``layers.{i}.out_proj``. Tensor keys (the files' bytes) are unchanged."""
+    out = dict(header, model=_upgrade_v2(header["model"]), version=FORMAT_VERSION, upgraded_from=2)
+    if isinstance(header.get("route_hints"), dict):
+        out["route_hints"] = {re.sub(r"\.o$", ".out_proj", k): v for k, v in header["route_hints"].items()}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # header content
 # ------------------------------------------------------------------------------------------------------------------
 def arch_of(im: IntModel) -> Dict[str, Any]:
     """Shape of the compiled model (all derived from its tensors)."""
     L0 = im.layers[0] if im.layers else None
-    return {"layers": len(im.layers), "embed_dim": int(im.tok_w.shape[1]), "vocab_size": int(im.tok_w.shape[0]),
-            "position_rows": int(im.pos_w.shape[0]), "padding_idx": int(im.padding_idx),
-            "heads": int(L0.heads) if L0 else None, "ffn_dim": int(L0.fc1.w_int.shape[0]) if L0 else None,
+    return {"layers": len(im.layers), "embed_dim": int(im.token_table.shape[1]),
+            "vocab_size": int(im.token_table.shape[0]), "position_rows": int(im.position_table.shape[0]),
+            "padding_idx": int(im.padding_idx), "heads": int(L0.heads) if L0 else None,
+            "ffn_dim": int(L0.fc1.weight.shape[0]) if L0 else None,
             "num_classes": int(im.head["out_proj.weight"].shape[0]) if im.head else None}
 
 
@@ -136,8 +192,8 @@ def route_hints(im: IntModel) -> Dict[str, str]:
     re-picks at load among the routes its CPU self-test passed (``fbgemm8`` for full 8-bit weights on VNNI)."""
     from . import gemm
 
-    return {f"layers.{i}.{k}": gemm.route_for(getattr(L, k).w_int)
-            for i, L in enumerate(im.layers) for k in ("qkv", "o", "fc1", "fc2")}
+    return {f"layers.{i}.{k}": gemm.route_for(getattr(L, k).weight)
+            for i, L in enumerate(im.layers) for k in LINEARS}
 
 
 def _validate_shapes(im: IntModel, arch: Dict[str, Any]) -> None:
@@ -148,18 +204,20 @@ def _validate_shapes(im: IntModel, arch: Dict[str, Any]) -> None:
         if not cond:
             raise ModelFileError(f"corrupt {FORMAT_NAME} file: {what}")
 
-    need(tuple(im.tok_w.shape) == (V, D) and im.tok_w.dtype == torch.int8, f"token table is not int8 [{V}, {D}]")
-    need(tuple(im.pos_w.shape) == (P, D) and im.pos_w.dtype == torch.int8, f"position table is not int8 [{P}, {D}]")
+    need(tuple(im.token_table.shape) == (V, D) and im.token_table.dtype == torch.int8,
+         f"token table is not int8 [{V}, {D}]")
+    need(tuple(im.position_table.shape) == (P, D) and im.position_table.dtype == torch.int8,
+         f"position table is not int8 [{P}, {D}]")
     need(len(im.layers) == arch["layers"], f"{len(im.layers)} layers, header says {arch['layers']}")
     need(0 <= im.padding_idx < min(V, P), "padding index outside the embedding tables")
     for i, L in enumerate(im.layers):
         F = arch["ffn_dim"]
         need(L.heads == arch["heads"] and D % L.heads == 0, f"layer {i}: {L.heads} heads for width {D}")
-        for k, (n, kk) in {"qkv": (3 * D, D), "o": (D, D), "fc1": (F, D), "fc2": (D, F)}.items():
+        for k, (n, kk) in {"qkv": (3 * D, D), "out_proj": (D, D), "fc1": (F, D), "fc2": (D, F)}.items():
             lin = getattr(L, k)
-            need(tuple(lin.w_int.shape) == (n, kk) and lin.w_int.dtype == torch.int8,
+            need(tuple(lin.weight.shape) == (n, kk) and lin.weight.dtype == torch.int8,
                  f"layer {i} {k}: weight is not int8 [{n}, {kk}]")
-            need(lin.b_int.shape == (n,) and lin.s_acc.shape == (n,), f"layer {i} {k}: bias/scale length != {n}")
+            need(lin.bias.shape == (n,) and lin.acc_scale.shape == (n,), f"layer {i} {k}: bias/scale length != {n}")
     if im.head:
         C = arch["num_classes"]
         shapes = {"dense.weight": (D, D), "dense.bias": (D,), "out_proj.weight": (C, D), "out_proj.bias": (C,)}
@@ -311,7 +369,7 @@ def read_header(path: str, verify: bool = True) -> Tuple[Dict[str, Any], int]:
                              f"(up to {FORMAT_VERSION}): upgrade ibert_plugin")
     if version < 1:
         raise ModelFileError(f"{corrupt}: bad version {version}")
-    if version < FORMAT_VERSION:
+    if version < OLDEST_READ_VERSION:
         raise ModelFileError(f"{path} is {FORMAT_NAME} version {version}, whose header (constants, tokenizer, labels) "
                              f"is not checksummed: re-run python -m ibert_plugin.engine convert on its checkpoint")
     if end > size:
@@ -329,6 +387,8 @@ def read_header(path: str, verify: bool = True) -> Tuple[Dict[str, Any], int]:
             raise ValueError
     except (KeyError, ValueError, TypeError):
         raise ModelFileError(f"{corrupt}: unreadable JSON header") from None
+    if version == 2:
+        header = upgrade_v2_header(header)
     return header, 8 + n
 
 
