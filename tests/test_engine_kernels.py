@@ -299,3 +299,88 @@ def test_gelu_u8(s_lo, s_hi, k_sign, constants, path):
 def test_exp_lut_refuses_score_scales_too_fine_for_a_table():
     with pytest.raises(ValueError, match="too fine for an i-exp table"):
         NL.exp_lut(torch.tensor([1e-8]))
+
+
+def _engine_like_resid_inputs(g, M, C, next_gain=1.0):
+    acc = torch.randint(-2 ** 24, 2 ** 24, (M, C), generator=g, dtype=torch.int32)
+    bias = torch.randint(-2 ** 16, 2 ** 16, (C,), generator=g)
+    m_a, e_a = _dy(torch.rand(C, generator=g, dtype=f64) * 0.05 + 0.01)
+    res_u8 = torch.randint(0, 256, (M, C), generator=g, dtype=torch.uint8)
+    m_r, e_r = _dy(torch.tensor(311.7, dtype=f64))
+    gamma, beta = _ln_setup(g, C)
+    _, b_int, S_out = _ln_ref(torch.zeros(1, C), 0, gamma, beta)
+    nm, ne = _dy(S_out.double() / 0.02 * next_gain)
+    return (acc, bias, m_a.to(I64), e_a.to(I64), res_u8, int(m_r), int(e_r), qmax(22), 0, b_int.to(I64), nm.to(I64),
+            ne.to(I64), 127)
+
+
+def _both_forms(run):
+    """``run()`` with the exact-double requantization allowed, then with the int64 formulas forced; returns both
+    results and how many kernel calls took the double form in the first run."""
+    K.set_double_requant(True)
+    n0 = K.double_requant_calls()
+    try:
+        a = run()
+        taken = K.double_requant_calls() - n0
+        K.set_double_requant(False)
+        b = run()
+    finally:
+        K.set_double_requant(True)
+    return a, b, taken
+
+
+@pytest.mark.parametrize("C", [64, 67, 384])
+def test_resid_ln_double_form_equals_int64_form(C):
+    """resid_ln's exact-double form (AVX2 builds) gives the int64 formulas' integers, the vector body and the
+    scalar tail (C = 67) alike; on this CPU the double form must really have run."""
+    g = _gen(11)
+    M = 23
+    args = _engine_like_resid_inputs(g, M, C)
+
+    def run():
+        outs = [torch.empty(M, C, dtype=torch.uint8), torch.empty(M, C, dtype=I64), torch.empty(M, C, dtype=I64)]
+        K.resid_ln(*args, *outs)
+        return outs
+
+    a, b, taken = _both_forms(run)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    assert taken == (1 if K.double_requant_active() else 0)
+    # without the u8 output (the last layer) the int64 form runs
+    a, b, taken = _both_forms(lambda: K.resid_ln(*args, torch.empty(0, dtype=torch.uint8),
+                                                 torch.empty(M, C, dtype=I64), torch.empty(0, dtype=I64)))
+    assert taken == 0
+
+
+def test_resid_ln_double_form_declines_constants_beyond_2_52():
+    """A next requant whose products would pass 2^52 (multipliers near 2^40) keeps the int64 / int128 formulas."""
+    g = _gen(12)
+    args = _engine_like_resid_inputs(g, 9, 64, next_gain=2.0 ** 40)
+    n0 = K.double_requant_calls()
+    K.resid_ln(*args, torch.empty(9, 64, dtype=torch.uint8), torch.empty(0, dtype=I64), torch.empty(0, dtype=I64))
+    assert K.double_requant_calls() == n0
+
+
+@pytest.mark.parametrize("N", [300, 1536])
+def test_gelu_u8_double_form_equals_int64_form(N):
+    g = _gen(13)
+    M = 35
+    S = (torch.rand(N, generator=g, dtype=f64) * 6e-5 + 6.2e-5).float()
+    x = torch.randn(M, N, generator=g, dtype=f64) * 3
+    bias = torch.randint(-5000, 5000, (N,), generator=g)
+    acc = (torch.round(x / S.double()) - bias).clamp(-2 ** 31 + 1, 2 ** 31 - 1).to(torch.int32)
+    gc = NL.gelu_constants(S, "paper")
+    _, S_g = NL.int_gelu(acc.to(f64) + bias.to(f64), S, "paper")
+    nm, ne = _dy(S_g.double() / 0.05)
+
+    def run(want_g):
+        out = torch.empty(M, N, dtype=torch.uint8)
+        out_g = torch.empty(M, N, dtype=I64) if want_g else torch.empty(0, dtype=I64)
+        K.gelu_u8(acc, bias, gc.shift.to(I64), gc.b_int.to(I64), gc.c_int.to(I64), gc.one.to(I64), nm.to(I64),
+                  ne.to(I64), 127, int(acc.abs().max()), out, out_g)
+        return out, out_g
+
+    for want_g in (False, True):
+        a, b, taken = _both_forms(lambda: run(want_g))
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert taken == (1 if K.double_requant_active() else 0)

@@ -10,11 +10,16 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -45,6 +50,62 @@ inline i64 clampi(i64 v, i64 lo, i64 hi) { return v < lo ? lo : (v > hi ? hi : v
 // |m| <= 2^20: |z m| < 2^61, so every shift e >= 62 gives 0, as e = 62 does (no shift by 64 or more).
 constexpr i64 kMaxShift = 62;
 inline i64 cap_shift(i64 e) { return e < kMaxShift ? e : kMaxShift; }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Exact-double requantization. AVX2 has no 64-bit multiply and no 64-bit arithmetic shift, so gcc emulates the int64
+// formulas element by element. v = floor((t + 2^(e-1)) / 2^e), t = z m, is computed instead as
+// floor(t 2^-e + 0.5) in doubles, which gives the same integer whenever |t| < 2^52: t is then exact; for e <= 52,
+// t 2^-e + 0.5 = (t + 2^(e-1)) 2^-e is an integer below 2^53 times a power of two, exact, and so is its floor; for
+// e > 52, |t 2^-e| < 1/2, so both sides are 0 (the double sum lies in [2^-53, 1 - 2^-53]). Each kernel checks
+// |z| |m| < 2^52 per call from its constants and its inputs' bounds, and keeps the int64 formulas otherwise.
+// AVX-512 builds keep the int64 formulas (native 64-bit lanes). g_double_requant = false forces the int64 formulas
+// (tests compare the two).
+constexpr double kExactBound = 4503599627370496.0;  // 2^52
+bool g_double_requant = true;
+std::atomic<int64_t> g_double_calls{0};  // kernel calls that took the exact-double form (tests read it)
+inline bool double_requant_enabled() {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  return g_double_requant;
+#else
+  return false;
+#endif
+}
+void set_double_requant(bool on) { g_double_requant = on; }
+bool double_requant_active() { return double_requant_enabled(); }
+int64_t double_requant_calls() { return g_double_calls.load(); }
+// 2^-e as a double (0 beyond the subnormals: the floor(t 2^-e + 0.5) is then 0, as for every e > 52)
+inline double pow2_neg(i64 e) { return std::ldexp(1.0, -int(e < 1100 ? e : 1100)); }
+
+// Per-column constants of floor(z m 2^-e + 0.5) in doubles: m and 2^-e; `ok` when every column is exact for
+// |z| <= zmax.
+struct DoubleRequant {
+  std::vector<double> m, inv;
+  bool ok = false;
+  DoubleRequant() = default;
+  DoubleRequant(const i64* mm, const i64* e, i64 C, double zmax) : m(C), inv(C) {
+    ok = double_requant_enabled();
+    for (i64 c = 0; c < C && ok; ++c) {
+      m[c] = double(mm[c]);
+      inv[c] = pow2_neg(e[c]);
+      ok = e[c] >= 1 && std::fabs(m[c]) * zmax < kExactBound;
+    }
+  }
+};
+
+#if defined(__AVX2__)
+// Four int32 in [-127, 127] (after clamping) -> u8 + 128, eight at a time from two vectors of four.
+inline void store_u8x8(u8* o, __m128i lo, __m128i hi) {
+  const __m128i w = _mm_add_epi16(_mm_packs_epi32(lo, hi), _mm_set1_epi16(128));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(o), _mm_packus_epi16(w, w));
+}
+// floor(x m inv + 0.5) clamped to [-qm, qm], as int32
+inline __m128i requant4(__m256d x, const double* m, const double* inv, __m256d qm) {
+  __m256d v = _mm256_floor_pd(_mm256_add_pd(_mm256_mul_pd(_mm256_mul_pd(x, _mm256_loadu_pd(m)), _mm256_loadu_pd(inv)),
+                                            _mm256_set1_pd(0.5)));
+  v = _mm256_min_pd(_mm256_max_pd(v, _mm256_sub_pd(_mm256_setzero_pd(), qm)), qm);
+  return _mm256_cvttpd_epi32(v);
+}
+#endif
 
 inline i64 floordiv(i64 a, i64 b) {  // b > 0
   i64 q = a / b;
@@ -514,6 +575,93 @@ inline void ln_row(i64* q, const LNParams& P, bool zero_row, u8* out_u8, i64* ou
   }
 }
 
+// resid_ln's row in exact doubles (see DoubleRequant): the same integers as the int64 formulas of resid_ln + ln_row,
+// for a call whose constants pass the exactness checks (ResidDouble). q22 and the centred y fit int32
+// (|q22| <= qmax22 <= 2^30); the variance sums int64 squares; |y f| <= 2^46 is exact, and |yn| <= 2^31 + |b_int|.
+struct ResidDouble {
+  std::vector<double> bias, bint;
+  DoubleRequant main, next;
+  double mr = 0, ir = 0;  // identity branch: m_r, 2^-e_r
+  bool ok = false;
+};
+
+inline void resid_ln_row_double(const i32* __restrict a, const u8* __restrict rz, i64 C, const ResidDouble& D,
+                                double qmax22, i64 shift, double nqmax, i32* __restrict q, double* __restrict yn,
+                                u8* __restrict out_u8, i64* out_q22, i64* out_q) {
+  const double *bi = D.bias.data(), *ma = D.main.m.data(), *ia = D.main.inv.data();
+  i64 c = 0;
+#if defined(__AVX2__)
+  {
+    const __m256d vq = _mm256_set1_pd(qmax22), vnq = _mm256_set1_pd(-qmax22), vmr = _mm256_set1_pd(D.mr * D.ir),
+                  vh = _mm256_set1_pd(0.5), v128 = _mm256_set1_pd(128.0);
+    for (; c + 4 <= C; c += 4) {
+      const __m256d x = _mm256_add_pd(_mm256_cvtepi32_pd(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + c))),
+                                      _mm256_loadu_pd(bi + c));
+      const __m256d v1 = _mm256_floor_pd(
+          _mm256_add_pd(_mm256_mul_pd(_mm256_mul_pd(x, _mm256_loadu_pd(ma + c)), _mm256_loadu_pd(ia + c)), vh));
+      int32_t r4;
+      std::memcpy(&r4, rz + c, 4);
+      const __m256d r = _mm256_sub_pd(_mm256_cvtepi32_pd(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(r4))), v128);
+      const __m256d v2 = _mm256_floor_pd(_mm256_add_pd(_mm256_mul_pd(r, vmr), vh));
+      const __m256d v = _mm256_min_pd(_mm256_max_pd(_mm256_add_pd(v1, v2), vnq), vq);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + c), _mm256_cvttpd_epi32(v));
+    }
+  }
+#endif
+  const double mri = D.mr * D.ir;  // m_r 2^-e_r: |r m_r| < 2^52 and the power of two keep it exact
+  for (; c < C; ++c) {
+    const double v1 = std::floor((double(a[c]) + bi[c]) * ma[c] * ia[c] + 0.5);
+    const double v2 = std::floor((double(rz[c]) - 128.0) * mri + 0.5);
+    const double v = v1 + v2;
+    q[c] = i32(v < -qmax22 ? -qmax22 : (v > qmax22 ? qmax22 : v));
+  }
+  if (out_q22)
+    for (i64 k = 0; k < C; ++k) out_q22[k] = q[k];
+  i64 sum = 0;
+  for (i64 k = 0; k < C; ++k) sum += q[k];
+  const i32 mean = i32(floordiv(2 * sum + C, 2 * C));
+  const int sh = int(shift < 31 ? shift : 31);  // |y| < 2^31: any larger shift gives the same -1 / 0
+  i64 var = 0;
+  for (i64 k = 0; k < C; ++k) {
+    const i32 y = q[k] - mean;
+    q[k] = y;
+    const i32 ys = y >> sh;
+    var += i64(ys) * i64(ys);
+  }
+  i64 sd = isqrt_newton(var);
+  if (sd < 1) sd = 1;
+  sd <<= shift;
+  const double f = double((i64(1) << 45) / sd), s15 = 1.0 / 32768.0;
+  const double *bn = D.bint.data(), *nm = D.next.m.data(), *ni = D.next.inv.data();
+  c = 0;
+#if defined(__AVX2__)
+  {
+    const __m256d vf = _mm256_set1_pd(f), vs = _mm256_set1_pd(s15), vq = _mm256_set1_pd(nqmax);
+    for (; c + 8 <= C; c += 8) {
+      __m128i lo, hi;
+      for (int h = 0; h < 2; ++h) {
+        const i64 k = c + 4 * h;
+        const __m256d y = _mm256_cvtepi32_pd(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k)));
+        const __m256d v = _mm256_add_pd(_mm256_floor_pd(_mm256_mul_pd(_mm256_mul_pd(y, vf), vs)),
+                                        _mm256_loadu_pd(bn + k));
+        if (out_q) _mm256_storeu_pd(yn + k, v);
+        (h ? hi : lo) = requant4(v, nm + k, ni + k, vq);
+      }
+      store_u8x8(out_u8 + c, lo, hi);
+    }
+  }
+#endif
+  for (; c < C; ++c) {
+    const double v = std::floor(double(q[c]) * f * s15) + bn[c];
+    if (out_q) yn[c] = v;
+    double o = std::floor(v * nm[c] * ni[c] + 0.5);
+    o = o < -nqmax ? -nqmax : (o > nqmax ? nqmax : o);
+    out_u8[c] = u8(i32(o) + 128);
+  }
+  if (out_q)
+    for (i64 k = 0; k < C; ++k) out_q[k] = i64(yn[k]);
+}
+
 // residual QuantAct(22) + IntLayerNorm (+ next QuantAct(8)):
 //   q22 = clamp(requant(acc + bias, m_a[c], e_a[c]) + requant(resid_u8 - 128, m_r, e_r), -qmax22, qmax22)
 void resid_ln(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& m_a, const at::Tensor& e_a,
@@ -551,6 +699,37 @@ void resid_ln(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& m
   const i64 *R = rnd.data(), *SH = sh.data();
   e_r = cap_shift(e_r);
   const i64 rr = i64(1) << (e_r - 1);
+  // The exact-double form when the engine's hot path (u8 out) has constants that keep every value below 2^52.
+  ResidDouble D;
+  D.ok = want_u8 && double_requant_enabled() && qmax22 <= (i64(1) << 30) &&
+         128.0 * std::fabs(double(m_r)) < kExactBound;
+  if (D.ok) {
+    const i64* LB = ln_bint.data_ptr<i64>();
+    double bmax = 0, lbmax = 0;
+    D.bias.resize(C), D.bint.resize(C);
+    for (i64 c = 0; c < C; ++c) {
+      D.bias[c] = double(Bi[c]), D.bint[c] = double(LB[c]);
+      bmax = std::max(bmax, std::fabs(D.bias[c]));
+      lbmax = std::max(lbmax, std::fabs(D.bint[c]));
+    }
+    D.main = DoubleRequant(Ma, Ea, C, 2147483648.0 + bmax);   // |acc| <= 2^31
+    D.next = DoubleRequant(nm, ne, C, 2147483648.0 + lbmax);  // |yn| <= 2^31 + |b_int|
+    D.mr = double(m_r), D.ir = pow2_neg(e_r);
+    D.ok = D.main.ok && D.next.ok && bmax < 4503599627370496.0;
+  }
+  if (D.ok) {
+    ++g_double_calls;
+#pragma omp parallel num_threads(nthreads()) if (M * C >= kParallelMin)
+    {
+      std::vector<i32> q(C);
+      std::vector<double> yn(OQ ? C : 0);
+#pragma omp for schedule(static)
+      for (i64 i = 0; i < M; ++i)
+        resid_ln_row_double(A + i * C, Rz + i * C, C, D, double(qmax22), shift, double(next_qmax), q.data(),
+                            yn.data(), OU + i * C, OQ22 ? OQ22 + i * C : nullptr, OQ ? OQ + i * C : nullptr);
+    }
+    return;
+  }
 #pragma omp parallel num_threads(nthreads()) if (M * C >= kParallelMin)
   {
     std::vector<i64> q(C);
@@ -622,6 +801,53 @@ void embed_ln(const at::Tensor& tokens, const at::Tensor& positions, const at::T
       if (OQ16) std::copy(q.begin(), q.end(), OQ16 + i * C);
       ln_row(q.data(), P, PR[i] != 0, OU ? OU + i * C : nullptr, OQ ? OQ + i * C : nullptr);
     }
+  }
+}
+
+// gelu_u8's requant in exact doubles, the int64 path's split (gelu_u8's comment) with every step exact:
+// z = clamp(q w, +-bd) (|q w| < 2^49), zh = floor(z 2^-s), zl = z - zh 2^s (0 <= zl < 2^s, s <= 31),
+// lo = floor(zl m 2^-s) (zl m < 2^51), v = floor((zh m + 2^(e-1-s) + lo) 2^-(e-s)) (|zh| <= 2^30: the sum is below
+// 2^51), clamped to +-qmax, written as u8 + 128. Per column: bd, m, 2^s, 2^-s, 2^(e-1-s), 2^-(e-s).
+struct GeluDouble {
+  std::vector<double> bd, m, p2s, inv2s, r, inv;
+};
+
+inline void gelu_requant_double(const i32* __restrict q, const i32* __restrict w, i64 n, const GeluDouble& G, i64 j0,
+                                double qmax, u8* __restrict o) {
+  const double *bd = G.bd.data() + j0, *m = G.m.data() + j0, *ps = G.p2s.data() + j0, *is = G.inv2s.data() + j0,
+               *r = G.r.data() + j0, *inv = G.inv.data() + j0;
+  i64 j = 0;
+#if defined(__AVX2__)
+  const __m256d vq = _mm256_set1_pd(qmax), vnq = _mm256_set1_pd(-qmax);
+  for (; j + 8 <= n; j += 8) {
+    __m128i half[2];
+    for (int h = 0; h < 2; ++h) {
+      const i64 k = j + 4 * h;
+      const __m256d b = _mm256_loadu_pd(bd + k), mm = _mm256_loadu_pd(m + k), p = _mm256_loadu_pd(ps + k),
+                    ip = _mm256_loadu_pd(is + k);
+      __m256d z = _mm256_mul_pd(_mm256_cvtepi32_pd(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k))),
+                                _mm256_cvtepi32_pd(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k))));
+      z = _mm256_min_pd(_mm256_max_pd(z, _mm256_sub_pd(_mm256_setzero_pd(), b)), b);
+      const __m256d zh = _mm256_floor_pd(_mm256_mul_pd(z, ip));
+      const __m256d zl = _mm256_sub_pd(z, _mm256_mul_pd(zh, p));
+      const __m256d lo = _mm256_floor_pd(_mm256_mul_pd(_mm256_mul_pd(zl, mm), ip));
+      const __m256d t = _mm256_add_pd(_mm256_add_pd(_mm256_mul_pd(zh, mm), _mm256_loadu_pd(r + k)), lo);
+      __m256d v = _mm256_floor_pd(_mm256_mul_pd(t, _mm256_loadu_pd(inv + k)));
+      v = _mm256_min_pd(_mm256_max_pd(v, vnq), vq);
+      half[h] = _mm256_cvttpd_epi32(v);
+    }
+    store_u8x8(o + j, half[0], half[1]);
+  }
+#endif
+  for (; j < n; ++j) {
+    double z = double(q[j]) * double(w[j]);
+    z = z < -bd[j] ? -bd[j] : (z > bd[j] ? bd[j] : z);
+    const double zh = std::floor(z * is[j]);
+    const double zl = z - zh * ps[j];
+    const double lo = std::floor(zl * m[j] * is[j]);
+    double v = std::floor((zh * m[j] + r[j] + lo) * inv[j]);
+    v = v < -qmax ? -qmax : (v > qmax ? qmax : v);
+    o[j] = u8(i32(v) + 128);
   }
 }
 
@@ -708,11 +934,23 @@ void gelu_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& k_
   }
   const bool q32 = small_k && bmax + std::min<i64>(acc_bound, INT32_MAX) < (i64(1) << 31) - 1;
   for (i64 j = 0; j < N && q32; ++j) BIA2[j] = i32(BIA[j]);
+  // The requant in exact doubles (gelu_requant_double) on the int32 path, from the int64 path's constants.
+  const bool dbl = q32 && double_requant_enabled();
+  GeluDouble GD;
+  if (dbl) {
+    for (auto* v : {&GD.bd, &GD.m, &GD.p2s, &GD.inv2s, &GD.r, &GD.inv}) v->resize(N);
+    for (i64 j = 0; j < N; ++j) {
+      GD.bd[j] = double(BD[j]), GD.m[j] = double(Mm[j]);
+      GD.p2s[j] = std::ldexp(1.0, int(S1[j])), GD.inv2s[j] = std::ldexp(1.0, -int(S1[j]));
+      GD.r[j] = double(RND[j]), GD.inv[j] = std::ldexp(1.0, -int(SH2[j]));
+    }
+  }
+  if (dbl) ++g_double_calls;
   const i64 n_cb = (N + kGeluCols - 1) / kGeluCols, n_rb = (M + kGeluRows - 1) / kGeluRows;
 #pragma omp parallel num_threads(nthreads()) if (M * N >= kParallelMin)
   {
     i64 qv[kGeluCols], gb[kGeluCols];
-    i32 u[kGeluCols], pos[kGeluCols], w[kGeluCols];
+    i32 u[kGeluCols], pos[kGeluCols], w[kGeluCols], qq[kGeluCols];
 #pragma omp for schedule(static) collapse(2)
     for (i64 rb = 0; rb < n_rb; ++rb) {
       for (i64 cb = 0; cb < n_cb; ++cb) {
@@ -739,8 +977,16 @@ void gelu_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& k_
               const i32 t = (uc < nb[j] ? uc : nb[j]) - nb[j];
               i32 Y = (i32(8192) - ci[j] - t * t) >> 14;
               Y = Y > 0 ? Y : 0;
-              gb[j] = i64(q) * i64(on[j] - (q > 0 ? Y : -Y));
+              qq[j] = q;
+              w[j] = on[j] - (q > 0 ? Y : -Y);
             }
+            if (G)
+              for (i64 j = 0; j < nc; ++j) G[i * N + j0 + j] = i64(qq[j]) * i64(w[j]);
+            if (dbl) {
+              gelu_requant_double(qq, w, nc, GD, j0, double(qmax), o);
+              continue;
+            }
+            for (i64 j = 0; j < nc; ++j) gb[j] = i64(qq[j]) * i64(w[j]);
           } else {  // q, |q| and the erf input's shifts in int64, the erf in int32
             const i64 *__restrict bia = BIA.data() + j0, *__restrict cap = CAP.data() + j0,
                                   *__restrict kl = KL.data() + j0, *__restrict kr = KR.data() + j0;
@@ -760,7 +1006,7 @@ void gelu_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& k_
             }
             for (i64 j = 0; j < nc; ++j) gb[j] = qv[j] * w[j];
           }
-          if (G) std::copy(gb, gb + nc, G + i * N + j0);
+          if (G && !q32) std::copy(gb, gb + nc, G + i * N + j0);
           for (i64 j = 0; j < nc; ++j) {  // requant: saturate, split, two 32 x 32 -> 64 bit products
             const i64 z = gb[j] < -bd[j] ? -bd[j] : (gb[j] > bd[j] ? bd[j] : gb[j]);
             const i64 zh = z >> s1[j];
@@ -792,6 +1038,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           py::arg("pos_w"), py::arg("m_t"), py::arg("e_t"), py::arg("m_p"), py::arg("e_p"), py::arg("qmax16"),
           py::arg("shift"), py::arg("ln_bint"), py::arg("next_m"), py::arg("next_e"), py::arg("next_qmax"),
           py::arg("out_u8"), py::arg("out_q"), py::arg("out_q16"));
+  mod.def("set_double_requant", &set_double_requant, py::arg("on"),
+          "False forces the int64 requantization formulas (tests compare them with the exact-double ones)");
+  mod.def("double_requant_active", &double_requant_active,
+          "Whether resid_ln / gelu_u8 may use their exact-double requantization (AVX2 builds without AVX-512)");
+  mod.def("double_requant_calls", &double_requant_calls, "Kernel calls so far that took the exact-double form");
   mod.def("gelu_u8", &gelu_u8, py::arg("acc"), py::arg("bias"), py::arg("k_sh"), py::arg("b_int"),
           py::arg("c_int"), py::arg("one"), py::arg("m"), py::arg("e"), py::arg("qmax"), py::arg("acc_bound"),
           py::arg("out"), py::arg("out_g"));
