@@ -73,8 +73,15 @@ inline bool double_requant_enabled() {
 void set_double_requant(bool on) { g_double_requant = on; }
 bool double_requant_active() { return double_requant_enabled(); }
 int64_t double_requant_calls() { return g_double_calls.load(); }
-// 2^-e as a double (0 beyond the subnormals: the floor(t 2^-e + 0.5) is then 0, as for every e > 52)
-inline double pow2_neg(i64 e) { return std::ldexp(1.0, -int(e < 1100 ? e : 1100)); }
+// 2^k for |k| <= 1022 from its IEEE bits (std::ldexp is a library call: per-column constants are built per call)
+inline double pow2(i64 k) {
+  const uint64_t bits = uint64_t(k + 1023) << 52;
+  double d;
+  std::memcpy(&d, &bits, sizeof d);
+  return d;
+}
+// 2^-e for e >= 1 (0 beyond 2^-1022: the floor(t 2^-e + 0.5) is then 0, as for every e > 52)
+inline double pow2_neg(i64 e) { return e > 1022 ? 0.0 : pow2(-e); }
 
 // Per-column constants of floor(z m 2^-e + 0.5) in doubles: m and 2^-e; `ok` when every column is exact for
 // |z| <= zmax.
@@ -941,8 +948,8 @@ void gelu_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& k_
     for (auto* v : {&GD.bd, &GD.m, &GD.p2s, &GD.inv2s, &GD.r, &GD.inv}) v->resize(N);
     for (i64 j = 0; j < N; ++j) {
       GD.bd[j] = double(BD[j]), GD.m[j] = double(Mm[j]);
-      GD.p2s[j] = std::ldexp(1.0, int(S1[j])), GD.inv2s[j] = std::ldexp(1.0, -int(S1[j]));
-      GD.r[j] = double(RND[j]), GD.inv[j] = std::ldexp(1.0, -int(SH2[j]));
+      GD.p2s[j] = pow2(S1[j]), GD.inv2s[j] = pow2(-S1[j]);
+      GD.r[j] = double(RND[j]), GD.inv[j] = pow2_neg(SH2[j]);
     }
   }
   if (dbl) ++g_double_calls;
