@@ -384,3 +384,16 @@ def test_gelu_u8_double_form_equals_int64_form(N):
         a, b, taken = _both_forms(lambda: run(want_g))
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
         assert taken == (1 if K.double_requant_active() else 0)
+
+
+@pytest.mark.parametrize("T, dh", [(33, 32), (9, 7)])
+def test_attention_u8_double_form_equals_int64_form(T, dh):
+    """The q/k/v and context requantizations in exact doubles (AVX2 builds): the same q, k, v, probabilities and
+    contexts as the int64 formulas, with a vector body (head_dim 32) and a scalar tail (7); the double form ran."""
+    g = _gen(17 * T + dh)
+    B, H = 2, 3
+    acc, bias, m, e, pad, lut, _ = _attention_case(g, B, T, H, dh, 3.1e-4, [T // 2, T])
+    ctx_m, ctx_e = (int(v) for v in _dy(torch.tensor(3.1e-4 * T ** -0.5, dtype=f64)))
+    a, b, taken = _both_forms(lambda: _run_attention(acc, bias, m, e, pad, lut, ctx_m, ctx_e, B, T, H))
+    assert torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1])) and torch.equal(a[2], b[2])
+    assert taken == (1 if K.double_requant_active() else 0)

@@ -366,7 +366,32 @@ struct AttnArgs {
   i32 lm1;
   i64 ctx_m, ctx_e, ctx_rnd;
   u8 *out, *q_out, *k_out, *v_out, *p_out;  // optional outputs null
+  // exact-double forms (DoubleRequant): q/k/v requant per column (bias, m, 2^-e), context requant (m 2^-e)
+  const double *dbias = nullptr, *dm = nullptr, *dinv = nullptr;
+  double ctx_scale = 0;
+  bool qkv_dbl = false, ctx_dbl = false;
 };
+
+// clamp(floor((a + bias) m inv + 0.5), -qmax, qmax) for n columns, into int32 (the exact-double q/k/v requant).
+inline void requant_row_double(const i32* __restrict a, const double* __restrict bias, const double* __restrict m,
+                               const double* __restrict inv, i64 n, double qmax, i32* __restrict out) {
+  i64 d = 0;
+#if defined(__AVX2__)
+  const __m256d vq = _mm256_set1_pd(qmax), vnq = _mm256_set1_pd(-qmax), vh = _mm256_set1_pd(0.5);
+  for (; d + 4 <= n; d += 4) {
+    const __m256d x = _mm256_add_pd(_mm256_cvtepi32_pd(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + d))),
+                                    _mm256_loadu_pd(bias + d));
+    __m256d v = _mm256_floor_pd(
+        _mm256_add_pd(_mm256_mul_pd(_mm256_mul_pd(x, _mm256_loadu_pd(m + d)), _mm256_loadu_pd(inv + d)), vh));
+    v = _mm256_min_pd(_mm256_max_pd(v, vnq), vq);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + d), _mm256_cvttpd_epi32(v));
+  }
+#endif
+  for (; d < n; ++d) {
+    const double v = std::floor((double(a[d]) + bias[d]) * m[d] * inv[d] + 0.5);
+    out[d] = i32(v < -qmax ? -qmax : (v > qmax ? qmax : v));
+  }
+}
 
 // Rows of queries handled together: one block of scores, probabilities and contexts (madd_rows4).
 constexpr i64 kRows = 4;
@@ -378,8 +403,7 @@ constexpr i64 kPrefetchRows = 8;
 // head dims), vp [Tm][dhp] (pairs of keys), and one block of kRows query rows: scores s [kRows][Tp], probabilities pr
 // [kRows][Tp + 1] (room for the zero that pads an odd key count), pairs pp [kRows][Tm], contexts c [kRows][dhp].
 struct AttnScratch {
-  std::vector<i32> qp, kp, vp, s, ev, pr, pp, c, keep;
-  std::vector<i64> row;
+  std::vector<i32> qp, kp, vp, s, ev, pr, pp, c, keep, row;
   AttnScratch(i64 T, i64 dh2, i64 Tp, i64 Tm, i64 dhp, i64 dh)
       : qp((T + kRows) * dh2), kp(dh2 * Tp), vp(Tm * dhp), s(kRows * Tp), ev(Tp), pr(kRows * (Tp + 1)),
         pp(kRows * Tm), c(kRows * dhp), keep(T), row(3 * dh) {}
@@ -393,7 +417,7 @@ void attention_head(const AttnArgs& P, i64 b, i64 h, AttnScratch& W) {
   const i64 dh2 = (dh + 1) / 2, Tp = round_up(T, kTile), Tm = (T + 1) / 2, dhp = round_up(dh, kTile);
   const i64 bh = b * H + h;
   i32 *__restrict qp = W.qp.data(), *__restrict kp = W.kp.data(), *__restrict vp = W.vp.data();
-  i64* __restrict x = W.row.data();
+  i32* __restrict x = W.row.data();
   std::fill(W.kp.begin(), W.kp.end(), 0);
   std::fill(W.vp.begin(), W.vp.end(), 0);
   std::fill(qp + T * dh2, qp + (T + kRows) * dh2, 0);  // the phantom rows of the last block
@@ -406,15 +430,19 @@ void attention_head(const AttnArgs& P, i64 b, i64 h, AttnScratch& W) {
     }
     for (i64 part = 0; part < 3; ++part) {  // this head's q | k | v columns of row t
       const i64 c0 = part * D + h * dh;
+      i32* __restrict xp = x + part * dh;
+      if (P.qkv_dbl) {
+        requant_row_double(a + c0, P.dbias + c0, P.dm + c0, P.dinv + c0, dh, double(qmax), xp);
+        continue;
+      }
       const i64 *__restrict bi = P.bias + c0, *__restrict mm = P.m + c0, *__restrict rn = P.rnd + c0,
                             *__restrict sh = P.sh + c0;
-      i64* __restrict xp = x + part * dh;
       for (i64 d = 0; d < dh; ++d) {
         const i64 val = ((i64(a[c0 + d]) + bi[d]) * mm[d] + rn[d]) >> sh[d];
-        xp[d] = val < -qmax ? -qmax : (val > qmax ? qmax : val);
+        xp[d] = i32(val < -qmax ? -qmax : (val > qmax ? qmax : val));
       }
     }
-    const i64 *xq = x, *xk = x + dh, *xv = x + 2 * dh;
+    const i32 *xq = x, *xk = x + dh, *xv = x + 2 * dh;
     for (i64 p = 0; p < dh / 2; ++p) {
       qp[t * dh2 + p] = pack16(xq[2 * p], xq[2 * p + 1]);
       kp[p * Tp + t] = pack16(xk[2 * p], xk[2 * p + 1]);
@@ -460,6 +488,14 @@ void attention_head(const AttnArgs& P, i64 b, i64 h, AttnScratch& W) {
     for (i64 k = 0; k < nr; ++k) {
       const i32* __restrict ck = c + k * dhp;
       u8* __restrict o = P.out + (b * T + i + k) * D + h * dh;
+      if (P.ctx_dbl) {  // |ctx| < 2^31 and |ctx_m| 2^31 < 2^52 (checked): exact
+        const double cs = P.ctx_scale, q = double(qmax);
+        for (i64 d = 0; d < dh; ++d) {
+          const double v = std::floor(double(ck[d]) * cs + 0.5);
+          o[d] = u8(i32(v < -q ? -q : (v > q ? q : v)) + 128);
+        }
+        continue;
+      }
       for (i64 d = 0; d < dh; ++d) {
         const i64 val = (i64(ck[d]) * cm + crnd) >> ce;
         o[d] = u8((val < -qmax ? -qmax : (val > qmax ? qmax : val)) + 128);
@@ -498,11 +534,22 @@ void attention_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tenso
   std::vector<i64> rnd(N), sh(N);
   for (i64 j = 0; j < N; ++j) sh[j] = cap_shift(e.data_ptr<i64>()[j]), rnd[j] = i64(1) << (sh[j] - 1);
   const i64 ce = cap_shift(ctx_e);
-  const AttnArgs P{T, H, D, dh, N, qmax, acc.data_ptr<i32>(), bias.data_ptr<i64>(), m.data_ptr<i64>(), rnd.data(),
+  AttnArgs P{T, H, D, dh, N, qmax, acc.data_ptr<i32>(), bias.data_ptr<i64>(), m.data_ptr<i64>(), rnd.data(),
                    sh.data(), has_mask ? key_pad.data_ptr<u8>() : nullptr, lut.data_ptr<i32>(),
                    i32(lut.numel() - 1), ctx_m, ce, i64(1) << (ce - 1), out.data_ptr<u8>(),
                    opt(q_out, Bsz * T * D, "attention q_out"), opt(k_out, Bsz * T * D, "attention k_out"),
                    opt(v_out, Bsz * T * D, "attention v_out"), opt(p_out, Bsz * H * T * T, "attention p_out")};
+  // q/k/v: |acc + bias| <= 2^31 + max |bias|; context: |p v| < 2^31
+  double bmax = 0;
+  for (i64 j = 0; j < N; ++j) bmax = std::max(bmax, std::fabs(double(bias.data_ptr<i64>()[j])));
+  const DoubleRequant QD(m.data_ptr<i64>(), e.data_ptr<i64>(), N, 2147483648.0 + bmax);
+  std::vector<double> dbias(QD.ok ? N : 0);
+  for (i64 j = 0; j < N && QD.ok; ++j) dbias[j] = double(bias.data_ptr<i64>()[j]);
+  P.qkv_dbl = QD.ok && bmax < kExactBound;
+  P.dbias = dbias.data(), P.dm = QD.m.data(), P.dinv = QD.inv.data();
+  P.ctx_dbl = double_requant_enabled() && std::fabs(double(ctx_m)) * 2147483648.0 < kExactBound;
+  P.ctx_scale = double(ctx_m) * pow2_neg(ctx_e);
+  if (P.qkv_dbl || P.ctx_dbl) ++g_double_calls;
   const i64 dh2 = (dh + 1) / 2, Tp = round_up(T, kTile), Tm = (T + 1) / 2, dhp = round_up(dh, kTile);
   const i64 macs = Bsz * H * T * (Tp * dh2 + Tm * dhp) * 2;
   at::parallel_for(0, Bsz * H, macs >= kAttnParallelMin ? 1 : Bsz * H, [&](int64_t lo, int64_t hi) {
