@@ -39,9 +39,12 @@ counted in updates (fairseq semantics), ``--no-epoch-checkpoints`` (only best/la
 
 Modules: :mod:`.schedules` (TernaryBERT and optimizer settings; the task and architecture tables are
 :mod:`ibert_plugin.catalog`), :mod:`.options` (flags and up-front checks), :mod:`.plan` (the commands),
-:mod:`.execute` (running them), :mod:`.hydra_configs` (``configs/*.yaml`` from the table). Layer: imports
+:mod:`.execute` (running them), :mod:`.hydra_configs` (``configs/*.yaml`` from the table); :mod:`.stages` (a
+stage runner over ``run.py``: schedules, progress, reuse of finished stages) and :mod:`.scoring` (per-sentence
+test-split scores of a checkpoint, shipped sizes), which the demo and the benchmarks share. Layer: imports
 ``catalog``, ``quant.config`` and the fairseq-free ``wiring.checkpoint_file``; fairseq runs only in the launched
-processes.
+processes, except that :mod:`.scoring` loads the checkpoint it scores with fairseq (inside its functions, with the
+GLUE label reader of ``assets``).
 """
 from ..catalog import ARCHS
 from ..catalog import GLUE_TASKS as TASKS
