@@ -36,6 +36,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ibert_plugin import demo  # noqa: E402
+from ibert_plugin.assets.common import data_dir  # noqa: E402
+from ibert_plugin.recipes.scoring import cached_scores  # noqa: E402
+from ibert_plugin.recipes.stages import (  # noqa: E402
+    Progress,
+    Stage,
+    StageError,
+    note,
+    run_stage,
+    schedule_flags,
+    validation_count,
+)
 from ibert_plugin.stats import paired_bootstrap  # noqa: E402
 
 VARIANTS = {
@@ -91,7 +102,7 @@ def main(argv=None) -> int:
             print(f"error: no {what} checkpoint (run the demo first, or pass {flag})", file=sys.stderr)
             return 2
 
-    data = demo._data_dir(a.data_dir)
+    data = data_dir(a.data_dir)
     data_bin = data / "glue-bin" / f"{demo.TASK}-bin"
     glue_dir = data / "glue"
     out = Path(a.output_dir).resolve()
@@ -99,8 +110,8 @@ def main(argv=None) -> int:
     cache = out / "scores.json"
     state_file = out / "state.json"
     validate_every = max(1, demo.UPDATES_PER_EPOCH // 2)
-    schedule = demo._schedule(a.updates, 0.0, validate_every)
-    fp_scores = demo._scores(Path(fp_ckpt), data_bin, glue_dir, cache)
+    schedule = schedule_flags(a.updates, 0.0, validate_every)
+    fp_scores = cached_scores(Path(fp_ckpt), data_bin, glue_dir, demo.TASK, cache)
     rows = {}
     for name in names:
         reuse = name == "baseline" and base_rec and Path(base_rec["checkpoint"]).exists() and \
@@ -108,22 +119,22 @@ def main(argv=None) -> int:
         t0 = time.time()
         if reuse:
             ckpt, best = base_rec["checkpoint"], base_rec["best"]
-            demo._log(f"{name}: reusing the demo's stage {ckpt}")
+            note(f"{name}: reusing the demo's stage {ckpt}")
         else:
             argv_v = ["--arch", "minilm", "--task", demo.TASK, "--data-dir", str(data / "glue-bin"),
                       "--output-dir", str(out / name), *VARIANTS[name], "--restore-file", tern_ckpt, "--lr", a.lr,
                       *schedule]
             if name == "distill":  # the teacher is the FP model, not the TernaryBERT checkpoint training starts from
                 argv_v += ["--teacher-path", fp_ckpt]
-            stage = demo.Stage(name, f"ablation {name}", "int_ternary", a.updates,
-                               demo._validations(a.updates, validate_every), argv_v)
+            stage = Stage(name, f"ablation {name}", "int_ternary", a.updates,
+                          validation_count(a.updates, validate_every, demo.UPDATES_PER_EPOCH), argv_v)
             try:  # the demo's stage runner: progress lines, and reuse of a variant finished with the same arguments
-                res = demo._run_stage(stage, state_file, False, demo.Progress(out / name), 0.0)
-            except demo.DemoError as e:
+                res = run_stage(stage, state_file, False, Progress(out / name), 0.0)
+            except StageError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 1
             ckpt, best = res.checkpoint, res.best
-        sc = demo._scores(Path(ckpt), data_bin, glue_dir, cache)
+        sc = cached_scores(Path(ckpt), data_bin, glue_dir, demo.TASK, cache)
         row = dict(dev_acc=best, test_acc=round(100.0 * sum(sc["test"]) / len(sc["test"]), 2),
                    gap_vs_fp=paired_bootstrap(fp_scores["test"], sc["test"]).to_dict(),
                    checkpoint=str(ckpt), wall_s=round(time.time() - t0, 1), reused=bool(reuse), _scores=sc["test"])

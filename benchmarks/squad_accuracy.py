@@ -24,7 +24,7 @@ Each engine row counts its predictions equal to its QAT model's. Per row EM and 
 no-answer threshold chosen on the selection set, applied unchanged to the report files); every F1 gap to FP with a
 paired bootstrap 95 % interval over questions (``ibert_plugin.stats``). The result JSON and every row's official
 predictions JSON (``{question id: answer text}``) go to ``--results-dir`` (default ``docs/results/squad/<TASK>``),
-with the sha256 of every data file and the exact command. Stages are resumable (``python -m ibert_plugin.squad``):
+with the sha256 of every data file and the exact command. Stages are resumable (the SQuAD driver, ``run.py``):
 a relaunch reuses every finished stage and peer and resumes an interrupted stage from its ``checkpoint_last.pt``.
 
 Schedules (``SCHEDULES``; the cost model behind ``cpu`` is in ``docs/squad.md``)::
@@ -53,7 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from ibert_plugin.squad import recipe  # noqa: E402
+from ibert_plugin.recipes import squad as recipe  # noqa: E402
 from ibert_plugin.squad.metrics import f1_v1, f1_v2, normalize_answer  # noqa: E402
 from ibert_plugin.stats import DEFAULT_RESAMPLES, DEFAULT_SEED, paired_bootstrap_scores  # noqa: E402
 

@@ -1,13 +1,13 @@
 """The task table and the architecture table: the one definition of every task and ``--arch`` the plugin knows.
 
 Every user imports them from here: ``run.py``'s recipes (:mod:`ibert_plugin.recipes`), the SQuAD recipe
-(:mod:`ibert_plugin.squad.recipe`), the GLUE preprocessing (:mod:`ibert_plugin.assets.glue`), the engine CLI (through
+(:mod:`ibert_plugin.recipes.squad`), the GLUE preprocessing (:mod:`ibert_plugin.assets.glue`), the engine CLI (through
 ``assets.glue``), the hydra configs and the benchmarks. Standard library only, so that any layer may import it
 (``tests/test_layering.py``: this module imports nothing of the plugin).
 
 **Tasks** (:data:`TASKS`, one :class:`TaskSpec` each, in ``run.py``'s order): the GLUE-format sentence(-pair)
 tasks (fairseq task ``sentence_prediction``) carry their TSV layout, their FP fine-tuning recipe and their metric;
-the span-extraction tasks SQUAD1 / SQUAD2 (fairseq task ``squad``, recipe :mod:`ibert_plugin.squad.recipe`) carry
+the span-extraction tasks SQUAD1 / SQUAD2 (fairseq task ``squad``, recipe :mod:`ibert_plugin.recipes.squad`) carry
 the v2.0 flag, their report files and their metric.
 
 * TSV layout: 1-based input / label columns and field counts exactly as fairseq's
@@ -87,7 +87,7 @@ class TaskSpec:
 
     @property
     def squad(self) -> bool:
-        """A span-extraction task (:mod:`ibert_plugin.squad.recipe`)."""
+        """A span-extraction task (:mod:`ibert_plugin.recipes.squad`)."""
         return self.fairseq_task == "squad"
 
     @property

@@ -20,45 +20,42 @@ then its result and the path of its full log) and the final table. Everything th
 log included) goes to ``<output-dir>/logs/<stage>.log``; ``--verbose`` streams it to the terminal as well. Every
 stage resumes or is skipped when its result already exists (``--fresh`` starts over). ``--quick`` runs the same
 pipeline with schedules about 10x shorter (about 10 minutes on 2 cores): its figures are a smoke test, not results.
+
+The stage runner (schedules, progress and time left, reuse of finished stages) is :mod:`ibert_plugin.recipes.stages`
+and the test-split scoring :mod:`ibert_plugin.recipes.scoring`, which the benchmarks that reuse the demo's stages
+import too; this module is the demo itself: its terminal output, its plan and defaults, its table.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
-import os
-import re
-import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .assets.common import data_dir
 from .quant.config import IBERT_W7A8, IBERT_W8A8, INT_TERNARY_W2, TERNARYBERT_W2A8
+from .recipes.scoring import cached_scores, dev_curve, export_packed, fp_weights_file, size_mb
+from .recipes.stages import (
+    Done,
+    Progress,
+    Stage,
+    fmt_min,
+    note,
+    run_command,
+    run_stage,
+    schedule_flags,
+    stage_output,
+    validation_count,
+)
+from .recipes.stages import StageError as DemoError  # a failed stage: the message names it and where its log is
 
 REPO = Path(__file__).resolve().parents[1]
 TASK = "RT-SENT"
-HEAD = "sentence_classification_head"
 UPDATES_PER_EPOCH = 268  # RT-SENT: 8,568 training sentences at batch 32
-
-#: Per-stage cost model on the project's 2-core AVX2 machine (no GPU), from the demo logs: seconds to start a
-#: fairseq-train process (imports, model and data loading), seconds per training update, seconds per validation
-#: pass over the 1,000 dev sentences (checkpoint save included). Only used for the time-left estimates.
-COST = {
-    "fp": (20.0, 1.3, 12.0),
-    "qat": (25.0, 1.8, 20.0),
-    "ternary": (30.0, 2.35, 20.0),
-    "int_ternary": (25.0, 2.0, 20.0),
-}
-SCORE_S = {"fp": 10.0, "qat": 20.0, "ternary": 20.0, "int_ternary": 20.0}  # test-split scoring, per model
 ENGINE_S = 40.0  # one engine CLI run (conversion, dev set on the engine and in FP32), per model and batch size
-
-
-class DemoError(Exception):
-    """A stage failed; the message names the stage and where its log is."""
 
 
 # ---------------------------------------------------------------------------------------------------- the terminal
@@ -125,340 +122,8 @@ def bar(fraction: Optional[float], width: int = BAR_WIDTH) -> str:
     return f"[{'#' * filled}{'.' * (width - filled)}] {100 * fraction:3.0f}%"
 
 
-def _log(msg: str) -> None:
-    """A note on stderr (benchmarks that reuse the demo's stages; the demo itself prints through :class:`Console`)."""
-    print(f"[demo] {msg}", file=sys.stderr, flush=True)
-
-
-def _fmt_min(seconds: float) -> str:
-    return f"{seconds / 60:.1f} min"
-
-
-def _data_dir(arg: Optional[str]) -> Path:
-    return Path(arg or os.environ.get("IBERT_DATA_DIR") or REPO / "data").resolve()
-
-
-class _LogSink(io.TextIOBase):
-    """A text stream writing to a stage's log file and, with ``--verbose``, to the terminal too. It has a ``buffer``
-    (bytes are decoded), because ``run.py`` copies fairseq's raw output to ``sys.stdout.buffer``."""
-
-    def __init__(self, log, echo=None):
-        super().__init__()
-        self.log, self.echo = log, echo
-        self.buffer = self  # write() takes bytes too
-
-    def write(self, data) -> int:
-        text = data.decode("utf-8", "replace") if isinstance(data, (bytes, bytearray)) else data
-        self.log.write(text)
-        if self.echo is not None:
-            self.echo.write(text)
-        return len(data)
-
-    def flush(self) -> None:
-        self.log.flush()
-        if self.echo is not None:
-            self.echo.flush()
-
-    def writable(self) -> bool:
-        return True
-
-
-@contextlib.contextmanager
-def stage_output(log_path: Path, verbose: bool, terminal=None):
-    """Send everything printed while the block runs (``sys.stdout``, ``sys.stderr``, and the children started with
-    :func:`_run`) to ``log_path``; with ``verbose`` also stream it to ``terminal`` (default: the current stdout)."""
-    terminal = terminal or sys.stdout
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a", encoding="utf-8") as log:
-        sink = _LogSink(log, terminal if verbose else None)
-        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            yield sink
-        sink.flush()
-
-
-def _run(cmd: List[str], what: str) -> None:
-    """Run a child process; its merged output goes to the current ``sys.stdout`` (a stage log inside
-    :func:`stage_output`)."""
-    print(f"[demo] {what}: {' '.join(cmd)}", flush=True)
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    for chunk in iter(lambda: proc.stdout.read1(65536), b""):
-        sys.stdout.write(chunk.decode("utf-8", "replace"))
-        sys.stdout.flush()
-    rc = proc.wait()
-    if rc != 0:
-        raise DemoError(f"{what} failed with exit code {rc}")
-
-
-# ------------------------------------------------------------------------------------------------ schedule and ETA
-@dataclass
-class Stage:
-    """One training stage of the plan: its ``run.py`` flags and its cost-model kind."""
-
-    key: str
-    label: str
-    kind: str
-    updates: int
-    validations: int
-    argv: List[str] = field(default_factory=list)
-
-    def estimate(self) -> float:
-        fixed, per_update, per_val = COST[self.kind]
-        return fixed + per_update * self.updates + per_val * self.validations + SCORE_S[self.kind]
-
-
-def _schedule(updates: int, warmup: float, validate_every: Optional[int]) -> List[str]:
-    """run.py flags: stop after ``updates``, fit the LR schedule (warmup, linear decay) into it, and validate (and
-    save, so that ``checkpoint_best.pt`` can come from mid-epoch) every ``validate_every`` updates."""
-    flags = ["--max-update", str(updates), "--", "--total-num-update", str(updates),
-             "--warmup-updates", str(int(updates * warmup)), "--log-interval", str(max(1, min(10, updates // 5)))]
-    if validate_every and validate_every < updates:
-        flags += ["--validate-interval-updates", str(validate_every), "--save-interval-updates", str(validate_every),
-                  "--keep-interval-updates", "1"]
-    return flags
-
-
-def _validations(updates: int, validate_every: Optional[int]) -> int:
-    """Validation passes fairseq makes: every ``validate_every`` updates, at each epoch end, and at the last update."""
-    points = {updates}
-    points |= set(range(UPDATES_PER_EPOCH, updates + 1, UPDATES_PER_EPOCH))
-    if validate_every and validate_every < updates:
-        points |= set(range(validate_every, updates + 1, validate_every))
-    return len(points)
-
-
-class Progress:
-    """Watches a training stage's fairseq log and reports its progress: the update count read from the log, the
-    fraction done, and the estimated time left in the stage (observed rate) and in the demo (cost model of the later
-    stages, rescaled by how fast this machine runs compared with the model).
-
-    Args:
-        output_dir: the stage's ``run.py`` output root (the newest ``*/*/*/*.log`` under it is the stage's log).
-        interval: seconds between two reads of the log.
-        console: where the stage line is drawn; None prints a note on stderr every ``interval`` instead.
-    """
-
-    def __init__(self, output_dir: Path, interval: float = 60.0, console: Optional[Console] = None):
-        self.output_dir = output_dir
-        self.interval = interval
-        self.console = console
-        self.speed = 1.0  # observed / modelled time per update, carried to later stages
-
-    @staticmethod
-    def updates_in(log_text: str) -> Optional[int]:
-        hits = re.findall(r"num_updates[= ](\d+)", log_text)
-        return int(hits[-1]) if hits else None
-
-    def _newest_log(self, since: float) -> Optional[Path]:
-        logs = [p for p in self.output_dir.glob("*/*/*/*.log") if ".rank" not in p.name and p.stat().st_mtime >= since]
-        return max(logs, key=lambda p: p.stat().st_mtime) if logs else None
-
-    def _show(self, step: str, fraction: Optional[float], detail: str) -> None:
-        if self.console is not None:
-            self.console.progress(step, fraction, detail)
-        else:
-            _log(f"{step} {detail}")
-
-    def watch(self, stage: Stage, later_s: float, stop: threading.Event, step: Optional[str] = None) -> None:
-        step = step or stage.label
-        t0 = time.time()
-        per_update = COST[stage.kind][1]
-        seen, t_seen = 0, t0  # latest update count and when it was first read
-        tick = min(self.interval, 2.0) if self.console is not None and self.console.tty else self.interval
-        while not stop.wait(tick):
-            elapsed = time.time() - t0
-            log = self._newest_log(t0)
-            done = None
-            if log is not None:
-                with open(log, "rb") as f:
-                    f.seek(max(0, f.seek(0, 2) - 65536))
-                    done = self.updates_in(f.read().decode("utf-8", "replace"))
-            if not done:  # fairseq still loading: the cost model's estimate, while it has not run out
-                left = stage.estimate() * self.speed - elapsed
-                eta = f", ~{_fmt_min(left)} left (demo ~{_fmt_min(left + later_s * self.speed)})" if left > 0 else ""
-                self._show(step, 0.0, f"starting, {_fmt_min(elapsed)} elapsed{eta}")
-                continue
-            if done != seen:
-                seen, t_seen = done, time.time()
-            # the rate as of the latest update: after the last one, validation / export / scoring time must not
-            # read as slower training (it would inflate every later stage's estimate)
-            trained = t_seen - t0
-            rate = max(trained - COST[stage.kind][0], 0.5 * trained) / done
-            self.speed = max(0.25, min(4.0, rate / per_update))
-            if done >= stage.updates:
-                self._show(step, 1.0, f"{done}/{stage.updates} updates, {_fmt_min(elapsed)} elapsed; final "
-                                      f"validation and checkpoint (demo ~{_fmt_min(later_s * self.speed)} after)")
-                continue
-            left = rate * (stage.updates - done) + COST[stage.kind][2] + SCORE_S[stage.kind]
-            self._show(step, done / stage.updates,
-                       f"{done}/{stage.updates} updates, {_fmt_min(elapsed)} elapsed, ~{_fmt_min(left)} left "
-                       f"(demo ~{_fmt_min(left + later_s * self.speed)})")
-
-
-# ----------------------------------------------------------------------------------------------------------- stages
-class _Done:
-    """A stage result remembered from an earlier demo run (same run.py arguments, outputs still on disk)."""
-
-    def __init__(self, record: Dict):
-        self.__dict__.update(record)
-
-    def summary(self) -> str:
-        return f"reusing {self.checkpoint} (best dev {self.metric} = {self.best})"
-
-
-def _run_stage(stage: Stage, state_file: Path, fresh: bool, progress: Progress, later_s: float,
-               step: Optional[str] = None):
-    """Run one ``run.py`` stage (it spawns fairseq-train) and return its result.
-
-    A stage that already finished with the same arguments is reused instead of retrained (``--fresh`` retrains).
-    ``run.py``'s own output (fairseq's, tee'd) goes to the current ``sys.stdout``; ``step`` names the stage line.
-    """
-    state = json.loads(state_file.read_text()) if state_file.exists() else {}
-    key = " ".join(stage.argv)
-    done = state.get(key)
-    if done and not fresh and all(Path(p).exists() for p in (done["checkpoint"], done.get("packed_model") or "/")):
-        result = _Done(done)
-        print(f"[demo] {stage.label}: {result.summary()}", flush=True)
-        return result
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    import run as run_py
-
-    print(f"[demo] {stage.label}: python run.py {key}", flush=True)
-    t0 = time.time()
-    stop = threading.Event()
-    watcher = threading.Thread(target=progress.watch, args=(stage, later_s, stop, step), daemon=True)
-    watcher.start()
-    try:
-        result = run_py.main(stage.argv)
-    except run_py.RunError as e:
-        raise DemoError(f"{stage.label}: {e}") from None
-    finally:
-        stop.set()
-        watcher.join(timeout=5)
-    if result.returncode != 0 or not result.checkpoint:
-        raise DemoError(f"{stage.label} failed (exit {result.returncode}); see {result.log_path}")
-    result.stage_seconds = time.time() - t0
-    print(f"[demo] {result.summary()}", flush=True)
-    state[key] = dict(checkpoint=result.checkpoint, packed_model=result.packed_model, best=result.best,
-                      metric=result.metric, stage_seconds=result.stage_seconds, log_path=result.log_path)
-    state_file.parent.mkdir(parents=True, exist_ok=True)
-    state_file.write_text(json.dumps(state, indent=2))
-    return result
-
-
-def dev_curve(log_text: str) -> List[tuple]:
-    """``[(num_updates, dev accuracy), ...]`` from fairseq's validation lines, in order."""
-    out = []
-    for line in log_text.splitlines():
-        if "valid on 'valid' subset" not in line:
-            continue
-        acc = re.search(r"\|\s*accuracy\s+([0-9.]+)", line)
-        upd = re.search(r"\|\s*num_updates\s+(\d+)", line)
-        if acc and upd:
-            out.append((int(upd.group(1)), float(acc.group(1))))
-    return out
-
-
-def _size_mb(path: Path) -> float:
-    return path.stat().st_size / 1e6
-
-
-def _export(checkpoint: Path, output: Path) -> Path:
-    if not output.exists() or output.stat().st_mtime < checkpoint.stat().st_mtime:
-        _run([sys.executable, "-m", "ibert_plugin.export", "--checkpoint", str(checkpoint), "--output", str(output),
-              "--omit-lm-head"], f"export {output.name}")
-    return output
-
-
-def _fp_weights_file(checkpoint: Path, output: Path) -> Path:
-    """The FP32 model as it would ship: the state dict alone (no optimizer state)."""
-    import torch
-
-    if not output.exists() or output.stat().st_mtime < checkpoint.stat().st_mtime:
-        from ibert_plugin.wiring.checkpoint_file import read_checkpoint  # weights_only, fairseq's pickles allowed
-
-        state = read_checkpoint(str(checkpoint))
-        torch.save({k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()}, output)
-    return output
-
-
-# ---------------------------------------------------------------------------------------------------------- scoring
-def test_labels(glue_dir: Path, label_dictionary) -> List[int]:
-    """Class indices of the held-out test split from ``test_with_labels.tsv`` (same rows, same order as ``test.tsv``,
-    which the preprocessing binarised as the ``test`` split)."""
-    from ibert_plugin.assets import glue
-
-    path = glue_dir / TASK / "test_with_labels.tsv"
-    _, labels, _ = glue.read_split(path, glue.TASKS[TASK], "dev")
-    out = []
-    for i, lab in enumerate(labels):
-        j = label_dictionary.index(lab)
-        if j == label_dictionary.unk():
-            raise DemoError(f"{path}: label {lab!r} (row {i + 1}) is not in the label dictionary")
-        out.append(j - label_dictionary.nspecial)
-    return out
-
-
-def score_checkpoint(checkpoint: Path, data_bin: Path, glue_dir: Path, splits=("test",),
-                     batch_size: int = 64, device=None) -> Dict[str, List[int]]:
-    """Per-sentence correctness (0/1) of a fairseq checkpoint on binarised splits (``test``, ``valid``).
-
-    The checkpoint is loaded with fairseq's ``load_model_ensemble_and_task`` and run in eval mode on the binarised
-    splits through the task's collater (sentences batched by length), exactly what fairseq's validation does, but
-    keeping each sentence's outcome for the paired bootstrap. ``device``: where the model runs (default CPU).
-    """
-    import numpy as np
-    import torch
-    from fairseq import checkpoint_utils
-
-    import ibert_plugin  # noqa: F401
-
-    models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task(
-        [str(checkpoint)], arg_overrides={"data": str(data_bin)})
-    model = models[0].eval().to(device or "cpu")
-    out = {}
-    for split in splits:
-        task.load_dataset(split)
-        ds = task.dataset(split)
-        if split == "test":
-            targets = np.asarray(test_labels(glue_dir, task.label_dictionary))
-            if len(targets) != len(ds):
-                raise DemoError(f"test_with_labels.tsv has {len(targets)} rows, the binarised test split {len(ds)}")
-        else:
-            targets = None
-        sizes = np.asarray(ds.sizes)
-        order = np.argsort(sizes if sizes.ndim == 1 else sizes[0], kind="stable")
-        preds = np.full(len(ds), -1, dtype=np.int64)
-        gold = np.full(len(ds), -1, dtype=np.int64)
-        with torch.no_grad():
-            for s in range(0, len(ds), batch_size):
-                batch = ds.collater([ds[int(i)] for i in order[s:s + batch_size]])
-                net_input = {k: v.to(device or "cpu") for k, v in batch["net_input"].items()}
-                logits, _ = model(**net_input, features_only=True, classification_head_name=HEAD)
-                ids = batch["id"].numpy()
-                preds[ids] = logits.argmax(-1).cpu().numpy()
-                if "target" in batch:
-                    gold[ids] = batch["target"].view(-1).numpy()
-        if targets is not None:
-            gold = targets
-        out[split] = (preds == gold).astype(int).tolist()
-    return out
-
-
-def _scores(checkpoint: Path, data_bin: Path, glue_dir: Path, cache_file: Path) -> Dict[str, List[int]]:
-    """:func:`score_checkpoint`, cached by checkpoint path and modification time."""
-    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
-    key = f"{checkpoint}:{checkpoint.stat().st_mtime_ns}"
-    if key not in cache:
-        t0 = time.time()
-        cache[key] = score_checkpoint(checkpoint, data_bin, glue_dir)
-        _log(f"scored {checkpoint} on the test split in {time.time() - t0:.0f} s")
-        cache_file.write_text(json.dumps(cache))
-    return cache[key]
-
-
 # --------------------------------------------------------------------------------------------------------- the demo
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ibert_plugin.demo", description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", default=None, help="asset/data folder (default $IBERT_DATA_DIR or <repo>/data)")
     p.add_argument("--output-dir", default=None,
@@ -499,8 +164,8 @@ def plan(a: argparse.Namespace, common: List[str], fp_ckpt: str = "<fp>", tern_c
 
     def add(key, label, kind, updates, argv, warmup):
         v = val_every(updates)
-        stages.append(Stage(key, label, kind, updates, _validations(updates, v),
-                            [*common, *argv, *_schedule(updates, warmup, v)]))
+        stages.append(Stage(key, label, kind, updates, validation_count(updates, v, UPDATES_PER_EPOCH),
+                            [*common, *argv, *schedule_flags(updates, warmup, v)]))
 
     add("fp", "FP fine-tuning", "fp", a.fp_updates, ["--quant-mode", "none", "--restore-file", "<pretrained>",
                                                      "--lr", "1e-4"], 0.1)
@@ -521,7 +186,7 @@ def plan(a: argparse.Namespace, common: List[str], fp_ckpt: str = "<fp>", tern_c
     return stages
 
 
-def _defaults(a: argparse.Namespace) -> None:
+def set_defaults(a: argparse.Namespace) -> None:
     quick = a.quick
     for name, full, smoke in (("fp_updates", 2 * UPDATES_PER_EPOCH, 40), ("qat_updates", 50, 8),
                               ("ternary_updates", 2 * UPDATES_PER_EPOCH, 30),
@@ -556,10 +221,10 @@ def estimate_seconds(a: argparse.Namespace) -> float:
 
 
 def main(argv: Optional[List[str]] = None, console: Optional[Console] = None) -> int:
-    a = _parser().parse_args(argv)
-    _defaults(a)
+    a = build_parser().parse_args(argv)
+    set_defaults(a)
     t_start = time.time()
-    data = _data_dir(a.data_dir)
+    data = data_dir(a.data_dir)
     out_dir = Path(a.output_dir).resolve()
     logs = out_dir / "logs"
     data_bin = data / "glue-bin" / f"{TASK}-bin"
@@ -581,17 +246,17 @@ def main(argv: Optional[List[str]] = None, console: Optional[Console] = None) ->
     def step() -> str:
         return f"[{next(counter)}/{n_steps}] {next(names):<{width}}"
 
-    con.line(f"demo: {n_steps} stages, estimated {_fmt_min(estimate_seconds(a))} on 2 cores (assets built, no stage "
+    con.line(f"demo: {n_steps} stages, estimated {fmt_min(estimate_seconds(a))} on 2 cores (assets built, no stage "
              f"reused); full logs in {logs}/{' (streamed: --verbose)' if a.verbose else ''}")
 
-    _simple_at(con, step(), "assets", logs / "assets.log", a.verbose, terminal, lambda: _run(
+    _simple_at(con, step(), "assets", logs / "assets.log", a.verbose, terminal, lambda: run_command(
         [sys.executable, "-m", "ibert_plugin.assets", "build", "--data-dir", str(data), "--only", "minilm,rt_sent"],
         "assets"))
 
     def preprocess():
         if (data_bin / "label" / "dict.txt").exists() and (data_bin / "input0" / "test.idx").exists() and not a.fresh:
             return "reused"
-        _run(["bash", str(REPO / "scripts" / "preprocess_GLUE_tasks.sh"), str(data / "glue"), TASK, "--bpe",
+        run_command(["bash", str(REPO / "scripts" / "preprocess_GLUE_tasks.sh"), str(data / "glue"), TASK, "--bpe",
               "wordpiece", "--bpe-dir", str(data / "minilm"), "--out", str(data / "glue-bin")], "preprocess")
         return None
 
@@ -607,15 +272,15 @@ def main(argv: Optional[List[str]] = None, console: Optional[Console] = None) ->
                    (fp_ckpt if x == "<fp>" else (tern_ckpt if x == "<ternary>" else x)) for x in st.argv]
         later = sum(s.estimate() for s in stages[i + 1:]) + engine_s
         label, log = step(), logs / f"{st.key}.log"
-        con.progress(label, 0.0, f"{st.updates} updates, ~{_fmt_min(st.estimate() * progress.speed)} "
-                                 f"(demo ~{_fmt_min((st.estimate() + later) * progress.speed)})")
+        con.progress(label, 0.0, f"{st.updates} updates, ~{fmt_min(st.estimate() * progress.speed)} "
+                                 f"(demo ~{fmt_min((st.estimate() + later) * progress.speed)})")
         try:
             with stage_output(log, a.verbose, terminal):
-                res = _run_stage(st, state_file, a.fresh, progress, later, step=label)
+                res = run_stage(st, state_file, a.fresh, progress, later, step=label)
         except DemoError as e:
             raise DemoError(f"{e}; full log: {log}") from None
         results[st.key] = res
-        how = "reused" if isinstance(res, _Done) else f"{_fmt_min(res.stage_seconds)}"
+        how = "reused" if isinstance(res, Done) else f"{fmt_min(res.stage_seconds)}"
         con.done(label, f"{st.updates}/{st.updates} updates, best dev {res.metric} {res.best}, {how}   log: {log}")
         if st.key == "fp":
             fp_ckpt = results["fp"].checkpoint
@@ -642,7 +307,7 @@ def main(argv: Optional[List[str]] = None, console: Optional[Console] = None) ->
 
         _simple_at(con, engine_step, "integer engine", logs / "engine.log", a.verbose, terminal, engine)
     total = time.time() - t_start
-    _print_table(rows, total, a.quick, curve=dev_curve(Path(results["fp"].log_path).read_text(errors="replace")),
+    print_table(rows, total, a.quick, curve=dev_curve(Path(results["fp"].log_path).read_text(errors="replace")),
                  stream=terminal)
     if a.json:
         Path(a.json).write_text(json.dumps({"smoke": a.quick, "total_s": total, "rows": rows}, indent=2))
@@ -677,15 +342,15 @@ def _rows(a, stages, results, data_bin, glue_dir, score_cache, tick=None) -> Lis
     for st in stages:
         res = results[st.key]
         ckpt = Path(res.checkpoint)
-        _log(f"scoring {st.label} on the test split")
-        sc = _scores(ckpt, data_bin, glue_dir, score_cache)
+        note(f"scoring {st.label} on the test split")
+        sc = cached_scores(ckpt, data_bin, glue_dir, TASK, score_cache)
         if st.key == "fp":
             fp_scores = sc
-            size = _size_mb(_fp_weights_file(ckpt, ckpt.parent / "model_fp32.pt"))
+            size = size_mb(fp_weights_file(ckpt, ckpt.parent / "model_fp32.pt"))
         else:
             packed = Path(res.packed_model) if getattr(res, "packed_model", None) else \
-                _export(ckpt, ckpt.parent / "model_packed.pt")
-            size = _size_mb(packed)
+                export_packed(ckpt, ckpt.parent / "model_packed.pt")
+            size = size_mb(packed)
         row = dict(key=st.key, task=TASK, precision=labels.get(st.key, f"W2A8 TernaryBERT {st.key[5:].upper()}"),
                    updates=st.updates, dev_acc=res.best, test_acc=100.0 * sum(sc["test"]) / len(sc["test"]),
                    test_sentences=len(sc["test"]), size_mb=size,
@@ -709,9 +374,9 @@ def _engine(a, rows: List[Dict], data_bin: Path, out_dir: Path, tick=None) -> No
         row["engine"] = {}
         for bs in a.batch_sizes:
             report = out_dir / f"engine_{row['key']}_b{bs}.json"
-            _run([sys.executable, "-m", "ibert_plugin.engine", "eval", "--checkpoint", row["checkpoint"], "--data-bin",
-                  str(data_bin), "--split", "valid", "--compare-fp32", "--batch-size", str(bs), "--json",
-                  str(report)], f"integer engine {row['key']} batch {bs}")
+            run_command([sys.executable, "-m", "ibert_plugin.engine", "eval", "--checkpoint", row["checkpoint"],
+                         "--data-bin", str(data_bin), "--split", "valid", "--compare-fp32", "--batch-size", str(bs),
+                         "--json", str(report)], f"integer engine {row['key']} batch {bs}")
             res = json.loads(report.read_text())
             row["engine"][str(bs)] = dict(dev_acc=100 * res["accuracy"], speedup=res["speedup"],
                                           sentences_per_s=res["sentences_per_s"],
@@ -721,7 +386,7 @@ def _engine(a, rows: List[Dict], data_bin: Path, out_dir: Path, tick=None) -> No
                 tick(done, total)
 
 
-def _print_table(rows: List[Dict], total: float, quick: bool, curve: List[tuple], stream=None) -> None:
+def print_table(rows: List[Dict], total: float, quick: bool, curve: List[tuple], stream=None) -> None:
     def out(text: str = "") -> None:
         print(text, file=stream or sys.stdout)
 

@@ -256,8 +256,8 @@ def run_check(a: argparse.Namespace, data: Path, out: Path) -> Dict[str, object]
     import torch
 
     sys.path.insert(0, str(REPO))
-    from ibert_plugin import demo
     from ibert_plugin.engine import convert
+    from ibert_plugin.recipes import scoring
 
     torch.backends.cuda.matmul.allow_tf32 = False  # the FP32 head of (a) in IEEE float32 on both devices
     torch.backends.cudnn.allow_tf32 = False
@@ -287,7 +287,8 @@ def run_check(a: argparse.Namespace, data: Path, out: Path) -> Dict[str, object]
     for key, res in results.items():
         if key == "fp32":  # the timing run saves nothing
             continue
-        sc = demo.score_checkpoint(Path(res.checkpoint), data_bin, data / "glue", splits=("test",), device=device)
+        sc = scoring.score_checkpoint(Path(res.checkpoint), data_bin, data / "glue", TASK, splits=("test",),
+                                      device=device)
         accuracy[key] = {"dev": res.best, "test": 100.0 * sum(sc["test"]) / len(sc["test"]),
                          "test_sentences": len(sc["test"])}
 

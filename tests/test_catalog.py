@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ibert_plugin.assets import glue
 from ibert_plugin.catalog import ARCHS, GLUE_TASKS, REPO, SQUAD_TASKS, TASKS
-from ibert_plugin.squad import recipe
+from ibert_plugin.recipes import squad as recipe
 
 
 def test_glue_and_squad_tasks_split_the_table():

@@ -6,13 +6,14 @@ import sys
 import pytest
 
 from ibert_plugin import demo
+from ibert_plugin.recipes import scoring, stages
 
 pytestmark = pytest.mark.slow  # whole pipelines / subprocesses: `make test-fast` leaves them out
 
 
 def _args(*argv):
-    a = demo._parser().parse_args(list(argv))
-    demo._defaults(a)
+    a = demo.build_parser().parse_args(list(argv))
+    demo.set_defaults(a)
     return a
 
 
@@ -80,9 +81,9 @@ def test_log_parsing():
         "epoch 001 | valid on 'valid' subset | loss 0.4 | accuracy 81.9 | wps 0 | num_updates 268 | best_accuracy 81.9",
         "epoch 002:     20 / 268 loss=0.9, num_updates=288, lr=8e-05",
     ])
-    assert demo.dev_curve(log) == [(134, 80.1), (268, 81.9)]
-    assert demo.Progress.updates_in(log) == 288
-    assert demo.Progress.updates_in("no updates yet") is None
+    assert scoring.dev_curve(log) == [(134, 80.1), (268, 81.9)]
+    assert stages.Progress.updates_in(log) == 288
+    assert stages.Progress.updates_in("no updates yet") is None
 
 
 def test_progress_bar_shows_fraction_and_unknown():
@@ -135,12 +136,12 @@ def test_console_on_a_terminal_redraws_one_line_per_stage():
 def test_stage_output_goes_to_the_log_and_with_verbose_also_to_the_terminal(tmp_path, verbose):
     term = io.StringIO()
     log = tmp_path / "logs" / "stage.log"
-    with demo.stage_output(log, verbose, term):
+    with stages.stage_output(log, verbose, term):
         print("python line")
         print("python warning", file=sys.stderr)
         sys.stdout.buffer.write(b"raw fairseq bytes\n")  # how run.py tees fairseq's output
-        demo._run([sys.executable, "-c", "import sys; print('child out'); print('child err', file=sys.stderr)"],
-                  "child")
+        stages.run_command([sys.executable, "-c",
+                            "import sys; print('child out'); print('child err', file=sys.stderr)"], "child")
     text = log.read_text()
     for needle in ("python line", "python warning", "raw fairseq bytes", "child out", "child err"):
         assert needle in text
@@ -148,9 +149,9 @@ def test_stage_output_goes_to_the_log_and_with_verbose_also_to_the_terminal(tmp_
 
 
 def test_a_failing_child_is_a_demo_error(tmp_path):
-    with demo.stage_output(tmp_path / "x.log", False, io.StringIO()):
+    with stages.stage_output(tmp_path / "x.log", False, io.StringIO()):
         with pytest.raises(demo.DemoError, match="child failed with exit code 3"):
-            demo._run([sys.executable, "-c", "raise SystemExit(3)"], "child")
+            stages.run_command([sys.executable, "-c", "raise SystemExit(3)"], "child")
 
 
 def test_table_goes_to_the_given_stream():
@@ -159,7 +160,7 @@ def test_table_goes_to_the_given_stream():
             dict(precision="W7A8", dev_acc=84.6, test_acc=84.4, size_mb=23.4, wall_s=5.0,
                  gap=dict(gap=-0.3, low=-1.6, high=1.0, significant=False),
                  engine={"8": dict(dev_acc=84.6, speedup=1.97)})]
-    demo._print_table(rows, 60.0, False, [(134, 82.4)], stream=s)
+    demo.print_table(rows, 60.0, False, [(134, 82.4)], stream=s)
     text = s.getvalue()
     assert "-0.30 [-1.60, +1.00] noise" in text and "b8: 84.60 = QAT, 1.97x" in text
     assert "FP dev accuracy by update: 134: 82.40" in text and "total wall time 1.0 min" in text

@@ -130,7 +130,7 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys):
         read_squad(v2)
     assert read_squad(v2, version_2=True)[0].is_impossible
     # the command line: one error line, exit 2, no traceback
-    from ibert_plugin.squad.recipe import run_squad
+    from ibert_plugin.recipes.squad import run_squad
 
     for name, path in (("json", bad), ("offset", off)):
         d = tmp_path / name / "SQUAD1"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ibert_plugin.squad import recipe
+from ibert_plugin.recipes import squad as recipe
 from squad_data import synthetic_squad
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ibert_plugin.squad import recipe
+from ibert_plugin.recipes import squad as recipe
 from squad_data import synthetic_squad
 
 pytestmark = pytest.mark.slow  # whole pipelines / subprocesses: `make test-fast` leaves them out

@@ -39,9 +39,14 @@ counted in updates (fairseq semantics), ``--no-epoch-checkpoints`` (only best/la
 
 Modules: :mod:`.schedules` (TernaryBERT and optimizer settings; the task and architecture tables are
 :mod:`ibert_plugin.catalog`), :mod:`.options` (flags and up-front checks), :mod:`.plan` (the commands),
-:mod:`.execute` (running them), :mod:`.hydra_configs` (``configs/*.yaml`` from the table). Layer: imports
-``catalog``, ``quant.config`` and the fairseq-free ``wiring.checkpoint_file``; fairseq runs only in the launched
-processes.
+:mod:`.execute` (running them), :mod:`.hydra_configs` (``configs/*.yaml`` from the table); :mod:`.squad` (the
+SQuAD driver: ``run.py --task SQUAD1|SQUAD2`` hands it the whole command line; alias ``python -m
+ibert_plugin.squad``); :mod:`.stages` (a stage runner over ``run.py``: schedules, progress, reuse of finished stages)
+and :mod:`.scoring` (per-sentence test-split scores of a checkpoint, shipped sizes), which the demo and the
+benchmarks share. Layer: imports ``catalog``, ``quant.config``, the fairseq-free ``wiring.checkpoint_file`` /
+``wiring.lifetime`` and the SQuAD span primitives (:mod:`ibert_plugin.squad`); fairseq runs only in the launched
+processes, except inside the functions that load a checkpoint to score it (:mod:`.scoring`, with the GLUE label
+reader of ``assets``; :mod:`.squad`, with ``wiring`` and the SQuAD dictionary of ``tasks.squad``).
 """
 from ..catalog import ARCHS
 from ..catalog import GLUE_TASKS as TASKS

@@ -322,11 +322,11 @@ def _task_of(argv: Sequence[str]) -> Optional[str]:
 def cli(argv: Optional[Sequence[str]] = None) -> int:
     """``run.py``'s exit code: 0, 2 (usage; one ``error:`` line), 130 (interrupted) or fairseq's.
 
-    ``--task SQUAD1|SQUAD2`` runs the span-extraction recipe (:func:`ibert_plugin.squad.recipe.run_squad`) instead.
+    ``--task SQUAD1|SQUAD2`` runs the span-extraction recipe (:func:`ibert_plugin.recipes.squad.run_squad`) instead.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if _task_of(argv) in SQUAD_TASKS:
-        from ..squad.recipe import run_squad
+        from .squad import run_squad
 
         return run_squad(argv)
     if threading.current_thread() is threading.main_thread():

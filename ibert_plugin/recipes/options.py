@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "with the ibert_plugin fairseq plugin. Extra fairseq-train flags may follow '--'.")
     p.add_argument("--arch", default="roberta_base", help=f"one of {', '.join(ARCHS)} (default roberta_base)")
     p.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)} (case-sensitive; SQuAD "
-                   "tasks take python -m ibert_plugin.squad's flags)")
+                   "tasks take the SQuAD driver's flags: run.py --task SQUAD1 --help)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: task table; 2e-5 for ternarybert)")
     p.add_argument("--bs", type=int, default=None, help="batch size in sentences (default: task table)")
     p.add_argument("--max-epochs", type=int, default=None, help="max epochs (default: task table; 3 for ternarybert)")

@@ -8,7 +8,8 @@ Layers (lowest first; the first five need no fairseq):
 * :mod:`.postprocess` -- n-best spans, the v2.0 null score, predictions.
 * :mod:`.head`        -- the ``squad_span`` head applied per token (model and integer-engine forms).
 * :mod:`.evaluate`    -- whole-dev-set scoring of a checkpoint, a packed file or the integer engine.
-* :mod:`.recipe`      -- all stages from one command line (``python -m ibert_plugin.squad``).
 
-The fairseq task is :mod:`ibert_plugin.tasks.squad`, the criteria :mod:`ibert_plugin.criterions.squad_span`.
+Only these primitives live here. The fairseq task is :mod:`ibert_plugin.tasks.squad`, the criteria
+:mod:`ibert_plugin.criterions.squad_span`; the driver that runs every stage from one command line (``python run.py
+--task SQUAD1|SQUAD2``, alias ``python -m ibert_plugin.squad``) is :mod:`ibert_plugin.recipes.squad`.
 """

@@ -1,6 +1,7 @@
-"""``python -m ibert_plugin.squad``: the SQuAD recipe (:mod:`ibert_plugin.squad.recipe`)."""
+"""``python -m ibert_plugin.squad``: an alias of the SQuAD driver, ``python run.py --task SQUAD1|SQUAD2 ...``
+(:func:`ibert_plugin.recipes.squad.run_squad`; same flags, same stages and output folders)."""
 import sys
 
-from .recipe import run_squad
+from ..recipes.squad import run_squad
 
 sys.exit(run_squad(sys.argv[1:]))

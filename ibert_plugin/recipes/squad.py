@@ -1,8 +1,8 @@
 """SQuAD recipe: every stage from one entry point, with TernaryBERT ``quant_task_squad.py``'s flags.
 
-Usage::
+Usage (``python -m ibert_plugin.squad`` is an alias of ``python run.py`` for the SQuAD tasks)::
 
-    python -m ibert_plugin.squad --task SQUAD1 [--arch minilm] [--stages fp,ternary,ibert,export,engine]
+    python run.py --task SQUAD1 [--arch minilm] [--stages fp,ternary,ibert,export,engine]
         [--version-2-with-negative] [--weight-bits 2] [--input-bits 8] [--pred-distill] [--intermediate-distill]
         [--save-fp-model] [--save-quantized-model] [--max-seq-length 384] [--doc-stride 128]
         [--max-query-length 64] [--n-best-size 20] [--max-answer-length 30] [--null-score-diff-threshold 0.0] ...
@@ -71,13 +71,13 @@ from ..quant.config import (
     ConfigError,
     QuantConfig,
 )
-from ..recipes.allocator import allocator_env
-from ..recipes.allocator import describe as describe_allocator
-from ..recipes.options import ErrorParser, RunError
-from ..recipes.plan import fairseq_train_cmd, optimizer_flags
-from ..recipes.schedules import TERNARY, TERNARY_OPTIMIZER
+from ..squad.data import SquadError
 from ..wiring.lifetime import LIFETIME_ENV, RunLock, RunLockedError, child_preexec
-from .data import SquadError
+from .allocator import allocator_env
+from .allocator import describe as describe_allocator
+from .options import ErrorParser, RunError
+from .plan import fairseq_train_cmd, optimizer_flags
+from .schedules import TERNARY, TERNARY_OPTIMIZER
 
 REPO = Path(__file__).resolve().parents[2]
 USER_DIR = Path(__file__).resolve().parents[1]
@@ -347,9 +347,9 @@ def _pretrained(a) -> Optional[Path]:
 
 
 def _train_windows(a) -> int:
+    from ..squad.data import read_squad
+    from ..squad.features import OffsetTokenizer, build_features
     from ..tasks.squad import load_dictionary
-    from .data import read_squad
-    from .features import OffsetTokenizer, build_features
 
     cfg = argparse.Namespace(dict_path="", tokenizer_dir=str(a.tok_dir))
     d = load_dictionary(cfg)
@@ -519,8 +519,8 @@ def _curve_writer(stage: str, d: Path):
 
 
 def _tokenizer(a):
+    from ..squad.features import OffsetTokenizer
     from ..tasks.squad import load_dictionary
-    from .features import OffsetTokenizer
 
     d = load_dictionary(argparse.Namespace(dict_path="", tokenizer_dir=str(a.tok_dir)))
     return OffsetTokenizer(a.tok_dir, d), d
@@ -536,7 +536,7 @@ def score_model(a, logits_fn, tok, out_dir: Path, extra: Optional[dict] = None) 
     ``test_predictions.json`` under ``"test"``; ``test_disfluent``: ``test_disfluent_predictions.json``); written
     to ``eval.json``. v2.0 with ``--null-score-diff-threshold select``: the selection file's F1-best threshold,
     applied to the report files."""
-    from .evaluate import evaluate_file
+    from ..squad.evaluate import evaluate_file
 
     def run(path, name, threshold):
         return evaluate_file(path, tok, logits_fn, a.version_2_with_negative, a.max_seq_length, a.doc_stride,
@@ -627,7 +627,7 @@ def main(argv: Sequence[str]) -> dict:
                 train_seconds = _train_stage(a, stage, d, cmd, alloc)
             if tok is None:
                 tok, dict_ = _tokenizer(a)
-            from .evaluate import model_logits
+            from ..squad.evaluate import model_logits
 
             model = _load_model(best, len(dict_), a.eval_device)
             curve = parse_curve((d / "train.log").read_text(encoding="utf-8", errors="replace")) \
@@ -653,7 +653,7 @@ def main(argv: Sequence[str]) -> dict:
                     raise RecipeError(f"export failed with exit code {rc}; see {d / 'export.log'}")
             if tok is None:
                 tok, dict_ = _tokenizer(a)
-            from .evaluate import model_logits
+            from ..squad.evaluate import model_logits
 
             model = _load_model(packed, len(dict_), a.eval_device)
             prev = json.loads((d / "eval.json").read_text()) if reuse and (d / "eval.json").is_file() else {}
@@ -672,7 +672,7 @@ def main(argv: Sequence[str]) -> dict:
             d.mkdir(parents=True, exist_ok=True)
             if tok is None:
                 tok, dict_ = _tokenizer(a)
-            from .evaluate import build_engine, engine_logits
+            from ..squad.evaluate import build_engine, engine_logits
 
             engine = build_engine(_load_model(src, len(dict_)), threads=a.threads)
             rec = score_model(a, engine_logits(engine, dict_.pad()), tok, d, {"checkpoint": str(src)})
