@@ -204,7 +204,7 @@ def run_peers(a, fp_ckpt: Path, out: Path, names, fresh: bool, log=print) -> dic
     from integer_engine import FloatEncoder
     from peers import build_peers
 
-    tok, d = recipe._tokenizer(a)
+    tok, d = recipe.tokenizer(a)
     state = check_fairseq_checkpoint(str(fp_ckpt))
     fp_model = calibrated_model(state, {}, [], d.pad())
     head = fp_model.classification_heads["squad_span"]
@@ -253,7 +253,7 @@ def engine_speed(a, runs: Path, batch_sizes, reps: int, threads: int, log=print)
     from peers import INT8_PEERS, build_peers
 
     torch.set_num_threads(threads)
-    tok, d = recipe._tokenizer(a)
+    tok, d = recipe.tokenizer(a)
     feats = build_features(read_squad(a.reports["test"], version_2=a.version_2_with_negative), tok, a.max_seq_length,
                            a.doc_stride, a.max_query_length)
     fp_model = calibrated_model(check_fairseq_checkpoint(str(runs / "fp" / "checkpoint_best.pt")), {}, [], d.pad())
@@ -265,7 +265,7 @@ def engine_speed(a, runs: Path, batch_sizes, reps: int, threads: int, log=print)
         ckpt = runs / STAGE_DIRS[stage] / "checkpoint_best.pt"
         if not ckpt.is_file():
             continue
-        qat = recipe._load_model(ckpt, len(d))
+        qat = recipe.load_model(ckpt, len(d))
         eng = build_engine(qat, threads=threads)
         for b in batch_sizes:
             batches = []

@@ -518,7 +518,8 @@ def _curve_writer(stage: str, d: Path):
     return on_line
 
 
-def _tokenizer(a):
+def tokenizer(a):
+    """``(OffsetTokenizer, fairseq dictionary)`` of the run's ``--tokenizer-dir``."""
     from ..squad.features import OffsetTokenizer
     from ..tasks.squad import load_dictionary
 
@@ -561,7 +562,7 @@ def score_model(a, logits_fn, tok, out_dir: Path, extra: Optional[dict] = None) 
     return rec
 
 
-def _load_model(path: Path, dict_size: int, device: str = "cpu"):
+def load_model(path: Path, dict_size: int, device: str = "cpu"):
     """Checkpoint or packed file -> eval-mode model on ``device`` (the engine needs ``cpu``)."""
     from ..wiring.checkpoint import load_checkpoint_model, load_packed_model
 
@@ -626,10 +627,10 @@ def main(argv: Sequence[str]) -> dict:
                     continue
                 train_seconds = _train_stage(a, stage, d, cmd, alloc)
             if tok is None:
-                tok, dict_ = _tokenizer(a)
+                tok, dict_ = tokenizer(a)
             from ..squad.evaluate import model_logits
 
-            model = _load_model(best, len(dict_), a.eval_device)
+            model = load_model(best, len(dict_), a.eval_device)
             curve = parse_curve((d / "train.log").read_text(encoding="utf-8", errors="replace")) \
                 if (d / "train.log").is_file() else []
             stages[stage] = score_model(a, model_logits(model, dict_.pad()), tok, d,
@@ -652,10 +653,10 @@ def main(argv: Sequence[str]) -> dict:
                 if rc != 0:
                     raise RecipeError(f"export failed with exit code {rc}; see {d / 'export.log'}")
             if tok is None:
-                tok, dict_ = _tokenizer(a)
+                tok, dict_ = tokenizer(a)
             from ..squad.evaluate import model_logits
 
-            model = _load_model(packed, len(dict_), a.eval_device)
+            model = load_model(packed, len(dict_), a.eval_device)
             prev = json.loads((d / "eval.json").read_text()) if reuse and (d / "eval.json").is_file() else {}
             stages[stage] = score_model(a, model_logits(model, dict_.pad()), tok, d,
                                    {"packed_model": str(packed), "packed_bytes": packed.stat().st_size,
@@ -671,10 +672,10 @@ def main(argv: Sequence[str]) -> dict:
                 raise RecipeError(f"{stage} needs the {ENGINE_SOURCES[stage]} stage's {src}")
             d.mkdir(parents=True, exist_ok=True)
             if tok is None:
-                tok, dict_ = _tokenizer(a)
+                tok, dict_ = tokenizer(a)
             from ..squad.evaluate import build_engine, engine_logits
 
-            engine = build_engine(_load_model(src, len(dict_)), threads=a.threads)
+            engine = build_engine(load_model(src, len(dict_)), threads=a.threads)
             rec = score_model(a, engine_logits(engine, dict_.pad()), tok, d, {"checkpoint": str(src)})
             for report in (None, *a.reports):
                 name = f"{report}_predictions.json" if report else "predictions.json"
