@@ -32,6 +32,7 @@ import time
 import torch
 
 from harness import emit
+from ibert_plugin.quant.config import TERNARYBERT_W2A8  # noqa: E402
 from ibert_plugin.quant.packing import pack_model, pack_state, saved_bytes
 from ibert_plugin.quant.ternary import twn_ternarize
 from ibert_plugin.wiring.checkpoint import _StubTask
@@ -126,7 +127,7 @@ def measure(model_name):
     # (whatever that model quantizes: today also the head dense and the position embeddings)
     del int8, tern_cls
     qmodel, _ = build_fp_model(SHAPES[model_name], "ibert_roberta",
-                               ["--quant-mode", "ternarybert", "--weight-bits", "2"])
+                               TERNARYBERT_W2A8.to_flags())
     variants["export:ibert_roberta-ternarybert"] = saved_bytes(pack_model(qmodel, cfg))
     variants["export:ibert_roberta-ternarybert-lm-head"] = saved_bytes(
         pack_model(qmodel, cfg, omit_prefixes=(LM_HEAD,)))

@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from ibert_plugin import demo  # noqa: E402
 from ibert_plugin.assets.common import data_dir  # noqa: E402
+from ibert_plugin.quant.config import INT_TERNARY_W2, TERNARYBERT_W2A8  # noqa: E402
 from ibert_plugin.recipes.scoring import cached_scores  # noqa: E402
 from ibert_plugin.recipes.stages import (  # noqa: E402
     Progress,
@@ -50,13 +51,11 @@ from ibert_plugin.recipes.stages import (  # noqa: E402
 from ibert_plugin.stats import paired_bootstrap  # noqa: E402
 
 VARIANTS = {
-    "baseline": ["--quant-mode", "symmetric", "--weight-bits", "2", "--weight-quant-method", "twn"],
-    "fd_gelu": ["--quant-mode", "symmetric", "--weight-bits", "2", "--weight-quant-method", "twn",
-                "--force-dequant", "gelu"],
-    "fd_nonlinear": ["--quant-mode", "symmetric", "--weight-bits", "2", "--weight-quant-method", "twn",
-                     "--force-dequant", "nonlinear"],
-    "distill": ["--quant-mode", "ternarybert", "--integer-only", "--weight-bits", "2", "--weight-quant-method", "twn",
-                "--pred-distill", "--intermediate-distill", "--weight-decay", "0.1"],  # the baseline's weight decay
+    "baseline": INT_TERNARY_W2.to_flags(),
+    "fd_gelu": INT_TERNARY_W2.replace(force_dequant="gelu").to_flags(),
+    "fd_nonlinear": INT_TERNARY_W2.replace(force_dequant="nonlinear").to_flags(),
+    "distill": [*TERNARYBERT_W2A8.to_flags(), "--integer-only", "--pred-distill", "--intermediate-distill",
+                "--weight-decay", "0.1"],  # the baseline's weight decay
 }
 
 

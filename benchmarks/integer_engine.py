@@ -48,9 +48,12 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 from ibert_plugin.engine import EngineError, convert, engine, gemm, qat_compare  # noqa: E402
+from ibert_plugin.quant.config import IBERT_W7A8, IBERT_W8A8, INT_TERNARY_W2  # noqa: E402
 
 WEIGHTS = {"8bit": ("8", "W8A8"), "7bit": ("7", "W7A8"), "ternary": ("2", "W2A8 integer-only ternary")}
 BASE_DIMS = dict(layers=12, dim=768, ffn=3072, heads=12, vocab=50265)
+#: The engine's models by weight bits: the named presets (the ternary one is the shipped integer-only TWN model).
+PRESETS = {"8": IBERT_W8A8, "7": IBERT_W7A8, "2": INT_TERNARY_W2}
 
 
 # ------------------------------------------------------------------------------------------------------ models
@@ -129,7 +132,7 @@ def _random_tokens(batch, T, vocab, seed, padding_idx=1):
 
 def base_model(wb: str, layers: int, seq: int):
     d = _dictionary(BASE_DIMS["vocab"])
-    extra = ["--encoder-layers", str(layers), "--quant-mode", "symmetric", "--weight-bits", wb]
+    extra = ["--encoder-layers", str(layers), *PRESETS[wb].to_flags()]
     model = _build("ibert_roberta_base", d, extra, seed=3)
     _perturb_affine(model, seed=4)
     return _calibrate(model, [_random_tokens(4, seq, len(d), seed=11 + i) for i in range(2)])
@@ -166,7 +169,7 @@ def _minilm_data(n_dev: int, batches):
 
 
 def minilm_model(wb: str, d, state, calib):
-    model = _build("ibert_roberta_minilm", d, ["--quant-mode", "symmetric", "--weight-bits", wb])
+    model = _build("ibert_roberta_minilm", d, PRESETS[wb].to_flags())
     model.load_state_dict(state, strict=True)
     return _calibrate(model, calib)
 

@@ -30,6 +30,7 @@ import torch
 
 from harness import emit, summarize, timed
 from ibert_plugin.catalog import ARCHS as CATALOG_ARCHS  # (harness puts the repository on sys.path)
+from ibert_plugin.quant.config import IBERT_W8A8, TERNARYBERT_W2A8  # noqa: E402
 
 HEAD = "sentence_classification_head"
 #: shape -> fairseq architecture (the architecture table's ``--arch`` of that shape)
@@ -43,8 +44,8 @@ VOCAB = {"roberta_base": 50265, "minilm": 30523, "minilm_squad": 30523}
 BATCH = {"roberta_base": (4, 128), "minilm": (32, 40), "minilm_squad": (16, 384)}
 MODES = {
     "fp": ["--quant-mode", "none"],
-    "symmetric": ["--quant-mode", "symmetric"],
-    "ternary_distill": ["--quant-mode", "ternarybert", "--weight-bits", "2", "--weight-quant-method", "twn"],
+    "symmetric": IBERT_W8A8.to_flags(),
+    "ternary_distill": TERNARYBERT_W2A8.to_flags(),
 }
 TARGETS = {"symmetric": 1.5, "ternary_distill": 2.0}
 

@@ -96,11 +96,12 @@ def _stage_argv(common: List[str], mode: List[str], updates: int, warmup: float,
 def plan(a: argparse.Namespace, data: Path, out: Path, fp_ckpt: str = "<fp>", tern_ckpt: str = "<ternary>"):
     """``[(key, label, run.py argv)]`` in order; ``fp_ckpt`` / ``tern_ckpt`` fill in the checkpoints later stages
     start from."""
+    from ibert_plugin.quant.config import IBERT_W8A8, INT_TERNARY_W2, TERNARYBERT_W2A8
+
     common = ["--arch", "minilm", "--task", TASK, "--data-dir", str(data / "glue-bin"), "--output-dir", str(out),
               "--bs", "32", "--fresh"]
     pretrained = str(a.pretrained or data / "minilm" / "model.pt")
-    tern = ["--quant-mode", "ternarybert", "--weight-bits", "2", "--weight-quant-method", "twn", "--pred-distill",
-            "--intermediate-distill", "--lr", "1e-4"]
+    tern = [*TERNARYBERT_W2A8.to_flags(), "--pred-distill", "--intermediate-distill", "--lr", "1e-4"]
     return [
         ("fp16", "FP fine-tuning (--fp16)", _stage_argv(
             common, ["--quant-mode", "none", "--restore-file", pretrained, "--lr", "1e-4"], a.fp_updates, 0.1,
@@ -109,12 +110,12 @@ def plan(a: argparse.Namespace, data: Path, out: Path, fp_ckpt: str = "<fp>", te
             common, ["--quant-mode", "none", "--restore-file", pretrained, "--lr", "1e-4", "--no-save"],
             a.fp32_updates, 0.1)),
         ("w8", "I-BERT W8A8 QAT", _stage_argv(
-            common, ["--quant-mode", "symmetric", "--restore-file", fp_ckpt, "--lr", "1e-5"], a.qat_updates, 0.0)),
+            common, [*IBERT_W8A8.to_flags(), "--restore-file", fp_ckpt, "--lr", "1e-5"], a.qat_updates, 0.0)),
         ("ternary", "TernaryBERT W2A8 TWN distillation", _stage_argv(
             common, [*tern, "--restore-file", fp_ckpt], a.ternary_updates, 0.1)),
         ("int_ternary", "integer-only ternary (W2-E8-A8) QAT", _stage_argv(
-            common, ["--quant-mode", "symmetric", "--weight-bits", "2", "--weight-quant-method", "twn",
-                     "--restore-file", tern_ckpt, "--lr", "2e-5"], a.int_ternary_updates, 0.0)),
+            common, [*INT_TERNARY_W2.to_flags(), "--restore-file", tern_ckpt, "--lr", "2e-5"], a.int_ternary_updates,
+            0.0)),
     ]
 
 
