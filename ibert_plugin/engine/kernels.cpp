@@ -61,6 +61,7 @@ inline i64 cap_shift(i64 e) { return e < kMaxShift ? e : kMaxShift; }
 // AVX-512 builds keep the int64 formulas (native 64-bit lanes). g_double_requant = false forces the int64 formulas
 // (tests compare the two).
 constexpr double kExactBound = 4503599627370496.0;  // 2^52
+constexpr double kUnclamped = 1e300;  // requant_d's bound where a caller clamps the sum itself
 bool g_double_requant = true;
 std::atomic<int64_t> g_double_calls{0};  // kernel calls that took the exact-double form (tests read it)
 inline bool double_requant_enabled() {
@@ -98,6 +99,12 @@ struct DoubleRequant {
     }
   }
 };
+
+// floor(x m inv + 0.5) clamped to [-qm, qm] (one value of the exact-double form)
+inline double requant_d(double x, double m, double inv, double qm) {
+  const double v = std::floor(x * m * inv + 0.5);
+  return v < -qm ? -qm : (v > qm ? qm : v);
+}
 
 #if defined(__AVX2__)
 // Four int32 in [-127, 127] (after clamping) -> u8 + 128, eight at a time from two vectors of four.
@@ -377,20 +384,14 @@ inline void requant_row_double(const i32* __restrict a, const double* __restrict
                                const double* __restrict inv, i64 n, double qmax, i32* __restrict out) {
   i64 d = 0;
 #if defined(__AVX2__)
-  const __m256d vq = _mm256_set1_pd(qmax), vnq = _mm256_set1_pd(-qmax), vh = _mm256_set1_pd(0.5);
+  const __m256d vq = _mm256_set1_pd(qmax);
   for (; d + 4 <= n; d += 4) {
     const __m256d x = _mm256_add_pd(_mm256_cvtepi32_pd(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + d))),
                                     _mm256_loadu_pd(bias + d));
-    __m256d v = _mm256_floor_pd(
-        _mm256_add_pd(_mm256_mul_pd(_mm256_mul_pd(x, _mm256_loadu_pd(m + d)), _mm256_loadu_pd(inv + d)), vh));
-    v = _mm256_min_pd(_mm256_max_pd(v, vnq), vq);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + d), _mm256_cvttpd_epi32(v));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + d), requant4(x, m + d, inv + d, vq));
   }
 #endif
-  for (; d < n; ++d) {
-    const double v = std::floor((double(a[d]) + bias[d]) * m[d] * inv[d] + 0.5);
-    out[d] = i32(v < -qmax ? -qmax : (v > qmax ? qmax : v));
-  }
+  for (; d < n; ++d) out[d] = i32(requant_d(double(a[d]) + bias[d], m[d], inv[d], qmax));
 }
 
 // Rows of queries handled together: one block of scores, probabilities and contexts (madd_rows4).
@@ -489,11 +490,7 @@ void attention_head(const AttnArgs& P, i64 b, i64 h, AttnScratch& W) {
       const i32* __restrict ck = c + k * dhp;
       u8* __restrict o = P.out + (b * T + i + k) * D + h * dh;
       if (P.ctx_dbl) {  // |ctx| < 2^31 and |ctx_m| 2^31 < 2^52 (checked): exact
-        const double cs = P.ctx_scale, q = double(qmax);
-        for (i64 d = 0; d < dh; ++d) {
-          const double v = std::floor(double(ck[d]) * cs + 0.5);
-          o[d] = u8(i32(v < -q ? -q : (v > q ? q : v)) + 128);
-        }
+        for (i64 d = 0; d < dh; ++d) o[d] = u8(i32(requant_d(double(ck[d]), P.ctx_scale, 1.0, double(qmax))) + 128);
         continue;
       }
       for (i64 d = 0; d < dh; ++d) {
@@ -664,9 +661,8 @@ inline void resid_ln_row_double(const i32* __restrict a, const u8* __restrict rz
 #endif
   const double mri = D.mr * D.ir;  // m_r 2^-e_r: |r m_r| < 2^52 and the power of two keep it exact
   for (; c < C; ++c) {
-    const double v1 = std::floor((double(a[c]) + bi[c]) * ma[c] * ia[c] + 0.5);
-    const double v2 = std::floor((double(rz[c]) - 128.0) * mri + 0.5);
-    const double v = v1 + v2;
+    const double v = requant_d(double(a[c]) + bi[c], ma[c], ia[c], kUnclamped) +
+                     requant_d(double(rz[c]) - 128.0, mri, 1.0, kUnclamped);
     q[c] = i32(v < -qmax22 ? -qmax22 : (v > qmax22 ? qmax22 : v));
   }
   if (out_q22)
@@ -708,9 +704,7 @@ inline void resid_ln_row_double(const i32* __restrict a, const u8* __restrict rz
   for (; c < C; ++c) {
     const double v = std::floor(double(q[c]) * f * s15) + bn[c];
     if (out_q) yn[c] = v;
-    double o = std::floor(v * nm[c] * ni[c] + 0.5);
-    o = o < -nqmax ? -nqmax : (o > nqmax ? nqmax : o);
-    out_u8[c] = u8(i32(o) + 128);
+    out_u8[c] = u8(i32(requant_d(v, nm[c], ni[c], nqmax)) + 128);
   }
   if (out_q)
     for (i64 k = 0; k < C; ++k) out_q[k] = i64(yn[k]);
@@ -769,7 +763,7 @@ void resid_ln(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& m
     D.main = DoubleRequant(Ma, Ea, C, 2147483648.0 + bmax);   // |acc| <= 2^31
     D.next = DoubleRequant(nm, ne, C, 2147483648.0 + lbmax);  // |yn| <= 2^31 + |b_int|
     D.mr = double(m_r), D.ir = pow2_neg(e_r);
-    D.ok = D.main.ok && D.next.ok && bmax < 4503599627370496.0;
+    D.ok = D.main.ok && D.next.ok && bmax < kExactBound;
   }
   if (D.ok) {
     ++g_double_calls;
