@@ -20,9 +20,9 @@ import time
 import torch
 
 import harness
-import integer_engine as IE  # noqa: E402  (benchmarks/integer_engine.py: MiniLM data and models)
-from ibert_plugin.engine import EngineError, convert, kernels  # noqa: E402
-from ibert_plugin.engine.engine import IntegerEngine  # noqa: E402
+import integer_engine as IE  # benchmarks/integer_engine.py: MiniLM data and models
+from ibert_plugin.engine import EngineError, convert, kernels
+from ibert_plugin.engine.engine import IntegerEngine
 
 
 def main(argv=None) -> dict:
