@@ -78,18 +78,18 @@ class _Timer:
 class _KernelProxy:
     """The kernel module with every function timed under its own name (``gelu_u8`` etc.)."""
 
-    OP = {"attention_u8": "attention"}
+    OP = {"attention_u8": "attention", "attention_run": "attention", "resid_ln_run": "resid_ln", "gelu_run": "gelu_u8"}
 
     def __init__(self, K, timer):
         self._K, self._timer = K, timer
 
     def __getattr__(self, name):
-        macs = _attention_macs if name == "attention_u8" else None
+        macs = _attention_macs if name in ("attention_u8", "attention_run") else None
         return self._timer.wrap(self.OP.get(name, name), getattr(self._K, name), macs)
 
 
 def _attention_macs(*a, **k):
-    """QK^T + P V multiply-accumulates of one attention_u8 call (the engine calls it by keyword): 2 B H T^2 dh =
+    """QK^T + P V multiply-accumulates of one attention call (the engine calls it by keyword): 2 B H T^2 dh =
     2 (B T) T D."""
     acc, B, T = k["acc"], int(k["batch"]), int(k["seq_len"])
     return 2 * B * T * T * (acc.shape[1] // 3)

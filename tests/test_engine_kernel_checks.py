@@ -124,3 +124,66 @@ def test_a_scalar_outside_its_range_raises(kernel, name, value):
     args[name] = value
     with pytest.raises(RuntimeError):
         getattr(K, kernel)(**args)
+
+
+# Prepared plans (what the engine runs: constants checked and prepared once per layer, then one call per batch).
+PLANS = {  # kernel: (plan function, run function, the plan's arguments; the rest go to the run)
+    "attention_u8": ("attention_plan", "attention_run", ("bias", "m", "e", "qmax", "heads", "lut", "ctx_m", "ctx_e")),
+    "resid_ln": ("resid_ln_plan", "resid_ln_run", ("bias", "m_a", "e_a", "m_r", "e_r", "qmax22", "shift", "ln_bint",
+                                                   "next_m", "next_e", "next_qmax")),
+    "gelu_u8": ("gelu_plan", "gelu_run", ("bias", "k_sh", "b_int", "c_int", "one", "m", "e", "qmax", "acc_bound")),
+}
+
+
+def _plan_and_run_args(kernel):
+    args = CALLS[kernel]()
+    keys = PLANS[kernel][2]
+    return {k: args.pop(k) for k in keys}, args
+
+
+def _outputs(kernel, run_args):
+    return [v.clone() for k, v in run_args.items() if isinstance(v, torch.Tensor) and (k.startswith("out") or
+                                                                                    k.endswith("_out"))]
+
+
+@pytest.mark.parametrize("kernel", list(PLANS))
+def test_a_plan_owns_its_constants(kernel):
+    """A plan copies what it needs: overwriting the tensors it was built from changes nothing it computes (the
+    engine's model tensors may be freed or reused after load)."""
+    plan_args, run_args = _plan_and_run_args(kernel)
+    run_args["acc"].fill_(20)  # away from 0, where both sets of constants would give the same integers
+    mk, run, _ = PLANS[kernel]
+    plan = getattr(K, mk)(**plan_args)
+    getattr(K, run)(plan=plan, **run_args)
+    before = _outputs(kernel, run_args)
+    for v in plan_args.values():
+        if isinstance(v, torch.Tensor):
+            v.mul_(2)  # still valid constants, other values
+    getattr(K, run)(plan=plan, **run_args)
+    for a, b in zip(before, _outputs(kernel, run_args)):
+        assert torch.equal(a, b)
+    # and the one-shot call on the overwritten constants does differ (the check above can fail)
+    getattr(K, kernel)(**plan_args, **run_args)
+    assert any(not torch.equal(a, b) for a, b in zip(before, _outputs(kernel, run_args)))
+
+
+@pytest.mark.parametrize("kernel", list(PLANS))
+def test_a_plan_refuses_an_accumulator_of_another_width(kernel):
+    plan_args, run_args = _plan_and_run_args(kernel)
+    mk, run, _ = PLANS[kernel]
+    plan = getattr(K, mk)(**plan_args)
+    acc = run_args["acc"]
+    run_args["acc"] = torch.ones(acc.shape[0], acc.shape[1] + 3, dtype=I32)
+    with pytest.raises(RuntimeError, match="acc"):
+        getattr(K, run)(plan=plan, **run_args)
+
+
+def test_a_resid_plan_without_next_requant_refuses_a_u8_output():
+    """The last layer's plan has no next requant: it serves the int64 output only."""
+    plan_args, run_args = _plan_and_run_args("resid_ln")
+    plan_args["next_m"] = plan_args["next_e"] = torch.empty(0, dtype=I64)
+    plan = K.resid_ln_plan(**plan_args)
+    with pytest.raises(RuntimeError, match="next requant"):
+        K.resid_ln_run(plan=plan, **run_args)
+    run_args["out_u8"] = torch.empty(0, dtype=U8)
+    K.resid_ln_run(plan=plan, **run_args)  # int64 outputs only: fine

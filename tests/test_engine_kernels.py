@@ -397,3 +397,23 @@ def test_attention_u8_double_form_equals_int64_form(T, dh):
     a, b, taken = _both_forms(lambda: _run_attention(acc, bias, m, e, pad, lut, ctx_m, ctx_e, B, T, H))
     assert torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1])) and torch.equal(a[2], b[2])
     assert taken == (1 if K.double_requant_active() else 0)
+
+
+def test_a_prepared_plan_follows_the_requant_switch_per_call():
+    """The engine prepares its plans once; set_double_requant still decides per call which form runs (what
+    benchmarks/requant_forms.py times), and both give the same integers through the same plan."""
+    g = _gen(19)
+    M, C = 23, 384
+    acc, bias, m_a, e_a, res, m_r, e_r, qmax22, shift, b_int, nm, ne, nq = _engine_like_resid_inputs(g, M, C)
+    plan = K.resid_ln_plan(bias=bias, m_a=m_a, e_a=e_a, m_r=m_r, e_r=e_r, qmax22=qmax22, shift=shift, ln_bint=b_int,
+                           next_m=nm, next_e=ne, next_qmax=nq)
+
+    def run():
+        out = torch.empty(M, C, dtype=torch.uint8)
+        K.resid_ln_run(plan=plan, acc=acc, resid_u8=res, out_u8=out, out_q=torch.empty(0, dtype=I64),
+                       out_q22=torch.empty(0, dtype=I64))
+        return out
+
+    a, b, taken = _both_forms(run)
+    assert torch.equal(a, b)
+    assert taken == (1 if K.double_requant_active() else 0)

@@ -46,6 +46,32 @@ class _Layer:
         # |FC1 accumulator| bound for gelu_u8's int32 path: K products of |u8 or s8| <= 255 by |w| <= 128
         self.fc1_acc_bound = 255 * 128 * L.fc1.weight.shape[1]
 
+    def prepare(self, K, act_bits: int, residual_bits: int, next_input=None):
+        """The fused kernels' per-column constants, prepared once (kernels.cpp ``*_plan``): attention, the two
+        residual + LayerNorm sites and i-GELU. ``next_input``: the next layer's input requant (``Dyadic``), ``None``
+        for the last layer (its output is the int64 encoder output)."""
+        L = self.L
+        qmax8, qmax22 = 2 ** (act_bits - 1) - 1, 2 ** (residual_bits - 1) - 1
+        none = torch.empty(0, dtype=I64)
+        self.attn_plan = K.attention_plan(bias=self.bias["qkv"], m=L.qkv_requant.multiplier, e=L.qkv_requant.shift,
+                                          qmax=qmax8, heads=L.heads, lut=L.exp_table,
+                                          ctx_m=L.context_requant.multiplier, ctx_e=L.context_requant.shift)
+        ar, ai, nx = L.attn_residual_requant, L.attn_identity_requant, L.fc1_input_requant
+        self.attn_ln_plan = K.resid_ln_plan(bias=self.bias["out_proj"], m_a=ar.multiplier, e_a=ar.shift,
+                                            m_r=ai.multiplier, e_r=ai.shift, qmax22=qmax22, shift=L.attn_ln.shift,
+                                            ln_bint=L.attn_ln.bias, next_m=nx.multiplier, next_e=nx.shift,
+                                            next_qmax=qmax8)
+        self.gelu_plan = K.gelu_plan(bias=self.bias["fc1"], k_sh=L.gelu_shift, b_int=L.gelu_b, c_int=L.gelu_c,
+                                     one=L.gelu_one, m=L.fc2_input_requant.multiplier, e=L.fc2_input_requant.shift,
+                                     qmax=qmax8, acc_bound=self.fc1_acc_bound)
+        fr, fi = L.ffn_residual_requant, L.ffn_identity_requant
+        self.ffn_ln_plan = K.resid_ln_plan(bias=self.bias["fc2"], m_a=fr.multiplier, e_a=fr.shift,
+                                           m_r=fi.multiplier, e_r=fi.shift, qmax22=qmax22, shift=L.ffn_ln.shift,
+                                           ln_bint=L.ffn_ln.bias,
+                                           next_m=next_input.multiplier if next_input is not None else none,
+                                           next_e=next_input.shift if next_input is not None else none,
+                                           next_qmax=qmax8)
+
 
 class IntegerEngine:
     """Runs an :class:`IntModel` on integers.
@@ -76,6 +102,9 @@ class IntegerEngine:
             ("u8s8",) if route == "ort" and self.selftest.ok.get("u8s8") else ())
         with self._threads():
             self.layers = [_Layer(L, allowed, self.threads) for L in im.layers]
+        for i, lay in enumerate(self.layers):
+            nxt = self.layers[i + 1].L.input_requant if i + 1 < len(self.layers) else None
+            lay.prepare(self.K, im.act_bits, im.residual_bits, nxt)
         gemm.malloc_trim()
         self.D = im.token_table.shape[1]
         self._store: Dict[str, torch.Tensor] = {}
@@ -201,8 +230,6 @@ class IntegerEngine:
             if not im.layers:
                 out_q.copy_(qln)
         t0 = self._t("embed", t0)
-        qmax8 = 2 ** (im.act_bits - 1) - 1
-        qmax22 = 2 ** (im.residual_bits - 1) - 1
         nL = len(self.layers)
         for i, lay in enumerate(self.layers):
             L = lay.L
@@ -217,10 +244,8 @@ class IntegerEngine:
                 probs = torch.empty(B, H, T, T, dtype=torch.uint8)
             else:
                 qkv, probs = [eu, eu, eu], eu
-            K.attention_u8(acc=buf["acc_qkv"], bias=lay.bias["qkv"], m=L.qkv_requant.multiplier,
-                           e=L.qkv_requant.shift, qmax=qmax8, batch=B, seq_len=T, heads=H, key_pad=pad_u8,
-                           lut=L.exp_table, ctx_m=L.context_requant.multiplier, ctx_e=L.context_requant.shift, out=c,
-                           q_out=qkv[0], k_out=qkv[1], v_out=qkv[2], p_out=probs)
+            K.attention_run(plan=lay.attn_plan, acc=buf["acc_qkv"], batch=B, seq_len=T, key_pad=pad_u8, out=c,
+                            q_out=qkv[0], k_out=qkv[1], v_out=qkv[2], p_out=probs)
             t0 = self._t("attention", t0)
             if collect:
                 for name, t in zip(("q_act", "k_act", "v_act"), qkv):
@@ -231,10 +256,7 @@ class IntegerEngine:
             t0 = self._t("gemm_out", t0)
             q22 = torch.empty(M, D, dtype=I64) if collect else e
             qa = torch.empty(M, D, dtype=I64) if collect else e
-            ar, ai, nx = L.attn_residual_requant, L.attn_identity_requant, L.fc1_input_requant
-            K.resid_ln(acc=buf["acc_d"], bias=lay.bias["out_proj"], m_a=ar.multiplier, e_a=ar.shift, resid_u8=x,
-                       m_r=ai.multiplier, e_r=ai.shift, qmax22=qmax22, shift=L.attn_ln.shift, ln_bint=L.attn_ln.bias,
-                       next_m=nx.multiplier, next_e=nx.shift, next_qmax=qmax8, out_u8=h, out_q=qa, out_q22=q22)
+            K.resid_ln_run(plan=lay.attn_ln_plan, acc=buf["acc_d"], resid_u8=x, out_u8=h, out_q=qa, out_q22=q22)
             t0 = self._t("resid_ln", t0)
             if collect:
                 acts[pre + "attn_residual_act"] = q22.view(B, T, D)
@@ -244,9 +266,7 @@ class IntegerEngine:
             t0 = self._t("gemm_fc1", t0)
             F = L.fc1.weight.shape[0]
             gq = torch.empty(M, F, dtype=I64) if collect else e
-            K.gelu_u8(acc=buf["acc_f"], bias=lay.bias["fc1"], k_sh=L.gelu_shift, b_int=L.gelu_b, c_int=L.gelu_c,
-                      one=L.gelu_one, m=L.fc2_input_requant.multiplier, e=L.fc2_input_requant.shift, qmax=qmax8,
-                      acc_bound=lay.fc1_acc_bound, out=g, out_g=gq)
+            K.gelu_run(plan=lay.gelu_plan, acc=buf["acc_f"], out=g, out_g=gq)
             t0 = self._t("gelu", t0)
             if collect:
                 acts[pre + "gelu"] = gq.view(B, T, F)
@@ -255,16 +275,12 @@ class IntegerEngine:
             t0 = self._t("gemm_fc2", t0)
             last = i == nL - 1
             if last:
-                nm, ne, xo, oq = e, e, eu, out_q
+                xo, oq = eu, out_q
             else:
-                nxt = self.layers[i + 1].L.input_requant
-                nm, ne, xo, oq = nxt.multiplier, nxt.shift, x, (torch.empty(M, D, dtype=I64) if collect else e)
+                xo, oq = x, (torch.empty(M, D, dtype=I64) if collect else e)
             q22 = torch.empty(M, D, dtype=I64) if collect else e
             # the residual here is h, so x is free for the next layer's input
-            fr, fi = L.ffn_residual_requant, L.ffn_identity_requant
-            K.resid_ln(acc=buf["acc_d"], bias=lay.bias["fc2"], m_a=fr.multiplier, e_a=fr.shift, resid_u8=h,
-                       m_r=fi.multiplier, e_r=fi.shift, qmax22=qmax22, shift=L.ffn_ln.shift, ln_bint=L.ffn_ln.bias,
-                       next_m=nm, next_e=ne, next_qmax=qmax8, out_u8=xo, out_q=oq, out_q22=q22)
+            K.resid_ln_run(plan=lay.ffn_ln_plan, acc=buf["acc_d"], resid_u8=h, out_u8=xo, out_q=oq, out_q22=q22)
             t0 = self._t("resid_ln", t0)
             if collect:
                 acts[pre + "ffn_residual_act"] = q22.view(B, T, D)

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 #if defined(__AVX2__)
@@ -85,13 +86,13 @@ inline double pow2(i64 k) {
 inline double pow2_neg(i64 e) { return e > 1022 ? 0.0 : pow2(-e); }
 
 // Per-column constants of floor(z m 2^-e + 0.5) in doubles: m and 2^-e; `ok` when every column is exact for
-// |z| <= zmax.
+// |z| <= zmax (whether the form runs is decided per call: double_requant_enabled()).
 struct DoubleRequant {
   std::vector<double> m, inv;
   bool ok = false;
   DoubleRequant() = default;
   DoubleRequant(const i64* mm, const i64* e, i64 C, double zmax) : m(C), inv(C) {
-    ok = double_requant_enabled();
+    ok = true;
     for (i64 c = 0; c < C && ok; ++c) {
       m[c] = double(mm[c]);
       inv[c] = pow2_neg(e[c]);
@@ -508,44 +509,74 @@ void attention_head(const AttnArgs& P, i64 b, i64 h, AttnScratch& W) {
 // acc int32 [B*T, 3D] (q | k | v columns, head h at h dh), bias / m / e int64 [3D], key_pad u8 [B, T] or empty.
 // Bounds (int32 accumulation, checked): |q k| <= dh 2^14 < 2^31 for dh <= 2^16; |p v| <= T 255 128 < 2^31 for
 // T <= 2^16. Optional outputs (empty = not written): q_out / k_out / v_out u8 [B,H,T,dh] (+128), p_out u8 [B,H,T,T].
-void attention_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& m, const at::Tensor& e,
-                  int64_t qmax, int64_t Bsz, int64_t T, int64_t H, const at::Tensor& key_pad, const at::Tensor& lut,
-                  int64_t ctx_m, int64_t ctx_e, at::Tensor& out, at::Tensor& q_out, at::Tensor& k_out,
-                  at::Tensor& v_out, at::Tensor& p_out) {
-  check(acc.scalar_type() == at::kInt && acc.is_contiguous() && acc.dim() == 2, "acc: contiguous int32 [B*T, 3D]");
-  const i64 N = acc.size(1), D = N / 3, dh = H > 0 ? D / H : 0;
-  check(H >= 1 && acc.size(0) == Bsz * T && D * 3 == N && dh * H == D, "attention: acc is not [B*T, 3 H dh]");
-  check(T <= (i64(1) << 16) && dh <= (i64(1) << 16), "attention: T and head_dim must be <= 2^16 (int32 sums)");
+// An attention layer's constants, prepared once (the engine builds one per layer at load): per-column q/k/v requant
+// (bias, m, capped shift and rounding term; their exact-double forms), the i-exp table, the context requant.
+struct AttnPlan {
+  i64 N = 0, H = 0, qmax = 0;
+  std::vector<i64> bias, m, rnd, sh;
+  std::vector<i32> lut;
+  i64 ctx_m = 0, ctx_e = 0, ctx_rnd = 0;
+  std::vector<double> dbias;
+  DoubleRequant qd;
+  double ctx_scale = 0;
+  bool qkv_exact = false, ctx_exact = false;  // the exact-double forms hold for these constants
+};
+
+std::shared_ptr<AttnPlan> attention_plan(const at::Tensor& bias, const at::Tensor& m, const at::Tensor& e,
+                                         int64_t qmax, int64_t H, const at::Tensor& lut, int64_t ctx_m,
+                                         int64_t ctx_e) {
+  const i64 N = bias.numel();
+  check(H >= 1 && N % (3 * H) == 0, "attention: bias is not [3 H dh]");
   check(qmax >= 1 && qmax <= 127, "attention: 8-bit activations only");
   check_tensor(bias, at::kLong, N, "attention bias");
   check_tensor(m, at::kLong, N, "attention m");
   check_tensor(e, at::kLong, N, "attention e");
   check_shifts(e, "attention e");
   check(ctx_e >= 1, "attention: ctx_e must be >= 1");
-  check_tensor(out, at::kByte, Bsz * T * D, "attention out");
   check_lut(lut);
+  auto P = std::make_shared<AttnPlan>();
+  P->N = N, P->H = H, P->qmax = qmax;
+  const i64 *Bv = bias.data_ptr<i64>(), *Mv = m.data_ptr<i64>(), *Ev = e.data_ptr<i64>();
+  P->bias.assign(Bv, Bv + N);
+  P->m.assign(Mv, Mv + N);
+  P->rnd.resize(N), P->sh.resize(N);
+  for (i64 j = 0; j < N; ++j) P->sh[j] = cap_shift(Ev[j]), P->rnd[j] = i64(1) << (P->sh[j] - 1);
+  P->lut.assign(lut.data_ptr<i32>(), lut.data_ptr<i32>() + lut.numel());
+  P->ctx_m = ctx_m;
+  P->ctx_e = cap_shift(ctx_e);
+  P->ctx_rnd = i64(1) << (P->ctx_e - 1);
+  // q/k/v: |acc + bias| <= 2^31 + max |bias|; context: |p v| < 2^31
+  double bmax = 0;
+  for (i64 j = 0; j < N; ++j) bmax = std::max(bmax, std::fabs(double(Bv[j])));
+  P->qd = DoubleRequant(Mv, Ev, N, 2147483648.0 + bmax);
+  P->dbias.assign(Bv, Bv + N);
+  P->qkv_exact = P->qd.ok && bmax < kExactBound;
+  P->ctx_exact = std::fabs(double(ctx_m)) * 2147483648.0 < kExactBound;
+  P->ctx_scale = double(ctx_m) * pow2_neg(ctx_e);
+  return P;
+}
+
+void attention_run(const AttnPlan& plan, const at::Tensor& acc, int64_t Bsz, int64_t T, const at::Tensor& key_pad,
+                   at::Tensor& out, at::Tensor& q_out, at::Tensor& k_out, at::Tensor& v_out, at::Tensor& p_out) {
+  check(acc.scalar_type() == at::kInt && acc.is_contiguous() && acc.dim() == 2, "acc: contiguous int32 [B*T, 3D]");
+  const i64 N = acc.size(1), D = N / 3, H = plan.H, dh = D / H;
+  check(N == plan.N && Bsz >= 0 && T >= 0 && acc.size(0) == Bsz * T, "attention: acc is not [B*T, 3 H dh]");
+  check(T <= (i64(1) << 16) && dh <= (i64(1) << 16), "attention: T and head_dim must be <= 2^16 (int32 sums)");
+  check_tensor(out, at::kByte, Bsz * T * D, "attention out");
   const bool has_mask = check_optional(key_pad, at::kByte, Bsz * T, "attention key_pad");
   auto opt = [&](const at::Tensor& t, i64 n, const char* what) -> u8* {
     return check_optional(t, at::kByte, n, what) ? t.data_ptr<u8>() : nullptr;
   };
-  std::vector<i64> rnd(N), sh(N);
-  for (i64 j = 0; j < N; ++j) sh[j] = cap_shift(e.data_ptr<i64>()[j]), rnd[j] = i64(1) << (sh[j] - 1);
-  const i64 ce = cap_shift(ctx_e);
-  AttnArgs P{T, H, D, dh, N, qmax, acc.data_ptr<i32>(), bias.data_ptr<i64>(), m.data_ptr<i64>(), rnd.data(),
-                   sh.data(), has_mask ? key_pad.data_ptr<u8>() : nullptr, lut.data_ptr<i32>(),
-                   i32(lut.numel() - 1), ctx_m, ce, i64(1) << (ce - 1), out.data_ptr<u8>(),
-                   opt(q_out, Bsz * T * D, "attention q_out"), opt(k_out, Bsz * T * D, "attention k_out"),
-                   opt(v_out, Bsz * T * D, "attention v_out"), opt(p_out, Bsz * H * T * T, "attention p_out")};
-  // q/k/v: |acc + bias| <= 2^31 + max |bias|; context: |p v| < 2^31
-  double bmax = 0;
-  for (i64 j = 0; j < N; ++j) bmax = std::max(bmax, std::fabs(double(bias.data_ptr<i64>()[j])));
-  const DoubleRequant QD(m.data_ptr<i64>(), e.data_ptr<i64>(), N, 2147483648.0 + bmax);
-  std::vector<double> dbias(QD.ok ? N : 0);
-  for (i64 j = 0; j < N && QD.ok; ++j) dbias[j] = double(bias.data_ptr<i64>()[j]);
-  P.qkv_dbl = QD.ok && bmax < kExactBound;
-  P.dbias = dbias.data(), P.dm = QD.m.data(), P.dinv = QD.inv.data();
-  P.ctx_dbl = double_requant_enabled() && std::fabs(double(ctx_m)) * 2147483648.0 < kExactBound;
-  P.ctx_scale = double(ctx_m) * pow2_neg(ctx_e);
+  AttnArgs P{T, H, D, dh, N, plan.qmax, acc.data_ptr<i32>(), plan.bias.data(), plan.m.data(), plan.rnd.data(),
+             plan.sh.data(), has_mask ? key_pad.data_ptr<u8>() : nullptr, plan.lut.data(),
+             i32(plan.lut.size() - 1), plan.ctx_m, plan.ctx_e, plan.ctx_rnd, out.data_ptr<u8>(),
+             opt(q_out, Bsz * T * D, "attention q_out"), opt(k_out, Bsz * T * D, "attention k_out"),
+             opt(v_out, Bsz * T * D, "attention v_out"), opt(p_out, Bsz * H * T * T, "attention p_out")};
+  const bool dbl = double_requant_enabled();
+  P.qkv_dbl = dbl && plan.qkv_exact;
+  P.dbias = plan.dbias.data(), P.dm = plan.qd.m.data(), P.dinv = plan.qd.inv.data();
+  P.ctx_dbl = dbl && plan.ctx_exact;
+  P.ctx_scale = plan.ctx_scale;
   if (P.qkv_dbl || P.ctx_dbl) ++g_double_calls;
   const i64 dh2 = (dh + 1) / 2, Tp = round_up(T, kTile), Tm = (T + 1) / 2, dhp = round_up(dh, kTile);
   const i64 macs = Bsz * H * T * (Tp * dh2 + Tm * dhp) * 2;
@@ -553,6 +584,18 @@ void attention_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tenso
     AttnScratch W(T, dh2, Tp, Tm, dhp, dh);
     for (i64 bh = lo; bh < hi; ++bh) attention_head(P, bh / H, bh % H, W);
   });
+}
+
+void attention_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& m, const at::Tensor& e,
+                  int64_t qmax, int64_t Bsz, int64_t T, int64_t H, const at::Tensor& key_pad, const at::Tensor& lut,
+                  int64_t ctx_m, int64_t ctx_e, at::Tensor& out, at::Tensor& q_out, at::Tensor& k_out,
+                  at::Tensor& v_out, at::Tensor& p_out) {
+  check(acc.scalar_type() == at::kInt && acc.is_contiguous() && acc.dim() == 2, "acc: contiguous int32 [B*T, 3D]");
+  const i64 N = acc.size(1), D = N / 3, dh = H > 0 ? D / H : 0;
+  check(H >= 1 && acc.size(0) == Bsz * T && D * 3 == N && dh * H == D, "attention: acc is not [B*T, 3 H dh]");
+  check_tensor(bias, at::kLong, N, "attention bias");
+  attention_run(*attention_plan(bias, m, e, qmax, H, lut, ctx_m, ctx_e), acc, Bsz, T, key_pad, out, q_out, k_out,
+                v_out, p_out);
 }
 
 // One IntLayerNorm row on q (int64, length C), then optional requant to the next QuantAct(8) (u8 +128) and/or
@@ -712,47 +755,53 @@ inline void resid_ln_row_double(const i32* __restrict a, const u8* __restrict rz
 
 // residual QuantAct(22) + IntLayerNorm (+ next QuantAct(8)):
 //   q22 = clamp(requant(acc + bias, m_a[c], e_a[c]) + requant(resid_u8 - 128, m_r, e_r), -qmax22, qmax22)
-void resid_ln(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& m_a, const at::Tensor& e_a,
-              const at::Tensor& resid_u8, int64_t m_r, int64_t e_r, int64_t qmax22, int64_t shift,
-              const at::Tensor& ln_bint, const at::Tensor& next_m, const at::Tensor& next_e, int64_t next_qmax,
-              at::Tensor& out_u8, at::Tensor& out_q, at::Tensor& out_q22) {
-  check(acc.scalar_type() == at::kInt && acc.is_contiguous() && acc.dim() == 2, "acc: int32 [M, C]");
-  const i64 M = acc.size(0), C = acc.size(1);
+// The constants of one call site, prepared once (the engine builds one per residual at load). Without next_m /
+// next_e (empty) the plan serves calls that want no u8 output (the last layer).
+struct ResidPlan {
+  i64 C = 0, m_r = 0, e_r = 0, rr = 0, qmax22 = 0, shift = 0, next_qmax = 0;
+  std::vector<i64> bias, ma, rnd, sh, bint, nm, ne;
+  bool has_next = false;
+  std::unique_ptr<NextRequant> nr;
+  ResidDouble D;  // D.ok: the exact-double form holds for these constants (u8 output only)
+};
+
+std::shared_ptr<ResidPlan> resid_ln_plan(const at::Tensor& bias, const at::Tensor& m_a, const at::Tensor& e_a,
+                                         int64_t m_r, int64_t e_r, int64_t qmax22, int64_t shift,
+                                         const at::Tensor& ln_bint, const at::Tensor& next_m,
+                                         const at::Tensor& next_e, int64_t next_qmax) {
+  const i64 C = bias.numel();
   check_tensor(bias, at::kLong, C, "resid_ln bias");
   check_tensor(m_a, at::kLong, C, "resid_ln m_a");
   check_tensor(e_a, at::kLong, C, "resid_ln e_a");
   check_shifts(e_a, "resid_ln e_a");
-  check_tensor(resid_u8, at::kByte, M * C, "resid_ln resid_u8");
   check(e_r >= 1, "resid_ln: e_r must be >= 1");
   check(qmax22 >= 1 && qmax22 < (i64(1) << 31), "resid_ln: qmax22 in [1, 2^31)");
-  check_ln_args("resid_ln", M, C, ln_bint, shift, next_m, next_e, next_qmax, out_u8, out_q, out_q22, "out_q22");
-  const i32* A = acc.data_ptr<i32>();
-  const i64* Bi = bias.data_ptr<i64>();
-  const i64* Ma = m_a.data_ptr<i64>();
-  const i64* Ea = e_a.data_ptr<i64>();
-  const u8* Rz = resid_u8.data_ptr<u8>();
-  const bool want_u8 = out_u8.defined() && out_u8.numel() > 0;
-  const bool want_q = out_q.defined() && out_q.numel() > 0;
-  const bool want_q22 = out_q22.defined() && out_q22.numel() > 0;
-  const i64* nm = want_u8 ? next_m.data_ptr<i64>() : nullptr;
-  const i64* ne = want_u8 ? next_e.data_ptr<i64>() : nullptr;
-  const NextRequant NR(nm, ne, want_u8 ? C : 0);
-  const LNParams P{C, shift, ln_bint.data_ptr<i64>(), nm, NR.fast ? NR.e.data() : ne, NR.r.data(), next_qmax,
-                   NR.fast};
-  u8* OU = want_u8 ? out_u8.data_ptr<u8>() : nullptr;
-  i64* OQ = want_q ? out_q.data_ptr<i64>() : nullptr;
-  i64* OQ22 = want_q22 ? out_q22.data_ptr<i64>() : nullptr;
-  std::vector<i64> rnd(C), sh(C);
-  for (i64 c = 0; c < C; ++c) sh[c] = cap_shift(Ea[c]), rnd[c] = i64(1) << (sh[c] - 1);
-  const i64 *R = rnd.data(), *SH = sh.data();
-  e_r = cap_shift(e_r);
-  const i64 rr = i64(1) << (e_r - 1);
-  // The exact-double form when the engine's hot path (u8 out) has constants that keep every value below 2^52.
-  ResidDouble D;
-  D.ok = want_u8 && double_requant_enabled() && qmax22 <= (i64(1) << 30) &&
-         128.0 * std::fabs(double(m_r)) < kExactBound;
+  check_tensor(ln_bint, at::kLong, C, "resid_ln ln_bint");
+  TORCH_CHECK(shift >= 0 && shift <= 62, "resid_ln: shift in [0, 62], got ", shift);
+  auto P = std::make_shared<ResidPlan>();
+  P->C = C, P->m_r = m_r, P->qmax22 = qmax22, P->shift = shift, P->next_qmax = next_qmax;
+  P->has_next = next_m.defined() && next_m.numel() > 0;
+  if (P->has_next) {
+    check_tensor(next_m, at::kLong, C, "resid_ln next_m");
+    check_tensor(next_e, at::kLong, C, "resid_ln next_e");
+    check_shifts(next_e, "resid_ln next_e");
+    TORCH_CHECK(next_qmax >= 1 && next_qmax <= 127, "resid_ln: next_qmax in [1, 127], got ", next_qmax);
+    P->nm.assign(next_m.data_ptr<i64>(), next_m.data_ptr<i64>() + C);
+    P->ne.assign(next_e.data_ptr<i64>(), next_e.data_ptr<i64>() + C);
+  }
+  const i64 *Bi = bias.data_ptr<i64>(), *Ma = m_a.data_ptr<i64>(), *Ea = e_a.data_ptr<i64>(),
+            *LB = ln_bint.data_ptr<i64>();
+  P->bias.assign(Bi, Bi + C);
+  P->ma.assign(Ma, Ma + C);
+  P->bint.assign(LB, LB + C);
+  P->rnd.resize(C), P->sh.resize(C);
+  for (i64 c = 0; c < C; ++c) P->sh[c] = cap_shift(Ea[c]), P->rnd[c] = i64(1) << (P->sh[c] - 1);
+  P->e_r = cap_shift(e_r);
+  P->rr = i64(1) << (P->e_r - 1);
+  P->nr = std::make_unique<NextRequant>(P->nm.data(), P->ne.data(), P->has_next ? C : 0);
+  ResidDouble& D = P->D;
+  D.ok = P->has_next && qmax22 <= (i64(1) << 30) && 128.0 * std::fabs(double(m_r)) < kExactBound;
   if (D.ok) {
-    const i64* LB = ln_bint.data_ptr<i64>();
     double bmax = 0, lbmax = 0;
     D.bias.resize(C), D.bint.resize(C);
     for (i64 c = 0; c < C; ++c) {
@@ -760,12 +809,33 @@ void resid_ln(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& m
       bmax = std::max(bmax, std::fabs(D.bias[c]));
       lbmax = std::max(lbmax, std::fabs(D.bint[c]));
     }
-    D.main = DoubleRequant(Ma, Ea, C, 2147483648.0 + bmax);   // |acc| <= 2^31
-    D.next = DoubleRequant(nm, ne, C, 2147483648.0 + lbmax);  // |yn| <= 2^31 + |b_int|
+    D.main = DoubleRequant(Ma, Ea, C, 2147483648.0 + bmax);          // |acc| <= 2^31
+    D.next = DoubleRequant(P->nm.data(), P->ne.data(), C, 2147483648.0 + lbmax);  // |yn| <= 2^31 + |b_int|
     D.mr = double(m_r), D.ir = pow2_neg(e_r);
     D.ok = D.main.ok && D.next.ok && bmax < kExactBound;
   }
-  if (D.ok) {
+  return P;
+}
+
+void resid_ln_run(const ResidPlan& plan, const at::Tensor& acc, const at::Tensor& resid_u8, at::Tensor& out_u8,
+                  at::Tensor& out_q, at::Tensor& out_q22) {
+  check(acc.scalar_type() == at::kInt && acc.is_contiguous() && acc.dim() == 2, "acc: int32 [M, C]");
+  const i64 M = acc.size(0), C = acc.size(1);
+  check(C == plan.C, "resid_ln: acc columns differ from the plan's");
+  check_tensor(resid_u8, at::kByte, M * C, "resid_ln resid_u8");
+  const bool want_u8 = check_optional(out_u8, at::kByte, M * C, "resid_ln out_u8");
+  check(!want_u8 || plan.has_next, "resid_ln: out_u8 wanted but the plan has no next requant (next_m, next_e)");
+  const bool want_q = check_optional(out_q, at::kLong, M * C, "resid_ln out_q");
+  const bool want_q22 = check_optional(out_q22, at::kLong, M * C, "resid_ln out_q22");
+  const i32* A = acc.data_ptr<i32>();
+  const u8* Rz = resid_u8.data_ptr<u8>();
+  u8* OU = want_u8 ? out_u8.data_ptr<u8>() : nullptr;
+  i64* OQ = want_q ? out_q.data_ptr<i64>() : nullptr;
+  i64* OQ22 = want_q22 ? out_q22.data_ptr<i64>() : nullptr;
+  const ResidDouble& D = plan.D;
+  const i64 qmax22 = plan.qmax22, shift = plan.shift;
+  // The exact-double form on the engine's hot path (u8 out), when its constants keep every value below 2^52.
+  if (want_u8 && D.ok && double_requant_enabled()) {
     ++g_double_calls;
 #pragma omp parallel num_threads(nthreads()) if (M * C >= kParallelMin)
     {
@@ -773,11 +843,17 @@ void resid_ln(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& m
       std::vector<double> yn(OQ ? C : 0);
 #pragma omp for schedule(static)
       for (i64 i = 0; i < M; ++i)
-        resid_ln_row_double(A + i * C, Rz + i * C, C, D, double(qmax22), shift, double(next_qmax), q.data(),
+        resid_ln_row_double(A + i * C, Rz + i * C, C, D, double(qmax22), shift, double(plan.next_qmax), q.data(),
                             yn.data(), OU + i * C, OQ22 ? OQ22 + i * C : nullptr, OQ ? OQ + i * C : nullptr);
     }
     return;
   }
+  const NextRequant& NR = *plan.nr;
+  const i64* nm = want_u8 ? plan.nm.data() : nullptr;
+  const LNParams P{C, shift, plan.bint.data(), nm, NR.fast ? NR.e.data() : plan.ne.data(), NR.r.data(),
+                   plan.next_qmax, NR.fast};
+  const i64 *Bi = plan.bias.data(), *Ma = plan.ma.data(), *R = plan.rnd.data(), *SH = plan.sh.data();
+  const i64 m_r = plan.m_r, e_r = plan.e_r, rr = plan.rr;
 #pragma omp parallel num_threads(nthreads()) if (M * C >= kParallelMin)
   {
     std::vector<i64> q(C);
@@ -794,6 +870,22 @@ void resid_ln(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& m
       ln_row(q.data(), P, false, OU ? OU + i * C : nullptr, OQ ? OQ + i * C : nullptr);
     }
   }
+}
+
+void resid_ln(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& m_a, const at::Tensor& e_a,
+              const at::Tensor& resid_u8, int64_t m_r, int64_t e_r, int64_t qmax22, int64_t shift,
+              const at::Tensor& ln_bint, const at::Tensor& next_m, const at::Tensor& next_e, int64_t next_qmax,
+              at::Tensor& out_u8, at::Tensor& out_q, at::Tensor& out_q22) {
+  check(acc.scalar_type() == at::kInt && acc.is_contiguous() && acc.dim() == 2, "acc: int32 [M, C]");
+  const i64 M = acc.size(0), C = acc.size(1);
+  check_tensor(bias, at::kLong, C, "resid_ln bias");
+  check_ln_args("resid_ln", M, C, ln_bint, shift, next_m, next_e, next_qmax, out_u8, out_q, out_q22, "out_q22");
+  // the next requant's constants only matter (and are only checked) when a u8 output is wanted
+  const bool want_u8 = out_u8.defined() && out_u8.numel() > 0;
+  const at::Tensor none = at::empty({0}, at::kLong);
+  resid_ln_run(*resid_ln_plan(bias, m_a, e_a, m_r, e_r, qmax22, shift, ln_bint, want_u8 ? next_m : none,
+                              want_u8 ? next_e : none, next_qmax),
+               acc, resid_u8, out_u8, out_q, out_q22);
 }
 
 // Embeddings: q16 = clamp(requant(tok_w[id], m_t, e_t) + requant(pos_w[pos], m_p, e_p), -qmax16, qmax16), then
@@ -918,13 +1010,23 @@ constexpr i64 kGeluCols = 256, kGeluRows = 32;
 // each accumulator row before this).
 constexpr i64 kGeluPrefetchRows = 2;
 
-void gelu_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& k_sh, const at::Tensor& b_int,
-             const at::Tensor& c_int, const at::Tensor& one, const at::Tensor& m, const at::Tensor& e, int64_t qmax,
-             int64_t acc_bound, at::Tensor& out, at::Tensor& out_g) {
-  check(acc.scalar_type() == at::kInt && acc.is_contiguous() && acc.dim() == 2, "acc: int32 [M, N]");
+// One FC1 layer's i-GELU + requant constants, prepared once (the engine builds one per layer at load).
+struct GeluPlan {
+  i64 N = 0, qmax = 0;
+  bool q32 = false;  // the int32 path holds for every accumulator within acc_bound
+  // u = min((min(|q|, CAP) >> kr) << kl, -b_int), kl = max(k, 0), kr = max(-k, 0) (capped where any larger shift
+  // gives the same u); CAP = ((-b_int) >> kl) + 1 when kl > 0 (any larger |q| saturates the erf), no cap otherwise.
+  std::vector<i64> BIA, CAP, KL, KR, BD, S1, RND, SH2;
+  std::vector<i32> NB, CI2, ON2, MM, BIA2, CAP2, KL2, KR2;
+  GeluDouble GD;  // built on the int32 path (the double form runs there)
+};
+
+std::shared_ptr<GeluPlan> gelu_plan(const at::Tensor& bias, const at::Tensor& k_sh, const at::Tensor& b_int,
+                                    const at::Tensor& c_int, const at::Tensor& one, const at::Tensor& m,
+                                    const at::Tensor& e, int64_t qmax, int64_t acc_bound) {
   check(qmax >= 1 && qmax <= 127, "gelu: 8-bit output only");
   check(acc_bound >= 0, "gelu: acc_bound must be >= 0");
-  const i64 M = acc.size(0), N = acc.size(1);
+  const i64 N = bias.numel();
   check_tensor(bias, at::kLong, N, "gelu_u8 bias");
   check_tensor(k_sh, at::kLong, N, "gelu_u8 k_sh");
   check_tensor(b_int, at::kLong, N, "gelu_u8 b_int");
@@ -932,9 +1034,6 @@ void gelu_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& k_
   check_tensor(one, at::kLong, N, "gelu_u8 one");
   check_tensor(m, at::kLong, N, "gelu_u8 m");
   check_tensor(e, at::kLong, N, "gelu_u8 e");
-  check_tensor(out, at::kByte, M * N, "gelu_u8 out");
-  check_optional(out_g, at::kLong, M * N, "gelu_u8 out_g");
-  const i32* A = acc.data_ptr<i32>();
   const i64* KS = k_sh.data_ptr<i64>();
   const i64* BI = b_int.data_ptr<i64>();
   const i64* CI = c_int.data_ptr<i64>();
@@ -942,15 +1041,13 @@ void gelu_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& k_
   const i64* Mm = m.data_ptr<i64>();
   const i64* E = e.data_ptr<i64>();
   const i64* Bias = bias.data_ptr<i64>();
-  u8* O = out.data_ptr<u8>();
-  const bool want_g = out_g.defined() && out_g.numel() > 0;
-  i64* G = want_g ? out_g.data_ptr<i64>() : nullptr;
   const int bits = bit_width(qmax);
+  auto P = std::make_shared<GeluPlan>();
+  GeluPlan& G = *P;
+  G.N = N, G.qmax = qmax;
   // Per-column constants, so that the element loops are branch-free (vectorised, 512-bit on AVX-512).
-  // u = min((min(|q|, CAP) >> kr) << kl, -b_int), kl = max(k, 0), kr = max(-k, 0) (capped where any larger shift
-  // gives the same u); CAP = ((-b_int) >> kl) + 1 when kl > 0 (any larger |q| saturates the erf), no cap otherwise.
-  std::vector<i64> BIA(N), CAP(N), KL(N), KR(N), BD(N), S1(N), RND(N), SH2(N);
-  std::vector<i32> NB(N), CI2(N), ON2(N), MM(N), BIA2(N), CAP2(N), KL2(N), KR2(N);
+  for (auto* v : {&G.BIA, &G.CAP, &G.KL, &G.KR, &G.BD, &G.S1, &G.RND, &G.SH2}) v->resize(N);
+  for (auto* v : {&G.NB, &G.CI2, &G.ON2, &G.MM, &G.BIA2, &G.CAP2, &G.KL2, &G.KR2}) v->resize(N);
   i64 bmax = 0;
   bool small_k = true;
   for (i64 j = 0; j < N; ++j) {
@@ -959,40 +1056,56 @@ void gelu_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& k_
     check(-BI[j] >= 0 && -BI[j] <= 46340 && std::llabs(CI[j]) < (i64(1) << 31) - (i64(1) << 14) &&
               std::llabs(ON[j]) < (i64(1) << 17),
           "gelu constants outside the int32 erf bounds (-b_int <= 46340, |c_int| < 2^31 - 2^14, |one| < 2^17)");
-    BIA[j] = Bias[j];
+    G.BIA[j] = Bias[j];
     bmax = std::max<i64>(bmax, std::llabs(Bias[j]));
-    NB[j] = i32(-BI[j]);
-    CI2[j] = i32(CI[j]);
-    ON2[j] = i32(ON[j]);
-    MM[j] = i32(Mm[j]);
+    G.NB[j] = i32(-BI[j]);
+    G.CI2[j] = i32(CI[j]);
+    G.ON2[j] = i32(ON[j]);
+    G.MM[j] = i32(Mm[j]);
     const i64 k = KS[j];
-    KL[j] = k > 0 ? (k > 62 ? 62 : k) : 0;
-    KR[j] = k < 0 ? (-k > 63 ? 63 : -k) : 0;
-    CAP[j] = KL[j] > 0 ? (i64(NB[j]) >> KL[j]) + 1 : INT64_MAX;
-    small_k = small_k && KL[j] <= 30;  // CAP << kl <= -b_int + 2^kl < 2^31
-    KL2[j] = i32(std::min<i64>(KL[j], 30));
-    KR2[j] = i32(std::min<i64>(KR[j], 31));  // |q| < 2^31: >> 31 gives the 0 of every larger shift
-    CAP2[j] = i32(std::min<i64>(CAP[j], INT32_MAX));
+    G.KL[j] = k > 0 ? (k > 62 ? 62 : k) : 0;
+    G.KR[j] = k < 0 ? (-k > 63 ? 63 : -k) : 0;
+    G.CAP[j] = G.KL[j] > 0 ? (i64(G.NB[j]) >> G.KL[j]) + 1 : INT64_MAX;
+    small_k = small_k && G.KL[j] <= 30;  // CAP << kl <= -b_int + 2^kl < 2^31
+    G.KL2[j] = i32(std::min<i64>(G.KL[j], 30));
+    G.KR2[j] = i32(std::min<i64>(G.KR[j], 31));  // |q| < 2^31: >> 31 gives the 0 of every larger shift
+    G.CAP2[j] = i32(std::min<i64>(G.CAP[j], INT32_MAX));
     const i64 ee = E[j] > 72 ? 72 : E[j];  // |z m| < 2^71 after the saturation: 0 for every larger shift too
     const i64 bexp = ee + bits - 19;
-    BD[j] = i64(1) << (bexp > 0 ? bexp : 0);
-    S1[j] = ee > 41 ? ee - 41 : 0;
-    RND[j] = i64(1) << (ee - 1 - S1[j]);
-    SH2[j] = ee - S1[j];
+    G.BD[j] = i64(1) << (bexp > 0 ? bexp : 0);
+    G.S1[j] = ee > 41 ? ee - 41 : 0;
+    G.RND[j] = i64(1) << (ee - 1 - G.S1[j]);
+    G.SH2[j] = ee - G.S1[j];
   }
-  const bool q32 = small_k && bmax + std::min<i64>(acc_bound, INT32_MAX) < (i64(1) << 31) - 1;
-  for (i64 j = 0; j < N && q32; ++j) BIA2[j] = i32(BIA[j]);
+  G.q32 = small_k && bmax + std::min<i64>(acc_bound, INT32_MAX) < (i64(1) << 31) - 1;
+  for (i64 j = 0; j < N && G.q32; ++j) G.BIA2[j] = i32(G.BIA[j]);
   // The requant in exact doubles (gelu_requant_double) on the int32 path, from the int64 path's constants.
-  const bool dbl = q32 && double_requant_enabled();
-  GeluDouble GD;
-  if (dbl) {
+  if (G.q32) {
+    GeluDouble& GD = G.GD;
     for (auto* v : {&GD.bd, &GD.m, &GD.p2s, &GD.inv2s, &GD.r, &GD.inv}) v->resize(N);
     for (i64 j = 0; j < N; ++j) {
-      GD.bd[j] = double(BD[j]), GD.m[j] = double(Mm[j]);
-      GD.p2s[j] = pow2(S1[j]), GD.inv2s[j] = pow2(-S1[j]);
-      GD.r[j] = double(RND[j]), GD.inv[j] = pow2_neg(SH2[j]);
+      GD.bd[j] = double(G.BD[j]), GD.m[j] = double(Mm[j]);
+      GD.p2s[j] = pow2(G.S1[j]), GD.inv2s[j] = pow2(-G.S1[j]);
+      GD.r[j] = double(G.RND[j]), GD.inv[j] = pow2_neg(G.SH2[j]);
     }
   }
+  return P;
+}
+
+void gelu_run(const GeluPlan& G, const at::Tensor& acc, at::Tensor& out, at::Tensor& out_g) {
+  check(acc.scalar_type() == at::kInt && acc.is_contiguous() && acc.dim() == 2, "acc: int32 [M, N]");
+  const i64 M = acc.size(0), N = acc.size(1);
+  check(N == G.N, "gelu_u8: acc columns differ from the plan's");
+  check_tensor(out, at::kByte, M * N, "gelu_u8 out");
+  check_optional(out_g, at::kLong, M * N, "gelu_u8 out_g");
+  const i32* A = acc.data_ptr<i32>();
+  u8* O = out.data_ptr<u8>();
+  const bool want_g = out_g.defined() && out_g.numel() > 0;
+  i64* G64 = want_g ? out_g.data_ptr<i64>() : nullptr;
+  const i64 qmax = G.qmax;
+  const bool q32 = G.q32;
+  const bool dbl = q32 && double_requant_enabled();
+  const GeluDouble& GD = G.GD;
   if (dbl) ++g_double_calls;
   const i64 n_cb = (N + kGeluCols - 1) / kGeluCols, n_rb = (M + kGeluRows - 1) / kGeluRows;
 #pragma omp parallel num_threads(nthreads()) if (M * N >= kParallelMin)
@@ -1003,10 +1116,10 @@ void gelu_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& k_
     for (i64 rb = 0; rb < n_rb; ++rb) {
       for (i64 cb = 0; cb < n_cb; ++cb) {
         const i64 j0 = cb * kGeluCols, nc = std::min(kGeluCols, N - j0);
-        const i64 *__restrict bd = BD.data() + j0, *__restrict s1 = S1.data() + j0, *__restrict rn = RND.data() + j0,
-                              *__restrict sh = SH2.data() + j0;
-        const i32 *__restrict nb = NB.data() + j0, *__restrict ci = CI2.data() + j0, *__restrict on = ON2.data() + j0,
-                              *__restrict mm = MM.data() + j0;
+        const i64 *__restrict bd = G.BD.data() + j0, *__restrict s1 = G.S1.data() + j0, *__restrict rn = G.RND.data() + j0,
+                              *__restrict sh = G.SH2.data() + j0;
+        const i32 *__restrict nb = G.NB.data() + j0, *__restrict ci = G.CI2.data() + j0, *__restrict on = G.ON2.data() + j0,
+                              *__restrict mm = G.MM.data() + j0;
         const i64 i_end = std::min(M, (rb + 1) * kGeluRows);
         for (i64 i = rb * kGeluRows; i < i_end; ++i) {
           const i32* __restrict a = A + i * N + j0;
@@ -1016,8 +1129,8 @@ void gelu_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& k_
             for (i64 j = 0; j < nc; j += 16) __builtin_prefetch(a + kGeluPrefetchRows * N + j, 0, 0);
 
           if (q32) {  // everything in int32, g = q w in 32 x 32 -> 64 bit
-            const i32 *__restrict bia = BIA2.data() + j0, *__restrict cap = CAP2.data() + j0,
-                                  *__restrict kl = KL2.data() + j0, *__restrict kr = KR2.data() + j0;
+            const i32 *__restrict bia = G.BIA2.data() + j0, *__restrict cap = G.CAP2.data() + j0,
+                                  *__restrict kl = G.KL2.data() + j0, *__restrict kr = G.KR2.data() + j0;
             for (i64 j = 0; j < nc; ++j) {
               const i32 q = a[j] + bia[j];
               const i32 aq = q < 0 ? -q : q;
@@ -1028,16 +1141,16 @@ void gelu_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& k_
               qq[j] = q;
               w[j] = on[j] - (q > 0 ? Y : -Y);
             }
-            if (G)
-              for (i64 j = 0; j < nc; ++j) G[i * N + j0 + j] = i64(qq[j]) * i64(w[j]);
+            if (G64)
+              for (i64 j = 0; j < nc; ++j) G64[i * N + j0 + j] = i64(qq[j]) * i64(w[j]);
             if (dbl) {
               gelu_requant_double(qq, w, nc, GD, j0, double(qmax), o);
               continue;
             }
             for (i64 j = 0; j < nc; ++j) gb[j] = i64(qq[j]) * i64(w[j]);
           } else {  // q, |q| and the erf input's shifts in int64, the erf in int32
-            const i64 *__restrict bia = BIA.data() + j0, *__restrict cap = CAP.data() + j0,
-                                  *__restrict kl = KL.data() + j0, *__restrict kr = KR.data() + j0;
+            const i64 *__restrict bia = G.BIA.data() + j0, *__restrict cap = G.CAP.data() + j0,
+                                  *__restrict kl = G.KL.data() + j0, *__restrict kr = G.KR.data() + j0;
             for (i64 j = 0; j < nc; ++j) {
               const i64 q = i64(a[j]) + bia[j];
               const i64 aq = q < 0 ? -q : q;
@@ -1054,7 +1167,7 @@ void gelu_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& k_
             }
             for (i64 j = 0; j < nc; ++j) gb[j] = qv[j] * w[j];
           }
-          if (G && !q32) std::copy(gb, gb + nc, G + i * N + j0);
+          if (G64 && !q32) std::copy(gb, gb + nc, G64 + i * N + j0);
           for (i64 j = 0; j < nc; ++j) {  // requant: saturate, split, two 32 x 32 -> 64 bit products
             const i64 z = gb[j] < -bd[j] ? -bd[j] : (gb[j] > bd[j] ? bd[j] : gb[j]);
             const i64 zh = z >> s1[j];
@@ -1069,6 +1182,16 @@ void gelu_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& k_
   }
 }
 
+void gelu_u8(const at::Tensor& acc, const at::Tensor& bias, const at::Tensor& k_sh, const at::Tensor& b_int,
+             const at::Tensor& c_int, const at::Tensor& one, const at::Tensor& m, const at::Tensor& e, int64_t qmax,
+             int64_t acc_bound, at::Tensor& out, at::Tensor& out_g) {
+  check(acc.scalar_type() == at::kInt && acc.is_contiguous() && acc.dim() == 2, "acc: int32 [M, N]");
+  check(qmax >= 1 && qmax <= 127, "gelu: 8-bit output only");
+  check(acc_bound >= 0, "gelu: acc_bound must be >= 0");
+  check_tensor(bias, at::kLong, acc.size(1), "gelu_u8 bias");
+  gelu_run(*gelu_plan(bias, k_sh, b_int, c_int, one, m, e, qmax, acc_bound), acc, out, out_g);
+}
+
 }  // namespace
 
 // Named arguments: the engine calls every kernel by keyword.
@@ -1077,6 +1200,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           py::arg("qmax"), py::arg("batch"), py::arg("seq_len"), py::arg("heads"), py::arg("key_pad"),
           py::arg("lut"), py::arg("ctx_m"), py::arg("ctx_e"), py::arg("out"), py::arg("q_out"), py::arg("k_out"),
           py::arg("v_out"), py::arg("p_out"));
+  // Prepared constants (one plan per layer, built at engine load) and the calls that run them; the one-shot
+  // functions above build a plan per call.
+  py::class_<AttnPlan, std::shared_ptr<AttnPlan>>(mod, "AttnPlan");
+  py::class_<ResidPlan, std::shared_ptr<ResidPlan>>(mod, "ResidPlan");
+  py::class_<GeluPlan, std::shared_ptr<GeluPlan>>(mod, "GeluPlan");
+  mod.def("attention_plan", &attention_plan, py::arg("bias"), py::arg("m"), py::arg("e"), py::arg("qmax"),
+          py::arg("heads"), py::arg("lut"), py::arg("ctx_m"), py::arg("ctx_e"));
+  mod.def("attention_run", &attention_run, py::arg("plan"), py::arg("acc"), py::arg("batch"), py::arg("seq_len"),
+          py::arg("key_pad"), py::arg("out"), py::arg("q_out"), py::arg("k_out"), py::arg("v_out"), py::arg("p_out"));
+  mod.def("resid_ln_plan", &resid_ln_plan, py::arg("bias"), py::arg("m_a"), py::arg("e_a"), py::arg("m_r"),
+          py::arg("e_r"), py::arg("qmax22"), py::arg("shift"), py::arg("ln_bint"), py::arg("next_m"),
+          py::arg("next_e"), py::arg("next_qmax"));
+  mod.def("resid_ln_run", &resid_ln_run, py::arg("plan"), py::arg("acc"), py::arg("resid_u8"), py::arg("out_u8"),
+          py::arg("out_q"), py::arg("out_q22"));
+  mod.def("gelu_plan", &gelu_plan, py::arg("bias"), py::arg("k_sh"), py::arg("b_int"), py::arg("c_int"),
+          py::arg("one"), py::arg("m"), py::arg("e"), py::arg("qmax"), py::arg("acc_bound"));
+  mod.def("gelu_run", &gelu_run, py::arg("plan"), py::arg("acc"), py::arg("out"), py::arg("out_g"));
   mod.def("softmax_u8", &softmax_u8, py::arg("scores"), py::arg("key_pad"), py::arg("lut"), py::arg("out"));
   mod.def("resid_ln", &resid_ln, py::arg("acc"), py::arg("bias"), py::arg("m_a"), py::arg("e_a"),
           py::arg("resid_u8"), py::arg("m_r"), py::arg("e_r"), py::arg("qmax22"), py::arg("shift"),
