@@ -310,7 +310,9 @@ def main(argv: Optional[List[str]] = None, console: Optional[Console] = None) ->
     print_table(rows, total, a.quick, curve=dev_curve(Path(results["fp"].log_path).read_text(errors="replace")),
                  stream=terminal)
     if a.json:
-        Path(a.json).write_text(json.dumps({"smoke": a.quick, "total_s": total, "rows": rows}, indent=2))
+        Path(a.json).write_text(json.dumps({"smoke": a.quick, "total_s": total, "output_dir": str(out_dir),
+                                            "data_bin": str(data_bin), "glue_dir": str(data / "glue"),
+                                            "score_cache": str(score_cache), "rows": rows}, indent=2))
     return 0
 
 

@@ -44,13 +44,17 @@ def test_labels(glue_dir: Path, task: str, label_dictionary) -> List[int]:
 
 
 def score_checkpoint(checkpoint: Path, data_bin: Path, glue_dir: Path, task: str, splits: Sequence[str] = ("test",),
-                     batch_size: int = 64, device=None) -> Dict[str, List[int]]:
+                     batch_size: int = 64, device=None, encoder=None) -> Dict[str, List[int]]:
     """Per-sentence correctness (0/1) of a fairseq checkpoint on binarised splits (``test``, ``valid``) of ``task``.
 
     The checkpoint is loaded with fairseq's ``load_model_ensemble_and_task`` and run in eval mode on the binarised
     splits through the task's collater (sentences batched by length), exactly what fairseq's validation does, but
     keeping each sentence's outcome for the paired bootstrap. The ``test`` split's labels come from
     :func:`test_labels` (``glue_dir``). ``device``: where the model runs (default CPU).
+
+    ``encoder``: another encoder of the same checkpoint, ``encoder(src_tokens [B, T]) -> hidden states [B, T, D]``
+    (a torch tensor or an array, e.g. a post-training int8 runtime of the exported FP model), whose output goes
+    through the checkpoint's own float classification head instead of the model's forward.
     """
     import numpy as np
     import torch
@@ -79,7 +83,12 @@ def score_checkpoint(checkpoint: Path, data_bin: Path, glue_dir: Path, task: str
             for s in range(0, len(ds), batch_size):
                 batch = ds.collater([ds[int(i)] for i in order[s:s + batch_size]])
                 net_input = {k: v.to(device or "cpu") for k, v in batch["net_input"].items()}
-                logits, _ = model(**net_input, features_only=True, classification_head_name=HEAD)
+                if encoder is None:
+                    logits, _ = model(**net_input, features_only=True, classification_head_name=HEAD)
+                else:
+                    hidden = encoder(net_input["src_tokens"])
+                    hidden = hidden if isinstance(hidden, torch.Tensor) else torch.from_numpy(np.asarray(hidden))
+                    logits = model.classification_heads[HEAD](hidden.float())
                 ids = batch["id"].numpy()
                 preds[ids] = logits.argmax(-1).cpu().numpy()
                 if "target" in batch:
