@@ -148,6 +148,27 @@ def test_stage_output_goes_to_the_log_and_with_verbose_also_to_the_terminal(tmp_
         assert (needle in term.getvalue()) == verbose
 
 
+def test_a_logging_handler_made_inside_a_stage_outlives_its_log_file(tmp_path, capsys):
+    """fairseq configures logging on its first import, which may happen inside a stage (in-process scoring): its
+    handler then holds the stage's sink. After the stage it writes to the outer standard error, not to the closed log
+    file ("--- Logging error ---" on every record)."""
+    import logging
+
+    lg = logging.getLogger("test_stage_handler")
+    lg.propagate = False
+    with stages.stage_output(tmp_path / "s.log", False, io.StringIO()):
+        h = logging.StreamHandler(sys.stdout)
+        lg.addHandler(h)
+        lg.warning("inside the stage")
+    try:
+        lg.warning("after the stage")
+    finally:
+        lg.removeHandler(h)
+    err = capsys.readouterr().err
+    assert "after the stage" in err and "Logging error" not in err
+    assert "inside the stage" in (tmp_path / "s.log").read_text()
+
+
 def test_a_failing_child_is_a_demo_error(tmp_path):
     with stages.stage_output(tmp_path / "x.log", False, io.StringIO()):
         with pytest.raises(demo.DemoError, match="child failed with exit code 3"):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -89,12 +90,29 @@ def stage_output(log_path: Path, verbose: bool, terminal=None):
     :func:`run_command`) to ``log_path``; with ``verbose`` also stream it to ``terminal`` (default: the current
     stdout)."""
     terminal = terminal or sys.stdout
+    outer = sys.stdout, sys.stderr
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a", encoding="utf-8") as log:
         sink = LogSink(log, terminal if verbose else None)
-        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            yield sink
-        sink.flush()
+        try:
+            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+                yield sink
+            sink.flush()
+        finally:
+            _unhook_logging(sink, outer)
+
+
+def _unhook_logging(sink, outer) -> None:
+    """A logging handler created inside :func:`stage_output` (fairseq's ``basicConfig(stream=sys.stdout)`` on its
+    first import) holds the stage's sink, whose log file closes with the block: point it back at the stream the block
+    replaced (standard error: standard output may end with a program's JSON line), so that later records are not
+    "I/O operation on closed file" errors."""
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    for lg in loggers:
+        for h in lg.handlers:
+            if isinstance(h, logging.StreamHandler) and h.stream is sink:
+                h.setStream(outer[1])
 
 
 def run_command(cmd: List[str], what: str) -> None:
