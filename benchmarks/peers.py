@@ -77,6 +77,14 @@ def _version(mod_name: str) -> str:
         return "not installed"
 
 
+def hidden_states(out):
+    """A peer's ``run(tokens)`` output as hidden states: a torch tensor or an array as it is, an OpenVINO result's
+    first (only) output."""
+    import numpy as np
+
+    return out if isinstance(out, (torch.Tensor, np.ndarray)) else out[0]
+
+
 def export_onnx(fp: nn.Module, example: torch.Tensor, path: str) -> str:
     """``fp`` (tokens -> hidden states) as ONNX opset 17 with dynamic batch and time axes."""
     with torch.no_grad():

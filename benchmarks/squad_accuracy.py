@@ -176,12 +176,11 @@ def peer_logits(run, head, pad: int):
     import torch
 
     from ibert_plugin.squad.head import span_logits
+    from peers import hidden_states
 
     @torch.no_grad()
     def fn(tokens):
-        out = run(tokens)
-        if not isinstance(out, (torch.Tensor, np.ndarray)):
-            out = out[0]  # OpenVINO: the first (only) output
+        out = hidden_states(run(tokens))
         hidden = out if isinstance(out, torch.Tensor) else torch.from_numpy(np.asarray(out))
         return span_logits(head, hidden.float(), tokens.eq(pad))
 
